@@ -1,0 +1,79 @@
+//! The one place where control-plane errors become gRPC status codes.
+
+use crate::crypto::CryptoError;
+use crate::store::StoreError;
+use thiserror::Error;
+use tonic::Status;
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}; retry")]
+    Aborted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::InvalidArgument(message.into())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        match error {
+            StoreError::NotFound(what) => ApiError::NotFound(what),
+            StoreError::AlreadyExists(what) => ApiError::AlreadyExists(what),
+            StoreError::Conflict(what) => {
+                ApiError::Aborted(format!("{what} was changed concurrently"))
+            }
+            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+                ApiError::Unavailable("the database is unreachable".to_owned())
+            }
+            other => ApiError::Store(other),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        match error {
+            ApiError::InvalidArgument(m) => Status::invalid_argument(m),
+            ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
+            ApiError::AlreadyExists(what) => {
+                Status::already_exists(format!("{what} already exists"))
+            }
+            ApiError::Unauthenticated(m) => Status::unauthenticated(m),
+            ApiError::PermissionDenied(m) => Status::permission_denied(m),
+            ApiError::Aborted(m) => Status::aborted(format!("{m}; retry")),
+            ApiError::Unavailable(m) => Status::unavailable(m),
+            // Internal details go to the log, not to the caller.
+            ApiError::Store(e) => {
+                tracing::error!(error = %e, "store error");
+                Status::internal("internal error (see the control plane's log)")
+            }
+            ApiError::Crypto(e) => {
+                tracing::error!(error = %e, "secret could not be opened");
+                Status::internal(
+                    "a stored secret could not be decrypted: is the right master key configured?",
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The admin gRPC API: one tonic service per resource, all behind API-key authentication.
+
+pub mod access;
+pub mod api_keys;
+pub mod error;
+pub mod instances;
+pub mod spec;
+
+use crate::auth::Authenticator;
+use crate::crypto::Keyring;
+use crate::store::Store;
+use std::sync::Arc;
+
+/// What every service needs: the store, the master keys and the authenticator.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub store: Arc<dyn Store>,
+    pub keyring: Arc<Keyring>,
+    pub auth: Arc<Authenticator>,
+}

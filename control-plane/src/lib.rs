@@ -1,0 +1,8 @@
+//! Omni's control plane: owns tenant configuration, API keys and (later) traces in Postgres or
+//! SQLite, and serves them over gRPC to omnictl, other services and data-plane nodes.
+
+pub mod api;
+pub mod auth;
+pub mod crypto;
+pub mod server;
+pub mod store;

@@ -1,0 +1,68 @@
+use clap::Parser;
+use omni_control_plane::server::{self, Config, MasterKeySource};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Omni control plane: tenant configuration, API keys and traces behind a gRPC API.
+///
+/// Secrets: OMNI_MASTER_KEY (comma-separated base64 32-byte keys; the first encrypts) or
+/// OMNI_MASTER_KEY_FILE. Without either, a SQLite deployment generates <data dir>/master.key.
+/// OMNI_BOOTSTRAP_API_KEY registers an admin API key of your choosing; without it, the first
+/// start creates one, prints it once and saves it to <data dir>/admin-api-key.
+#[derive(Debug, Parser)]
+#[command(name = "omni-control-plane", version)]
+struct Args {
+    /// Address of the gRPC API.
+    #[arg(long, env = "OMNI_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// postgres://... or sqlite://... (default: sqlite://<data dir>/omni.db, created).
+    #[arg(long, env = "OMNI_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Where the SQLite database and generated keys live.
+    #[arg(long, env = "OMNI_DATA_DIR", default_value = "./omni-data")]
+    data_dir: PathBuf,
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let master_key = match (
+        non_empty_env("OMNI_MASTER_KEY"),
+        non_empty_env("OMNI_MASTER_KEY_FILE"),
+    ) {
+        (Some(keys), _) => MasterKeySource::Inline(keys),
+        (None, Some(path)) => MasterKeySource::File(path.into()),
+        (None, None) => MasterKeySource::Unset,
+    };
+    let config = Config {
+        listen: args.listen,
+        database_url: args.database_url,
+        data_dir: args.data_dir,
+        master_key,
+        bootstrap_api_key: non_empty_env("OMNI_BOOTSTRAP_API_KEY"),
+    };
+    server::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail at startup");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,229 @@
+//! Starting the control plane: data dir, master key, database, bootstrap key, gRPC server.
+
+use crate::api::ApiContext;
+use crate::api::access::AccessApi;
+use crate::api::api_keys::ApiKeyApi;
+use crate::api::instances::InstanceApi;
+use crate::auth::{Authenticator, Bootstrap, ensure_bootstrap_key};
+use crate::crypto::{CryptoError, Keyring};
+use crate::store::{self, Backend, StoreError};
+use omni_proto::v1::access_service_server::AccessServiceServer;
+use omni_proto::v1::api_key_service_server::ApiKeyServiceServer;
+use omni_proto::v1::instance_service_server::InstanceServiceServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None`: SQLite in the data dir.
+    pub database_url: Option<String>,
+    pub data_dir: PathBuf,
+    pub master_key: MasterKeySource,
+    /// An admin key the operator chose (`OMNI_BOOTSTRAP_API_KEY`).
+    pub bootstrap_api_key: Option<String>,
+}
+
+#[derive(Clone)]
+pub enum MasterKeySource {
+    /// Comma-separated base64 keys (`OMNI_MASTER_KEY`).
+    Inline(String),
+    /// A file holding them (`OMNI_MASTER_KEY_FILE`).
+    File(PathBuf),
+    /// Neither: SQLite deployments get a generated key file; Postgres ones refuse to start.
+    Unset,
+}
+
+impl std::fmt::Debug for MasterKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MasterKeySource::Inline(_) => f.write_str("Inline(..)"),
+            MasterKeySource::File(path) => f.debug_tuple("File").field(path).finish(),
+            MasterKeySource::Unset => f.write_str("Unset"),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("master key: {0}")]
+    MasterKey(String),
+    #[error(
+        "a Postgres-backed control plane needs a master key: set OMNI_MASTER_KEY (base64 of 32 random bytes, \
+         e.g. from `openssl rand -base64 32`) or OMNI_MASTER_KEY_FILE, the same on every replica"
+    )]
+    MasterKeyRequired,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+const MASTER_KEY_FILE: &str = "master.key";
+const ADMIN_KEY_FILE: &str = "admin-api-key";
+
+/// Writes a file only its owner can read.
+async fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .await?;
+    file.write_all(contents.as_bytes()).await?;
+    file.sync_all().await
+}
+
+async fn load_keyring(config: &Config, backend: Backend) -> Result<Keyring, StartError> {
+    let parse = |text: &str, origin: &str| {
+        Keyring::parse(text.trim())
+            .map_err(|e: CryptoError| StartError::MasterKey(format!("{origin}: {e}")))
+    };
+    match &config.master_key {
+        MasterKeySource::Inline(list) => parse(list, "OMNI_MASTER_KEY"),
+        MasterKeySource::File(path) => {
+            let text = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| StartError::MasterKey(format!("{}: {e}", path.display())))?;
+            parse(&text, &path.display().to_string())
+        }
+        MasterKeySource::Unset if backend == Backend::Postgres => {
+            Err(StartError::MasterKeyRequired)
+        }
+        MasterKeySource::Unset => {
+            let path = config.data_dir.join(MASTER_KEY_FILE);
+            match tokio::fs::read_to_string(&path).await {
+                Ok(text) => parse(&text, &path.display().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let encoded = Keyring::generate_encoded();
+                    write_private(&path, &format!("{encoded}\n"))
+                        .await
+                        .map_err(|e| StartError::MasterKey(format!("{}: {e}", path.display())))?;
+                    tracing::warn!(
+                        path = %path.display(),
+                        "generated a master key for the stored secrets; back it up: without it they cannot be read"
+                    );
+                    parse(&encoded, &path.display().to_string())
+                }
+                Err(e) => Err(StartError::MasterKey(format!("{}: {e}", path.display()))),
+            }
+        }
+    }
+}
+
+/// Runs the control plane until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let data_dir_error = |source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    };
+    tokio::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.data_dir)
+        .await
+        .map_err(data_dir_error)?;
+
+    let database_url = match &config.database_url {
+        Some(url) => url.clone(),
+        None => {
+            // Created owner-only before SQLite opens it; its -wal and -shm files inherit the mode.
+            let path = config.data_dir.join("omni.db");
+            if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                write_private(&path, "").await.map_err(data_dir_error)?;
+            }
+            format!("sqlite://{}", path.display())
+        }
+    };
+    let backend = Backend::from_url(&database_url)?;
+    let keyring = Arc::new(load_keyring(&config, backend).await?);
+    let store = store::connect(&database_url).await?;
+    tracing::info!(database = %store::redact_url(&database_url), master_key_id = keyring.current_key_id(), "database ready");
+
+    match ensure_bootstrap_key(store.as_ref(), config.bootstrap_api_key.as_deref()).await? {
+        Bootstrap::Generated(key) => {
+            let path = config.data_dir.join(ADMIN_KEY_FILE);
+            write_private(&path, &format!("{key}\n"))
+                .await
+                .map_err(data_dir_error)?;
+            // Shown once, on stdout rather than in the log, so it stays out of log collectors.
+            println!(
+                "Created the first admin API key (shown only now; also saved to {}):",
+                path.display()
+            );
+            println!("  export OMNI_API_KEY={key}");
+        }
+        Bootstrap::Configured => {
+            tracing::info!("bootstrap admin key from OMNI_BOOTSTRAP_API_KEY is registered")
+        }
+        Bootstrap::Existing => {}
+    }
+
+    let ctx = ApiContext {
+        store: store.clone(),
+        keyring,
+        auth: Arc::new(Authenticator::new(store.clone())),
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<InstanceServiceServer<InstanceApi>>()
+        .await;
+    health.set_serving::<AccessServiceServer<AccessApi>>().await;
+    health.set_serving::<ApiKeyServiceServer<ApiKeyApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(omni_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    tracing::info!(addr = %local, "gRPC API listening");
+    println!("omni-control-plane listening on {local}");
+
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(InstanceServiceServer::new(InstanceApi::new(ctx.clone())))
+        .add_service(AccessServiceServer::new(AccessApi::new(ctx.clone())))
+        .add_service(ApiKeyServiceServer::new(ApiKeyApi::new(ctx)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Persistence for the control plane: one [`Store`] trait, implemented for Postgres and SQLite
+//! by the same SQL (see `sql.rs`). Every read of tenant data takes the caller's [`Scope`], so an
+//! instance outside it is indistinguishable from one that does not exist.
+
+mod migrations;
+mod model;
+mod sql;
+
+pub use model::*;
+pub use sql::{PostgresStore, SqliteStore};
+
+use async_trait::async_trait;
+use omni_core::access::Action;
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0} was changed concurrently")]
+    Conflict(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("unsupported database URL {0:?}: use postgres://... or sqlite://...")]
+    UnsupportedUrl(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn from_url(url: &str) -> Result<Backend> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+}
+
+/// A database URL with its password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Connects to the database named by `url`, applying any pending migrations first.
+/// Migrations take a database lock, so control planes starting together are safe.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    Ok(match Backend::from_url(url)? {
+        Backend::Postgres => Arc::new(PostgresStore::connect(url).await?),
+        Backend::Sqlite => Arc::new(SqliteStore::connect(url).await?),
+    })
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+
+    // Instances. Each change is one config revision.
+    async fn create_instance(&self, instance: &InstanceRecord) -> Result<InstanceRecord>;
+    async fn get_instance(&self, scope: &Scope, name: &str) -> Result<InstanceRecord>;
+    async fn list_instances(
+        &self,
+        scope: &Scope,
+        query: &ListInstances,
+    ) -> Result<Vec<InstanceRecord>>;
+    /// Replaces `active` and `spec` if the instance is still at `expected_revision`
+    /// (else [`StoreError::Conflict`]).
+    async fn update_instance(
+        &self,
+        scope: &Scope,
+        name: &str,
+        expected_revision: i64,
+        active: bool,
+        spec: &InstanceSpec,
+    ) -> Result<InstanceRecord>;
+    async fn delete_instance(&self, scope: &Scope, name: &str) -> Result<()>;
+
+    // Access rules. Each change is one config revision of the rule's instance.
+    /// Adds a rule, or sets the action of the instance's rule with the same pattern.
+    async fn put_access_rule(
+        &self,
+        scope: &Scope,
+        instance: &str,
+        pattern: &str,
+        action: Action,
+    ) -> Result<AccessRuleRecord>;
+    async fn list_access_rules(
+        &self,
+        scope: &Scope,
+        instance: &str,
+    ) -> Result<Vec<AccessRuleRecord>>;
+    async fn remove_access_rule(&self, scope: &Scope, instance: &str, id: i64) -> Result<()>;
+
+    // API keys (admin-only at the API).
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<()>;
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>>;
+    async fn find_api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>>;
+    async fn revoke_api_key(&self, id: &str, now: i64) -> Result<ApiKeyRecord>;
+    async fn touch_api_key(&self, id: &str, now: i64) -> Result<()>;
+    async fn count_api_keys(&self) -> Result<i64>;
+
+    // Config revisions.
+    async fn config_revision(&self) -> Result<i64>;
+    /// Change-log entries with revision greater than `after`, in revision order.
+    async fn config_changes(&self, after: i64, limit: i64) -> Result<Vec<ConfigChange>>;
+}
+
+/// Unix time in milliseconds.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            Backend::from_url("postgres://u@h/db").unwrap(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            Backend::from_url("sqlite://./x.db").unwrap(),
+            Backend::Sqlite
+        );
+        let err = Backend::from_url("mysql://u:hunter2@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

@@ -1,0 +1,175 @@
+//! What the store keeps. Secrets appear here only sealed (see `crate::crypto`).
+
+use omni_core::access::Action;
+use omni_core::kinds::{AgentProtocol, Channel};
+use omni_core::names::pattern_matches;
+use serde::{Deserialize, Serialize};
+
+/// Which instances a caller may see and change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Admin,
+    /// Instance-name patterns: exact names or prefixes ending in `*`.
+    Instances(Vec<String>),
+}
+
+impl Scope {
+    pub fn covers(&self, instance: &str) -> bool {
+        match self {
+            Scope::Admin => true,
+            Scope::Instances(patterns) => patterns.iter().any(|p| pattern_matches(p, instance)),
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Scope::Admin)
+    }
+}
+
+/// A secret as stored: the output of `Keyring::seal`, never plaintext.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Sealed(pub String);
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealed(..)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub name: String,
+    pub channel: Channel,
+    pub active: bool,
+    pub spec: InstanceSpec,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// The config revision that last changed the instance or its access rules.
+    pub revision: i64,
+}
+
+/// Everything configurable about an instance apart from its identity, stored as one JSON
+/// document so that settings can grow without a migration per field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    pub default_access: Action,
+    pub agent: AgentSpec,
+    #[serde(default)]
+    pub evolution: EvolutionSpec,
+    #[serde(default)]
+    pub discord: DiscordSpec,
+    #[serde(default)]
+    pub slack: SlackSpec,
+    pub behavior: BehaviorSpec,
+    pub webhook_token: Sealed,
+    pub require_webhook_token: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    pub url: String,
+    pub key: Option<Sealed>,
+    pub agent_id: String,
+    pub protocol: AgentProtocol,
+    pub timeout_secs: u32,
+    pub stream_mode: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvolutionSpec {
+    pub url: String,
+    pub key: Option<Sealed>,
+    pub instance_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiscordSpec {
+    pub token: Option<Sealed>,
+    pub application_id: String,
+    pub guild_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlackSpec {
+    pub bot_token: Option<Sealed>,
+    pub signing_secret: Option<Sealed>,
+    pub bot_user_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BehaviorSpec {
+    pub split_limit: u32,
+    pub reply_to_all_group_messages: bool,
+    pub typing_indicator: bool,
+    pub fallback_text: String,
+    pub max_message_age_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccessRuleRecord {
+    pub id: i64,
+    pub instance: String,
+    pub pattern: String,
+    pub action: Action,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyRecord {
+    /// Public part of the key, shown in listings and used to revoke it.
+    pub id: String,
+    /// SHA-256 of the whole key, hex.
+    pub key_hash: String,
+    pub scope: Scope,
+    pub description: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// One entry of the config change log: what a revision changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigChange {
+    pub revision: i64,
+    pub kind: String,
+    pub key: String,
+    pub op: ChangeOp,
+    /// For upserts, the whole resource as JSON (secrets still sealed).
+    pub payload: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeOp {
+    Upsert,
+    Delete,
+}
+
+impl ChangeOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeOp::Upsert => "upsert",
+            ChangeOp::Delete => "delete",
+        }
+    }
+}
+
+/// The unit of config distributed to data-plane nodes: an instance with its access rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceConfig {
+    pub instance: InstanceRecord,
+    pub rules: Vec<AccessRuleRecord>,
+}
+
+/// The change-log kind of [`InstanceConfig`] resources.
+pub const KIND_INSTANCE: &str = "instance";
+
+#[derive(Debug, Clone, Default)]
+pub struct ListInstances {
+    /// Names strictly after this one (the page token).
+    pub after: Option<String>,
+    pub limit: u32,
+    pub channel: Option<Channel>,
+}

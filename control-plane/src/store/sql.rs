@@ -1,0 +1,550 @@
+//! The SQL behind [`Store`], written once and instantiated per backend by `sql_store!`.
+//! The statements are portable between Postgres and SQLite (`$n` parameters, `RETURNING`,
+//! `ON CONFLICT`), and each backend keeps its native driver and types.
+//!
+//! Every config-changing transaction starts by bumping `config_head`: on Postgres the row lock
+//! orders those transactions, and on SQLite it takes the write lock before anything is read, so
+//! no transaction has to upgrade a read lock.
+
+use super::*;
+use omni_core::kinds::Channel;
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::str::FromStr;
+use std::time::Duration;
+
+const INSTANCE_COLUMNS: &str = "id, name, channel, active, spec, created_at, updated_at, revision";
+const API_KEY_COLUMNS: &str =
+    "id, key_hash, admin, instance_patterns, description, created_at, last_used_at, revoked_at";
+
+/// Postgres channel notified (with the new revision) when a config transaction commits.
+pub const CONFIG_NOTIFY_CHANNEL: &str = "omni_config";
+
+/// A SQL condition restricting `column` (an instance name) to `scope`, with its parameters
+/// numbered from `first_param`. Scope patterns are validated instance-name characters, so they
+/// carry no LIKE metacharacters besides the `%` added here.
+fn scope_filter(scope: &Scope, column: &str, first_param: usize) -> (String, Vec<String>) {
+    let patterns = match scope {
+        Scope::Admin => return ("1 = 1".to_owned(), Vec::new()),
+        Scope::Instances(patterns) if patterns.is_empty() => {
+            return ("1 = 0".to_owned(), Vec::new());
+        }
+        Scope::Instances(patterns) => patterns,
+    };
+    let mut clauses = Vec::with_capacity(patterns.len());
+    let mut binds = Vec::with_capacity(patterns.len());
+    for (i, pattern) in patterns.iter().enumerate() {
+        let n = first_param + i;
+        match pattern.strip_suffix('*') {
+            Some(prefix) => {
+                clauses.push(format!("{column} LIKE ${n}"));
+                binds.push(format!("{prefix}%"));
+            }
+            None => {
+                clauses.push(format!("{column} = ${n}"));
+                binds.push(pattern.clone());
+            }
+        }
+    }
+    (format!("({})", clauses.join(" OR ")), binds)
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn instance_not_found(name: &str) -> StoreError {
+    StoreError::NotFound(format!("instance {name:?}"))
+}
+
+fn encode_scope(scope: &Scope) -> (bool, String) {
+    match scope {
+        Scope::Admin => (true, "[]".to_owned()),
+        Scope::Instances(patterns) => (
+            false,
+            serde_json::to_string(patterns).expect("strings serialize"),
+        ),
+    }
+}
+
+fn decode_scope(admin: bool, patterns: &str) -> Result<Scope> {
+    if admin {
+        return Ok(Scope::Admin);
+    }
+    serde_json::from_str(patterns)
+        .map(Scope::Instances)
+        .map_err(|e| corrupt(format!("api key patterns: {e}")))
+}
+
+macro_rules! sql_store {
+    ($store:ident, $db:ty, $backend:expr, $notify:expr) => {
+        pub struct $store {
+            pool: sqlx::Pool<$db>,
+        }
+
+        impl $store {
+            pub async fn from_pool(pool: sqlx::Pool<$db>) -> Result<Self> {
+                migrations::migrator($backend).await?.run(&pool).await?;
+                Ok(Self { pool })
+            }
+
+            pub fn pool(&self) -> &sqlx::Pool<$db> {
+                &self.pool
+            }
+
+            /// Opens a config-changing transaction and takes its revision.
+            async fn begin_change(&self) -> Result<(sqlx::Transaction<'static, $db>, i64)> {
+                let mut tx = self.pool.begin().await?;
+                let revision: i64 =
+                    sqlx::query_scalar("UPDATE config_head SET revision = revision + 1 WHERE id = 1 RETURNING revision")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                Ok((tx, revision))
+            }
+
+            async fn commit_change(tx: sqlx::Transaction<'static, $db>, revision: i64) -> Result<()> {
+                let mut tx = tx;
+                let notify: Option<&str> = $notify;
+                if let Some(sql) = notify {
+                    sqlx::query(sql).bind(CONFIG_NOTIFY_CHANNEL).bind(revision.to_string()).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            fn instance_from_row(row: &<$db as sqlx::Database>::Row) -> Result<InstanceRecord> {
+                let name: String = row.try_get("name")?;
+                let channel: String = row.try_get("channel")?;
+                let spec: String = row.try_get("spec")?;
+                Ok(InstanceRecord {
+                    id: row.try_get("id")?,
+                    channel: Channel::parse(&channel)
+                        .ok_or_else(|| corrupt(format!("instance {name:?} has channel {channel:?}")))?,
+                    active: row.try_get("active")?,
+                    spec: serde_json::from_str(&spec).map_err(|e| corrupt(format!("instance {name:?} spec: {e}")))?,
+                    created_at: row.try_get("created_at")?,
+                    updated_at: row.try_get("updated_at")?,
+                    revision: row.try_get("revision")?,
+                    name,
+                })
+            }
+
+            fn rule_from_row(instance: &str, row: &<$db as sqlx::Database>::Row) -> Result<AccessRuleRecord> {
+                let action: String = row.try_get("action")?;
+                Ok(AccessRuleRecord {
+                    id: row.try_get("id")?,
+                    instance: instance.to_owned(),
+                    pattern: row.try_get("pattern")?,
+                    action: Action::parse(&action).ok_or_else(|| corrupt(format!("access rule action {action:?}")))?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn api_key_from_row(row: &<$db as sqlx::Database>::Row) -> Result<ApiKeyRecord> {
+                let patterns: String = row.try_get("instance_patterns")?;
+                Ok(ApiKeyRecord {
+                    id: row.try_get("id")?,
+                    key_hash: row.try_get("key_hash")?,
+                    scope: decode_scope(row.try_get("admin")?, &patterns)?,
+                    description: row.try_get("description")?,
+                    created_at: row.try_get("created_at")?,
+                    last_used_at: row.try_get("last_used_at")?,
+                    revoked_at: row.try_get("revoked_at")?,
+                })
+            }
+
+            async fn find_instance(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                scope: &Scope,
+                name: &str,
+            ) -> Result<InstanceRecord> {
+                let (filter, binds) = scope_filter(scope, "name", 2);
+                let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE name = $1 AND {filter}");
+                let mut query = sqlx::query(&sql).bind(name);
+                for bind in &binds {
+                    query = query.bind(bind);
+                }
+                match query.fetch_optional(&mut *conn).await? {
+                    Some(row) => Self::instance_from_row(&row),
+                    None => Err(instance_not_found(name)),
+                }
+            }
+
+            async fn rules_of(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                instance: &InstanceRecord,
+            ) -> Result<Vec<AccessRuleRecord>> {
+                let rows = sqlx::query(
+                    "SELECT id, pattern, action, created_at FROM access_rules WHERE instance_id = $1 ORDER BY id",
+                )
+                .bind(&instance.id)
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.iter().map(|row| Self::rule_from_row(&instance.name, row)).collect()
+            }
+
+            /// Appends the instance's whole current config to the change log at `revision`.
+            async fn log_instance(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                revision: i64,
+                name: &str,
+            ) -> Result<InstanceConfig> {
+                let instance = Self::find_instance(&mut *conn, &Scope::Admin, name).await?;
+                let rules = Self::rules_of(&mut *conn, &instance).await?;
+                let config = InstanceConfig { instance, rules };
+                let payload = serde_json::to_string(&config).map_err(|e| corrupt(e))?;
+                sqlx::query(
+                    "INSERT INTO config_changes (revision, kind, key, op, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(revision)
+                .bind(KIND_INSTANCE)
+                .bind(name)
+                .bind(ChangeOp::Upsert.as_str())
+                .bind(payload)
+                .bind(now_millis())
+                .execute(&mut *conn)
+                .await?;
+                Ok(config)
+            }
+
+            /// Marks the instance as changed at `revision` (rule changes are instance changes).
+            async fn stamp_instance(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                instance_id: &str,
+                revision: i64,
+            ) -> Result<()> {
+                sqlx::query("UPDATE instances SET revision = $1, updated_at = $2 WHERE id = $3")
+                    .bind(revision)
+                    .bind(now_millis())
+                    .bind(instance_id)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            }
+        }
+
+        #[async_trait]
+        impl Store for $store {
+            fn backend(&self) -> Backend {
+                $backend
+            }
+
+            async fn create_instance(&self, instance: &InstanceRecord) -> Result<InstanceRecord> {
+                let (mut tx, revision) = self.begin_change().await?;
+                let now = now_millis();
+                let spec = serde_json::to_string(&instance.spec).map_err(|e| corrupt(e))?;
+                let inserted = sqlx::query(
+                    "INSERT INTO instances (id, name, channel, active, spec, created_at, updated_at, revision) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&instance.id)
+                .bind(&instance.name)
+                .bind(instance.channel.as_str())
+                .bind(instance.active)
+                .bind(spec)
+                .bind(now)
+                .bind(now)
+                .bind(revision)
+                .execute(&mut *tx)
+                .await;
+                match inserted {
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                        return Err(StoreError::AlreadyExists(format!("instance {:?}", instance.name)));
+                    }
+                    other => other?,
+                };
+                let config = Self::log_instance(&mut tx, revision, &instance.name).await?;
+                Self::commit_change(tx, revision).await?;
+                Ok(config.instance)
+            }
+
+            async fn get_instance(&self, scope: &Scope, name: &str) -> Result<InstanceRecord> {
+                let mut conn = self.pool.acquire().await?;
+                Self::find_instance(&mut conn, scope, name).await
+            }
+
+            async fn list_instances(&self, scope: &Scope, query: &ListInstances) -> Result<Vec<InstanceRecord>> {
+                let (filter, mut binds) = scope_filter(scope, "name", 1);
+                let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE {filter}");
+                if let Some(after) = &query.after {
+                    binds.push(after.clone());
+                    sql.push_str(&format!(" AND name > ${}", binds.len()));
+                }
+                if let Some(channel) = query.channel {
+                    binds.push(channel.as_str().to_owned());
+                    sql.push_str(&format!(" AND channel = ${}", binds.len()));
+                }
+                sql.push_str(&format!(" ORDER BY name LIMIT {}", query.limit));
+                let mut q = sqlx::query(&sql);
+                for bind in &binds {
+                    q = q.bind(bind);
+                }
+                let rows = q.fetch_all(&self.pool).await?;
+                rows.iter().map(Self::instance_from_row).collect()
+            }
+
+            async fn update_instance(
+                &self,
+                scope: &Scope,
+                name: &str,
+                expected_revision: i64,
+                active: bool,
+                spec: &InstanceSpec,
+            ) -> Result<InstanceRecord> {
+                let (mut tx, revision) = self.begin_change().await?;
+                let spec = serde_json::to_string(spec).map_err(|e| corrupt(e))?;
+                let (filter, binds) = scope_filter(scope, "name", 7);
+                let sql = format!(
+                    "UPDATE instances SET active = $1, spec = $2, updated_at = $3, revision = $4 \
+                     WHERE name = $5 AND revision = $6 AND {filter}"
+                );
+                let mut q = sqlx::query(&sql)
+                    .bind(active)
+                    .bind(spec)
+                    .bind(now_millis())
+                    .bind(revision)
+                    .bind(name)
+                    .bind(expected_revision);
+                for bind in &binds {
+                    q = q.bind(bind);
+                }
+                if q.execute(&mut *tx).await?.rows_affected() == 0 {
+                    // Tell a lost race from an instance that is not there (for this caller).
+                    Self::find_instance(&mut tx, scope, name).await?;
+                    return Err(StoreError::Conflict(format!("instance {name:?}")));
+                }
+                let config = Self::log_instance(&mut tx, revision, name).await?;
+                Self::commit_change(tx, revision).await?;
+                Ok(config.instance)
+            }
+
+            async fn delete_instance(&self, scope: &Scope, name: &str) -> Result<()> {
+                let (mut tx, revision) = self.begin_change().await?;
+                let (filter, binds) = scope_filter(scope, "name", 2);
+                let sql = format!("DELETE FROM instances WHERE name = $1 AND {filter}");
+                let mut q = sqlx::query(&sql).bind(name);
+                for bind in &binds {
+                    q = q.bind(bind);
+                }
+                if q.execute(&mut *tx).await?.rows_affected() == 0 {
+                    return Err(instance_not_found(name));
+                }
+                sqlx::query(
+                    "INSERT INTO config_changes (revision, kind, key, op, payload, created_at) VALUES ($1, $2, $3, $4, NULL, $5)",
+                )
+                .bind(revision)
+                .bind(KIND_INSTANCE)
+                .bind(name)
+                .bind(ChangeOp::Delete.as_str())
+                .bind(now_millis())
+                .execute(&mut *tx)
+                .await?;
+                Self::commit_change(tx, revision).await
+            }
+
+            async fn put_access_rule(
+                &self,
+                scope: &Scope,
+                instance: &str,
+                pattern: &str,
+                action: Action,
+            ) -> Result<AccessRuleRecord> {
+                let (mut tx, revision) = self.begin_change().await?;
+                let record = Self::find_instance(&mut tx, scope, instance).await?;
+                let row = sqlx::query(
+                    "INSERT INTO access_rules (instance_id, pattern, action, created_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (instance_id, pattern) DO UPDATE SET action = excluded.action \
+                     RETURNING id, pattern, action, created_at",
+                )
+                .bind(&record.id)
+                .bind(pattern)
+                .bind(action.as_str())
+                .bind(now_millis())
+                .fetch_one(&mut *tx)
+                .await?;
+                let rule = Self::rule_from_row(instance, &row)?;
+                Self::stamp_instance(&mut tx, &record.id, revision).await?;
+                Self::log_instance(&mut tx, revision, instance).await?;
+                Self::commit_change(tx, revision).await?;
+                Ok(rule)
+            }
+
+            async fn list_access_rules(&self, scope: &Scope, instance: &str) -> Result<Vec<AccessRuleRecord>> {
+                let mut conn = self.pool.acquire().await?;
+                let record = Self::find_instance(&mut conn, scope, instance).await?;
+                Self::rules_of(&mut conn, &record).await
+            }
+
+            async fn remove_access_rule(&self, scope: &Scope, instance: &str, id: i64) -> Result<()> {
+                let (mut tx, revision) = self.begin_change().await?;
+                let record = Self::find_instance(&mut tx, scope, instance).await?;
+                let deleted = sqlx::query("DELETE FROM access_rules WHERE id = $1 AND instance_id = $2")
+                    .bind(id)
+                    .bind(&record.id)
+                    .execute(&mut *tx)
+                    .await?;
+                if deleted.rows_affected() == 0 {
+                    return Err(StoreError::NotFound(format!("access rule {id} of instance {instance:?}")));
+                }
+                Self::stamp_instance(&mut tx, &record.id, revision).await?;
+                Self::log_instance(&mut tx, revision, instance).await?;
+                Self::commit_change(tx, revision).await
+            }
+
+            async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<()> {
+                let (admin, patterns) = encode_scope(&key.scope);
+                let inserted = sqlx::query(
+                    "INSERT INTO api_keys (id, key_hash, admin, instance_patterns, description, created_at, last_used_at, revoked_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&key.id)
+                .bind(&key.key_hash)
+                .bind(admin)
+                .bind(patterns)
+                .bind(&key.description)
+                .bind(key.created_at)
+                .bind(key.last_used_at)
+                .bind(key.revoked_at)
+                .execute(&self.pool)
+                .await;
+                match inserted {
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                        Err(StoreError::AlreadyExists(format!("api key {:?}", key.id)))
+                    }
+                    other => other.map(drop).map_err(Into::into),
+                }
+            }
+
+            async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>> {
+                let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY created_at, id");
+                let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+                rows.iter().map(Self::api_key_from_row).collect()
+            }
+
+            async fn find_api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>> {
+                let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1");
+                let row = sqlx::query(&sql).bind(key_hash).fetch_optional(&self.pool).await?;
+                row.as_ref().map(Self::api_key_from_row).transpose()
+            }
+
+            async fn revoke_api_key(&self, id: &str, now: i64) -> Result<ApiKeyRecord> {
+                let sql = format!(
+                    "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 RETURNING {API_KEY_COLUMNS}"
+                );
+                let row = sqlx::query(&sql).bind(now).bind(id).fetch_optional(&self.pool).await?;
+                match row {
+                    Some(row) => Self::api_key_from_row(&row),
+                    None => Err(StoreError::NotFound(format!("api key {id:?}"))),
+                }
+            }
+
+            async fn touch_api_key(&self, id: &str, now: i64) -> Result<()> {
+                sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+                    .bind(now)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn count_api_keys(&self) -> Result<i64> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys").fetch_one(&self.pool).await?)
+            }
+
+            async fn config_revision(&self) -> Result<i64> {
+                Ok(sqlx::query_scalar("SELECT revision FROM config_head WHERE id = 1").fetch_one(&self.pool).await?)
+            }
+
+            async fn config_changes(&self, after: i64, limit: i64) -> Result<Vec<ConfigChange>> {
+                let rows = sqlx::query(
+                    "SELECT revision, kind, key, op, payload FROM config_changes WHERE revision > $1 \
+                     ORDER BY revision, kind, key LIMIT $2",
+                )
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let op: String = row.try_get("op")?;
+                        Ok(ConfigChange {
+                            revision: row.try_get("revision")?,
+                            kind: row.try_get("kind")?,
+                            key: row.try_get("key")?,
+                            op: match op.as_str() {
+                                "upsert" => ChangeOp::Upsert,
+                                "delete" => ChangeOp::Delete,
+                                other => return Err(corrupt(format!("config change op {other:?}"))),
+                            },
+                            payload: row.try_get("payload")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+
+sql_store!(
+    PostgresStore,
+    sqlx::Postgres,
+    Backend::Postgres,
+    Some("SELECT pg_notify($1, $2)")
+);
+sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None);
+
+impl PostgresStore {
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Self::from_pool(pool).await
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) a SQLite database file. In-memory databases are not
+    /// supported: every pooled connection would see a different one.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Self::from_pool(pool).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_filters() {
+        assert_eq!(
+            scope_filter(&Scope::Admin, "name", 1),
+            ("1 = 1".to_owned(), vec![])
+        );
+        assert_eq!(
+            scope_filter(&Scope::Instances(vec![]), "name", 1).0,
+            "1 = 0"
+        );
+        let (sql, binds) = scope_filter(
+            &Scope::Instances(vec!["acme-*".into(), "solo".into()]),
+            "name",
+            3,
+        );
+        assert_eq!(sql, "(name LIKE $3 OR name = $4)");
+        assert_eq!(binds, vec!["acme-%".to_owned(), "solo".to_owned()]);
+    }
+}

@@ -1,0 +1,5 @@
+//! Domain rules that the control plane and the data plane must agree on.
+
+pub mod access;
+pub mod kinds;
+pub mod names;

@@ -1,0 +1,88 @@
+//! Instance names and the patterns that select them.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("instance name must be 1-63 characters, got {0}")]
+    Length(usize),
+    #[error(
+        "instance name {0:?} must be a lowercase DNS label: a-z, 0-9 and '-', not starting or ending with '-'"
+    )]
+    Charset(String),
+    #[error("instance pattern {0:?} must be an instance name, optionally ending in '*'")]
+    Pattern(String),
+}
+
+/// Checks that `name` is a lowercase DNS label (RFC 1123): it appears in URLs and session names.
+pub fn validate_instance_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(NameError::Length(name.len()));
+    }
+    let label_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !label_chars || name.starts_with('-') || name.ends_with('-') {
+        return Err(NameError::Charset(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks an API-key scope pattern: an instance name, a name prefix ending in `*`, or `*`.
+pub fn validate_instance_pattern(pattern: &str) -> Result<(), NameError> {
+    let prefix = pattern.strip_suffix('*').unwrap_or(pattern);
+    let prefix_ok = prefix.len() <= 63
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !prefix_ok || (prefix.is_empty() && !pattern.ends_with('*')) {
+        return Err(NameError::Pattern(pattern.to_owned()));
+    }
+    Ok(())
+}
+
+/// Whether `pattern` (exact, or prefix ending in `*`) selects instance `name`.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "acme-wa", "x1", &"a".repeat(63)] {
+            assert_eq!(validate_instance_name(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(validate_instance_name(""), Err(NameError::Length(0)));
+        assert!(matches!(
+            validate_instance_name(&"a".repeat(64)),
+            Err(NameError::Length(64))
+        ));
+        for bad in ["Acme", "acme_wa", "-acme", "acme-", "ac me", "acmé", "a.b"] {
+            assert!(
+                matches!(validate_instance_name(bad), Err(NameError::Charset(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn patterns() {
+        for ok in ["*", "acme-*", "acme-wa", "a*"] {
+            assert_eq!(validate_instance_pattern(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "ACME*", "acme%", "ac*me", "acme_*", "**"] {
+            assert!(validate_instance_pattern(bad).is_err(), "{bad}");
+        }
+        assert!(pattern_matches("acme-*", "acme-wa"));
+        assert!(pattern_matches("*", "anything"));
+        assert!(pattern_matches("acme-wa", "acme-wa"));
+        assert!(!pattern_matches("acme-wa", "acme-wa2"));
+        assert!(!pattern_matches("acme-*", "other"));
+    }
+}

@@ -1,0 +1,95 @@
+//! The gRPC connection: endpoint, API key on every call, and readable errors.
+
+use omni_proto::v1::access_service_client::AccessServiceClient;
+use omni_proto::v1::api_key_service_client::ApiKeyServiceClient;
+use omni_proto::v1::instance_service_client::InstanceServiceClient;
+use std::time::Duration;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+#[derive(Clone)]
+pub struct BearerKey(MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for BearerKey {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type Authed = InterceptedService<Channel, BearerKey>;
+
+pub struct Client {
+    server: String,
+    channel: Channel,
+    key: BearerKey,
+}
+
+impl Client {
+    pub async fn connect(server: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
+        let api_key = api_key
+            .filter(|k| !k.trim().is_empty())
+            .ok_or_else(|| anyhow::anyhow!("no API key: set OMNI_API_KEY or pass --api-key"))?;
+        let mut header: MetadataValue<_> = format!("Bearer {}", api_key.trim())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the API key contains characters that cannot be sent"))?;
+        header.set_sensitive(true);
+        let channel = Endpoint::from_shared(server.to_owned())
+            .map_err(|_| anyhow::anyhow!("--server {server:?} is not a valid URL"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach the control plane at {server}: {}",
+                    root_cause(&e)
+                )
+            })?;
+        Ok(Client {
+            server: server.to_owned(),
+            channel,
+            key: BearerKey(header),
+        })
+    }
+
+    pub fn instances(&self) -> InstanceServiceClient<Authed> {
+        InstanceServiceClient::with_interceptor(self.channel.clone(), self.key.clone())
+    }
+
+    pub fn access(&self) -> AccessServiceClient<Authed> {
+        AccessServiceClient::with_interceptor(self.channel.clone(), self.key.clone())
+    }
+
+    pub fn api_keys(&self) -> ApiKeyServiceClient<Authed> {
+        ApiKeyServiceClient::with_interceptor(self.channel.clone(), self.key.clone())
+    }
+
+    /// Turns a failed call into one readable line.
+    pub fn error(&self, status: Status) -> anyhow::Error {
+        let message = status.message();
+        anyhow::anyhow!(match status.code() {
+            Code::Unauthenticated =>
+                format!("not authenticated: {message} (check OMNI_API_KEY or --api-key)"),
+            Code::PermissionDenied => format!("permission denied: {message}"),
+            Code::Unavailable =>
+                format!("control plane at {} is unavailable: {message}", self.server),
+            Code::DeadlineExceeded =>
+                format!("control plane at {} did not answer in time", self.server),
+            _ => message.to_owned(),
+        })
+    }
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
