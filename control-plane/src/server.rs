@@ -148,6 +148,10 @@ pub async fn run(
         .create(&config.data_dir)
         .await
         .map_err(data_dir_error)?;
+    // It holds the master key and the admin key: owner only, even if it existed before.
+    tokio::fs::set_permissions(&config.data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .await
+        .map_err(data_dir_error)?;
 
     let database_url = match &config.database_url {
         Some(url) => url.clone(),

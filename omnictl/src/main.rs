@@ -46,7 +46,7 @@ struct Cli {
 enum Command {
     /// Create, inspect, change and delete instances (one connected number, bot or app each).
     #[command(subcommand)]
-    Instance(instance::InstanceCommand),
+    Instance(Box<instance::InstanceCommand>),
     /// Decide who may talk to an instance's bot.
     #[command(subcommand)]
     Access(access::AccessCommand),
@@ -61,7 +61,7 @@ async fn main() -> ExitCode {
     let result = async {
         let client = client::Client::connect(&cli.server, cli.api_key.as_deref()).await?;
         match cli.command {
-            Command::Instance(command) => instance::run(command, &client, cli.output).await,
+            Command::Instance(command) => instance::run(*command, &client, cli.output).await,
             Command::Access(command) => access::run(command, &client, cli.output).await,
             Command::Apikey(command) => apikey::run(command, &client, cli.output).await,
         }

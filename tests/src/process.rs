@@ -53,7 +53,7 @@ impl ControlPlane {
         data_dir: &Path,
         options: &ControlPlaneOptions,
     ) -> Result<ControlPlane, String> {
-        std::fs::create_dir_all(data_dir).unwrap();
+        std::fs::create_dir_all(data_dir.parent().expect("data dir has a parent")).unwrap();
         let log_path = data_dir.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
