@@ -38,10 +38,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    let master_key = match (
-        non_empty_env("OMNI_MASTER_KEY"),
-        non_empty_env("OMNI_MASTER_KEY_FILE"),
-    ) {
+    let master_key = match (non_empty_env("OMNI_MASTER_KEY"), non_empty_env("OMNI_MASTER_KEY_FILE")) {
         (Some(keys), _) => MasterKeySource::Inline(keys),
         (None, Some(path)) => MasterKeySource::File(path.into()),
         (None, None) => MasterKeySource::Unset,

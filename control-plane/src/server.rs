@@ -54,10 +54,7 @@ impl std::fmt::Debug for MasterKeySource {
 #[derive(Debug, Error)]
 pub enum StartError {
     #[error("data dir {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: PathBuf, source: std::io::Error },
     #[error("master key: {0}")]
     MasterKey(String),
     #[error(
@@ -68,10 +65,7 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
@@ -83,23 +77,15 @@ const ADMIN_KEY_FILE: &str = "admin-api-key";
 
 /// Writes a file only its owner can read.
 async fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .await?;
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .await?;
+    let mut file = tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).await?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).await?;
     file.write_all(contents.as_bytes()).await?;
     file.sync_all().await
 }
 
 async fn load_keyring(config: &Config, backend: Backend) -> Result<Keyring, StartError> {
     let parse = |text: &str, origin: &str| {
-        Keyring::parse(text.trim())
-            .map_err(|e: CryptoError| StartError::MasterKey(format!("{origin}: {e}")))
+        Keyring::parse(text.trim()).map_err(|e: CryptoError| StartError::MasterKey(format!("{origin}: {e}")))
     };
     match &config.master_key {
         MasterKeySource::Inline(list) => parse(list, "OMNI_MASTER_KEY"),
@@ -109,9 +95,7 @@ async fn load_keyring(config: &Config, backend: Backend) -> Result<Keyring, Star
                 .map_err(|e| StartError::MasterKey(format!("{}: {e}", path.display())))?;
             parse(&text, &path.display().to_string())
         }
-        MasterKeySource::Unset if backend == Backend::Postgres => {
-            Err(StartError::MasterKeyRequired)
-        }
+        MasterKeySource::Unset if backend == Backend::Postgres => Err(StartError::MasterKeyRequired),
         MasterKeySource::Unset => {
             let path = config.data_dir.join(MASTER_KEY_FILE);
             match tokio::fs::read_to_string(&path).await {
@@ -134,20 +118,9 @@ async fn load_keyring(config: &Config, backend: Backend) -> Result<Keyring, Star
 }
 
 /// Runs the control plane until `shutdown` resolves.
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    let data_dir_error = |source| StartError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    };
-    tokio::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&config.data_dir)
-        .await
-        .map_err(data_dir_error)?;
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    let data_dir_error = |source| StartError::DataDir { path: config.data_dir.clone(), source };
+    tokio::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.data_dir).await.map_err(data_dir_error)?;
     // It holds the master key and the admin key: owner only, even if it existed before.
     tokio::fs::set_permissions(&config.data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .await
@@ -172,14 +145,9 @@ pub async fn run(
     match ensure_bootstrap_key(store.as_ref(), config.bootstrap_api_key.as_deref()).await? {
         Bootstrap::Generated(key) => {
             let path = config.data_dir.join(ADMIN_KEY_FILE);
-            write_private(&path, &format!("{key}\n"))
-                .await
-                .map_err(data_dir_error)?;
+            write_private(&path, &format!("{key}\n")).await.map_err(data_dir_error)?;
             // Shown once, on stdout rather than in the log, so it stays out of log collectors.
-            println!(
-                "Created the first admin API key (shown only now; also saved to {}):",
-                path.display()
-            );
+            println!("Created the first admin API key (shown only now; also saved to {}):", path.display());
             println!("  export OMNI_API_KEY={key}");
         }
         Bootstrap::Configured => {
@@ -188,15 +156,9 @@ pub async fn run(
         Bootstrap::Existing => {}
     }
 
-    let ctx = ApiContext {
-        store: store.clone(),
-        keyring,
-        auth: Arc::new(Authenticator::new(store.clone())),
-    };
+    let ctx = ApiContext { store: store.clone(), keyring, auth: Arc::new(Authenticator::new(store.clone())) };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<InstanceServiceServer<InstanceApi>>()
-        .await;
+    health.set_serving::<InstanceServiceServer<InstanceApi>>().await;
     health.set_serving::<AccessServiceServer<AccessApi>>().await;
     health.set_serving::<ApiKeyServiceServer<ApiKeyApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -204,16 +166,9 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let local = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
     tracing::info!(addr = %local, "gRPC API listening");
     println!("omni-control-plane listening on {local}");
 

@@ -70,10 +70,7 @@ fn api_key(id: &str, scope: Scope) -> ApiKeyRecord {
 }
 
 async fn instance_lifecycle(store: Shared) {
-    let created = store
-        .create_instance(&record("acme-wa", Channel::Whatsapp))
-        .await
-        .unwrap();
+    let created = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
     assert_eq!(created.name, "acme-wa");
     assert_eq!(created.revision, 1);
     assert!(created.created_at > 0);
@@ -82,63 +79,26 @@ async fn instance_lifecycle(store: Shared) {
     let fetched = store.get_instance(&Scope::Admin, "acme-wa").await.unwrap();
     assert_eq!(fetched, created);
 
-    let dup = store
-        .create_instance(&InstanceRecord {
-            id: "other-id".into(),
-            ..record("acme-wa", Channel::Slack)
-        })
-        .await;
+    let dup =
+        store.create_instance(&InstanceRecord { id: "other-id".into(), ..record("acme-wa", Channel::Slack) }).await;
     assert!(matches!(dup, Err(StoreError::AlreadyExists(_))), "{dup:?}");
 
-    let updated = store
-        .update_instance(
-            &Scope::Admin,
-            "acme-wa",
-            created.revision,
-            false,
-            &spec("http://new:1"),
-        )
-        .await
-        .unwrap();
+    let updated =
+        store.update_instance(&Scope::Admin, "acme-wa", created.revision, false, &spec("http://new:1")).await.unwrap();
     assert!(!updated.active);
     assert_eq!(updated.spec.agent.url, "http://new:1");
-    assert_eq!(
-        updated.revision, 2,
-        "the failed duplicate create consumed no revision"
-    );
+    assert_eq!(updated.revision, 2, "the failed duplicate create consumed no revision");
     assert!(updated.updated_at >= created.updated_at);
 
     // A writer holding an old revision loses.
-    let stale = store
-        .update_instance(
-            &Scope::Admin,
-            "acme-wa",
-            created.revision,
-            true,
-            &spec("http://x:1"),
-        )
-        .await;
+    let stale = store.update_instance(&Scope::Admin, "acme-wa", created.revision, true, &spec("http://x:1")).await;
     assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
 
-    store
-        .delete_instance(&Scope::Admin, "acme-wa")
-        .await
-        .unwrap();
-    assert!(matches!(
-        store.get_instance(&Scope::Admin, "acme-wa").await,
-        Err(StoreError::NotFound(_))
-    ));
-    assert!(matches!(
-        store.delete_instance(&Scope::Admin, "acme-wa").await,
-        Err(StoreError::NotFound(_))
-    ));
-    let missing = store
-        .update_instance(&Scope::Admin, "acme-wa", 2, true, &spec("http://x:1"))
-        .await;
-    assert!(
-        matches!(missing, Err(StoreError::NotFound(_))),
-        "{missing:?}"
-    );
+    store.delete_instance(&Scope::Admin, "acme-wa").await.unwrap();
+    assert!(matches!(store.get_instance(&Scope::Admin, "acme-wa").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(store.delete_instance(&Scope::Admin, "acme-wa").await, Err(StoreError::NotFound(_))));
+    let missing = store.update_instance(&Scope::Admin, "acme-wa", 2, true, &spec("http://x:1")).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
 }
 
 async fn listing_pages_filters_and_scopes(store: Shared) {
@@ -151,297 +111,114 @@ async fn listing_pages_filters_and_scopes(store: Shared) {
     ] {
         store.create_instance(&record(name, channel)).await.unwrap();
     }
-    let names =
-        |records: Vec<InstanceRecord>| records.into_iter().map(|r| r.name).collect::<Vec<_>>();
-    let all = store
-        .list_instances(
-            &Scope::Admin,
-            &ListInstances {
-                limit: 100,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        names(all),
-        ["acme", "acme-slack", "acme-wa", "beta-wa", "zeta"]
-    );
+    let names = |records: Vec<InstanceRecord>| records.into_iter().map(|r| r.name).collect::<Vec<_>>();
+    let all = store.list_instances(&Scope::Admin, &ListInstances { limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(names(all), ["acme", "acme-slack", "acme-wa", "beta-wa", "zeta"]);
 
-    let page1 = store
-        .list_instances(
-            &Scope::Admin,
-            &ListInstances {
-                limit: 2,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let page1 = store.list_instances(&Scope::Admin, &ListInstances { limit: 2, ..Default::default() }).await.unwrap();
     assert_eq!(names(page1), ["acme", "acme-slack"]);
     let page2 = store
-        .list_instances(
-            &Scope::Admin,
-            &ListInstances {
-                limit: 2,
-                after: Some("acme-slack".into()),
-                channel: None,
-            },
-        )
+        .list_instances(&Scope::Admin, &ListInstances { limit: 2, after: Some("acme-slack".into()), channel: None })
         .await
         .unwrap();
     assert_eq!(names(page2), ["acme-wa", "beta-wa"]);
 
     let whatsapp = store
-        .list_instances(
-            &Scope::Admin,
-            &ListInstances {
-                limit: 100,
-                channel: Some(Channel::Whatsapp),
-                after: None,
-            },
-        )
+        .list_instances(&Scope::Admin, &ListInstances { limit: 100, channel: Some(Channel::Whatsapp), after: None })
         .await
         .unwrap();
     assert_eq!(names(whatsapp), ["acme-wa", "beta-wa", "zeta"]);
 
-    let acme = store
-        .list_instances(
-            &scoped(&["acme-*"]),
-            &ListInstances {
-                limit: 100,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        names(acme),
-        ["acme-slack", "acme-wa"],
-        "'acme-*' does not cover 'acme'"
-    );
+    let acme =
+        store.list_instances(&scoped(&["acme-*"]), &ListInstances { limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(names(acme), ["acme-slack", "acme-wa"], "'acme-*' does not cover 'acme'");
     let mixed = store
-        .list_instances(
-            &scoped(&["acme", "zeta"]),
-            &ListInstances {
-                limit: 100,
-                ..Default::default()
-            },
-        )
+        .list_instances(&scoped(&["acme", "zeta"]), &ListInstances { limit: 100, ..Default::default() })
         .await
         .unwrap();
     assert_eq!(names(mixed), ["acme", "zeta"]);
-    let none = store
-        .list_instances(
-            &scoped(&[]),
-            &ListInstances {
-                limit: 100,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let none = store.list_instances(&scoped(&[]), &ListInstances { limit: 100, ..Default::default() }).await.unwrap();
     assert!(none.is_empty());
 }
 
 async fn scope_hides_other_tenants(store: Shared) {
-    store
-        .create_instance(&record("acme-wa", Channel::Whatsapp))
-        .await
-        .unwrap();
-    let other = store
-        .create_instance(&record("other-wa", Channel::Whatsapp))
-        .await
-        .unwrap();
-    let rule = store
-        .put_access_rule(&Scope::Admin, "other-wa", "+55*", Action::Block)
-        .await
-        .unwrap();
+    store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let other = store.create_instance(&record("other-wa", Channel::Whatsapp)).await.unwrap();
+    let rule = store.put_access_rule(&Scope::Admin, "other-wa", "+55*", Action::Block).await.unwrap();
     let acme = scoped(&["acme-*"]);
     let not_found = |r: Result<(), StoreError>| matches!(r, Err(StoreError::NotFound(_)));
 
     assert!(store.get_instance(&acme, "acme-wa").await.is_ok());
+    assert!(not_found(store.get_instance(&acme, "other-wa").await.map(drop)));
     assert!(not_found(
-        store.get_instance(&acme, "other-wa").await.map(drop)
-    ));
-    assert!(not_found(
-        store
-            .update_instance(
-                &acme,
-                "other-wa",
-                other.revision,
-                false,
-                &spec("http://x:1")
-            )
-            .await
-            .map(drop)
+        store.update_instance(&acme, "other-wa", other.revision, false, &spec("http://x:1")).await.map(drop)
     ));
     assert!(not_found(store.delete_instance(&acme, "other-wa").await));
-    assert!(not_found(
-        store.list_access_rules(&acme, "other-wa").await.map(drop)
-    ));
-    assert!(not_found(
-        store
-            .put_access_rule(&acme, "other-wa", "+1*", Action::Allow)
-            .await
-            .map(drop)
-    ));
-    assert!(not_found(
-        store.remove_access_rule(&acme, "other-wa", rule.id).await
-    ));
+    assert!(not_found(store.list_access_rules(&acme, "other-wa").await.map(drop)));
+    assert!(not_found(store.put_access_rule(&acme, "other-wa", "+1*", Action::Allow).await.map(drop)));
+    assert!(not_found(store.remove_access_rule(&acme, "other-wa", rule.id).await));
     // Nor through an instance the key does own.
-    assert!(not_found(
-        store.remove_access_rule(&acme, "acme-wa", rule.id).await
-    ));
+    assert!(not_found(store.remove_access_rule(&acme, "acme-wa", rule.id).await));
 
     // Nothing was changed by any of that.
     let untouched = store.get_instance(&Scope::Admin, "other-wa").await.unwrap();
     assert_eq!(untouched.revision, rule_revision(&store, "other-wa").await);
     assert!(untouched.active);
-    assert_eq!(
-        store
-            .list_access_rules(&Scope::Admin, "other-wa")
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(store.list_access_rules(&Scope::Admin, "other-wa").await.unwrap().len(), 1);
 }
 
 async fn rule_revision(store: &Shared, name: &str) -> i64 {
-    store
-        .get_instance(&Scope::Admin, name)
-        .await
-        .unwrap()
-        .revision
+    store.get_instance(&Scope::Admin, name).await.unwrap().revision
 }
 
 async fn access_rules(store: Shared) {
-    store
-        .create_instance(&record("acme-wa", Channel::Whatsapp))
-        .await
-        .unwrap();
-    store
-        .create_instance(&record("beta-wa", Channel::Whatsapp))
-        .await
-        .unwrap();
-    let block = store
-        .put_access_rule(&Scope::Admin, "acme-wa", "+5511*", Action::Block)
-        .await
-        .unwrap();
-    let allow = store
-        .put_access_rule(&Scope::Admin, "acme-wa", "+551199*", Action::Allow)
-        .await
-        .unwrap();
+    store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    store.create_instance(&record("beta-wa", Channel::Whatsapp)).await.unwrap();
+    let block = store.put_access_rule(&Scope::Admin, "acme-wa", "+5511*", Action::Block).await.unwrap();
+    let allow = store.put_access_rule(&Scope::Admin, "acme-wa", "+551199*", Action::Allow).await.unwrap();
     assert_eq!((block.action, allow.action), (Action::Block, Action::Allow));
     assert_ne!(block.id, allow.id);
     assert_eq!(block.instance, "acme-wa");
 
     // Same pattern again: the rule's action changes, no second rule appears.
-    let flipped = store
-        .put_access_rule(&Scope::Admin, "acme-wa", "+5511*", Action::Allow)
-        .await
-        .unwrap();
+    let flipped = store.put_access_rule(&Scope::Admin, "acme-wa", "+5511*", Action::Allow).await.unwrap();
     assert_eq!(flipped.id, block.id);
-    let rules = store
-        .list_access_rules(&Scope::Admin, "acme-wa")
-        .await
-        .unwrap();
+    let rules = store.list_access_rules(&Scope::Admin, "acme-wa").await.unwrap();
     assert_eq!(
-        rules
-            .iter()
-            .map(|r| (r.pattern.as_str(), r.action))
-            .collect::<Vec<_>>(),
+        rules.iter().map(|r| (r.pattern.as_str(), r.action)).collect::<Vec<_>>(),
         [("+5511*", Action::Allow), ("+551199*", Action::Allow)]
     );
     // A rule change is a change of its instance.
-    assert_eq!(
-        rule_revision(&store, "acme-wa").await,
-        store.config_revision().await.unwrap()
-    );
+    assert_eq!(rule_revision(&store, "acme-wa").await, store.config_revision().await.unwrap());
 
-    let wrong_instance = store
-        .remove_access_rule(&Scope::Admin, "beta-wa", allow.id)
-        .await;
-    assert!(
-        matches!(wrong_instance, Err(StoreError::NotFound(_))),
-        "{wrong_instance:?}"
-    );
-    store
-        .remove_access_rule(&Scope::Admin, "acme-wa", allow.id)
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .list_access_rules(&Scope::Admin, "acme-wa")
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    let wrong_instance = store.remove_access_rule(&Scope::Admin, "beta-wa", allow.id).await;
+    assert!(matches!(wrong_instance, Err(StoreError::NotFound(_))), "{wrong_instance:?}");
+    store.remove_access_rule(&Scope::Admin, "acme-wa", allow.id).await.unwrap();
+    assert_eq!(store.list_access_rules(&Scope::Admin, "acme-wa").await.unwrap().len(), 1);
 
     // Deleting the instance takes its rules along; a new instance of that name starts clean.
+    store.delete_instance(&Scope::Admin, "acme-wa").await.unwrap();
     store
-        .delete_instance(&Scope::Admin, "acme-wa")
+        .create_instance(&InstanceRecord { id: "id-new".into(), ..record("acme-wa", Channel::Whatsapp) })
         .await
         .unwrap();
-    store
-        .create_instance(&InstanceRecord {
-            id: "id-new".into(),
-            ..record("acme-wa", Channel::Whatsapp)
-        })
-        .await
-        .unwrap();
-    assert!(
-        store
-            .list_access_rules(&Scope::Admin, "acme-wa")
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(store.list_access_rules(&Scope::Admin, "acme-wa").await.unwrap().is_empty());
 }
 
 async fn every_change_is_one_revision_in_the_log(store: Shared) {
     assert_eq!(store.config_revision().await.unwrap(), 0);
-    store
-        .create_instance(&record("acme-wa", Channel::Whatsapp))
-        .await
-        .unwrap();
-    let rule = store
-        .put_access_rule(&Scope::Admin, "acme-wa", "+55*", Action::Block)
-        .await
-        .unwrap();
-    store
-        .update_instance(&Scope::Admin, "acme-wa", 2, true, &spec("http://new:1"))
-        .await
-        .unwrap();
-    store
-        .remove_access_rule(&Scope::Admin, "acme-wa", rule.id)
-        .await
-        .unwrap();
-    store
-        .delete_instance(&Scope::Admin, "acme-wa")
-        .await
-        .unwrap();
+    store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let rule = store.put_access_rule(&Scope::Admin, "acme-wa", "+55*", Action::Block).await.unwrap();
+    store.update_instance(&Scope::Admin, "acme-wa", 2, true, &spec("http://new:1")).await.unwrap();
+    store.remove_access_rule(&Scope::Admin, "acme-wa", rule.id).await.unwrap();
+    store.delete_instance(&Scope::Admin, "acme-wa").await.unwrap();
     // Failed changes leave no trace.
-    assert!(
-        store
-            .delete_instance(&Scope::Admin, "acme-wa")
-            .await
-            .is_err()
-    );
+    assert!(store.delete_instance(&Scope::Admin, "acme-wa").await.is_err());
     assert_eq!(store.config_revision().await.unwrap(), 5);
 
     let changes = store.config_changes(0, 100).await.unwrap();
-    assert_eq!(
-        changes.iter().map(|c| c.revision).collect::<Vec<_>>(),
-        [1, 2, 3, 4, 5]
-    );
-    assert!(
-        changes
-            .iter()
-            .all(|c| c.kind == KIND_INSTANCE && c.key == "acme-wa")
-    );
+    assert_eq!(changes.iter().map(|c| c.revision).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert!(changes.iter().all(|c| c.kind == KIND_INSTANCE && c.key == "acme-wa"));
     assert_eq!(changes.iter().map(|c| c.op).collect::<Vec<_>>(), {
         use ChangeOp::*;
         [Upsert, Upsert, Upsert, Upsert, Delete]
@@ -463,11 +240,7 @@ async fn concurrent_changes_get_distinct_consecutive_revisions(store: Shared) {
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .create_instance(&record(&format!("t{i}"), Channel::Whatsapp))
-                    .await
-            })
+            tokio::spawn(async move { store.create_instance(&record(&format!("t{i}"), Channel::Whatsapp)).await })
         })
         .collect();
     let mut revisions = Vec::new();
@@ -476,13 +249,7 @@ async fn concurrent_changes_get_distinct_consecutive_revisions(store: Shared) {
     }
     revisions.sort();
     assert_eq!(revisions, (1..=16).collect::<Vec<i64>>());
-    let logged: Vec<i64> = store
-        .config_changes(0, 100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|c| c.revision)
-        .collect();
+    let logged: Vec<i64> = store.config_changes(0, 100).await.unwrap().iter().map(|c| c.revision).collect();
     assert_eq!(logged, (1..=16).collect::<Vec<i64>>());
 }
 
@@ -492,41 +259,21 @@ async fn api_keys(store: Shared) {
     let tenant = api_key("t1", scoped(&["acme-*", "solo"]));
     store.create_api_key(&admin).await.unwrap();
     store.create_api_key(&tenant).await.unwrap();
-    assert!(matches!(
-        store.create_api_key(&admin).await,
-        Err(StoreError::AlreadyExists(_))
-    ));
+    assert!(matches!(store.create_api_key(&admin).await, Err(StoreError::AlreadyExists(_))));
     assert_eq!(store.count_api_keys().await.unwrap(), 2);
 
-    assert_eq!(
-        store.find_api_key_by_hash("hash-t1").await.unwrap(),
-        Some(tenant.clone())
-    );
+    assert_eq!(store.find_api_key_by_hash("hash-t1").await.unwrap(), Some(tenant.clone()));
     assert_eq!(store.find_api_key_by_hash("nope").await.unwrap(), None);
     assert_eq!(store.list_api_keys().await.unwrap().len(), 2);
 
     store.touch_api_key("t1", 1234).await.unwrap();
-    assert_eq!(
-        store
-            .find_api_key_by_hash("hash-t1")
-            .await
-            .unwrap()
-            .unwrap()
-            .last_used_at,
-        Some(1234)
-    );
+    assert_eq!(store.find_api_key_by_hash("hash-t1").await.unwrap().unwrap().last_used_at, Some(1234));
 
     let revoked = store.revoke_api_key("t1", 5000).await.unwrap();
     assert_eq!(revoked.revoked_at, Some(5000));
     // Revoking again keeps the first revocation time.
-    assert_eq!(
-        store.revoke_api_key("t1", 9000).await.unwrap().revoked_at,
-        Some(5000)
-    );
-    assert!(matches!(
-        store.revoke_api_key("zz", 1).await,
-        Err(StoreError::NotFound(_))
-    ));
+    assert_eq!(store.revoke_api_key("t1", 9000).await.unwrap().revoked_at, Some(5000));
+    assert!(matches!(store.revoke_api_key("zz", 1).await, Err(StoreError::NotFound(_))));
 }
 
 async fn sqlite_store() -> (Shared, tempfile::TempDir) {
@@ -582,14 +329,6 @@ async fn concurrent_migrations_on_postgres() {
     };
     let (a, b) = tokio::join!(connect(&db.url), connect(&db.url));
     let (a, b) = (a.unwrap(), b.unwrap());
-    a.create_instance(&record("acme-wa", Channel::Whatsapp))
-        .await
-        .unwrap();
-    assert_eq!(
-        b.get_instance(&Scope::Admin, "acme-wa")
-            .await
-            .unwrap()
-            .revision,
-        1
-    );
+    a.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    assert_eq!(b.get_instance(&Scope::Admin, "acme-wa").await.unwrap().revision, 1);
 }

@@ -73,9 +73,7 @@ fn specificity(pattern: &str, identity: &str) -> Option<(usize, bool)> {
     match pattern.strip_suffix('*') {
         Some(prefix) => {
             let prefix = strip_plus(prefix);
-            identity
-                .starts_with(prefix)
-                .then_some((prefix.len(), false))
+            identity.starts_with(prefix).then_some((prefix.len(), false))
         }
         None => (strip_plus(pattern) == identity).then_some((identity.len(), true)),
     }
@@ -95,10 +93,7 @@ where
         let better = match best {
             None => true,
             Some((best_score, _, best_action)) => {
-                score > best_score
-                    || (score == best_score
-                        && action == Action::Block
-                        && best_action == Action::Allow)
+                score > best_score || (score == best_score && action == Action::Block && best_action == Action::Allow)
             }
         };
         if better {
@@ -160,21 +155,9 @@ mod tests {
         assert_eq!(validate_pattern("*"), Ok(()));
         assert_eq!(validate_pattern("U024BE7LH"), Ok(()));
         assert_eq!(validate_pattern(""), Err(PatternError::Empty));
-        assert!(matches!(
-            validate_pattern("55*11"),
-            Err(PatternError::Wildcard(_))
-        ));
-        assert!(matches!(
-            validate_pattern("55**"),
-            Err(PatternError::Wildcard(_))
-        ));
-        assert!(matches!(
-            validate_pattern("55 11"),
-            Err(PatternError::Charset(_))
-        ));
-        assert_eq!(
-            validate_pattern(&"1".repeat(200)),
-            Err(PatternError::TooLong)
-        );
+        assert!(matches!(validate_pattern("55*11"), Err(PatternError::Wildcard(_))));
+        assert!(matches!(validate_pattern("55**"), Err(PatternError::Wildcard(_))));
+        assert!(matches!(validate_pattern("55 11"), Err(PatternError::Charset(_))));
+        assert_eq!(validate_pattern(&"1".repeat(200)), Err(PatternError::TooLong));
     }
 }

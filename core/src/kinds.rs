@@ -62,9 +62,6 @@ mod tests {
             assert_eq!(AgentProtocol::parse(&p.to_string()), Some(*p));
         }
         assert_eq!(Channel::parse("telegram"), None);
-        assert_eq!(
-            serde_json::to_string(&Channel::Whatsapp).unwrap(),
-            "\"whatsapp\""
-        );
+        assert_eq!(serde_json::to_string(&Channel::Whatsapp).unwrap(), "\"whatsapp\"");
     }
 }

@@ -6,9 +6,7 @@ use thiserror::Error;
 pub enum NameError {
     #[error("instance name must be 1-63 characters, got {0}")]
     Length(usize),
-    #[error(
-        "instance name {0:?} must be a lowercase DNS label: a-z, 0-9 and '-', not starting or ending with '-'"
-    )]
+    #[error("instance name {0:?} must be a lowercase DNS label: a-z, 0-9 and '-', not starting or ending with '-'")]
     Charset(String),
     #[error("instance pattern {0:?} must be an instance name, optionally ending in '*'")]
     Pattern(String),
@@ -19,9 +17,7 @@ pub fn validate_instance_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() || name.len() > 63 {
         return Err(NameError::Length(name.len()));
     }
-    let label_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let label_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !label_chars || name.starts_with('-') || name.ends_with('-') {
         return Err(NameError::Charset(name.to_owned()));
     }
@@ -31,10 +27,8 @@ pub fn validate_instance_name(name: &str) -> Result<(), NameError> {
 /// Checks an API-key scope pattern: an instance name, a name prefix ending in `*`, or `*`.
 pub fn validate_instance_pattern(pattern: &str) -> Result<(), NameError> {
     let prefix = pattern.strip_suffix('*').unwrap_or(pattern);
-    let prefix_ok = prefix.len() <= 63
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let prefix_ok =
+        prefix.len() <= 63 && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !prefix_ok || (prefix.is_empty() && !pattern.ends_with('*')) {
         return Err(NameError::Pattern(pattern.to_owned()));
     }
@@ -59,15 +53,9 @@ mod tests {
             assert_eq!(validate_instance_name(ok), Ok(()), "{ok}");
         }
         assert_eq!(validate_instance_name(""), Err(NameError::Length(0)));
-        assert!(matches!(
-            validate_instance_name(&"a".repeat(64)),
-            Err(NameError::Length(64))
-        ));
+        assert!(matches!(validate_instance_name(&"a".repeat(64)), Err(NameError::Length(64))));
         for bad in ["Acme", "acme_wa", "-acme", "acme-", "ac me", "acmé", "a.b"] {
-            assert!(
-                matches!(validate_instance_name(bad), Err(NameError::Charset(_))),
-                "{bad}"
-            );
+            assert!(matches!(validate_instance_name(bad), Err(NameError::Charset(_))), "{bad}");
         }
     }
 

@@ -32,12 +32,7 @@ fn rule_json(rule: &pb::AccessRule) -> Value {
 }
 
 fn describe(rule: &pb::AccessRule) -> String {
-    format!(
-        "rule {}: {} {}",
-        rule.id,
-        access_action_name(rule.action),
-        rule.pattern
-    )
+    format!("rule {}: {} {}", rule.id, access_action_name(rule.action), rule.pattern)
 }
 
 async fn add(
@@ -49,11 +44,7 @@ async fn add(
     format: Format,
 ) -> anyhow::Result<()> {
     let rule = api
-        .add_access_rule(pb::AddAccessRuleRequest {
-            instance,
-            pattern,
-            action: action as i32,
-        })
+        .add_access_rule(pb::AddAccessRuleRequest { instance, pattern, action: action as i32 })
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
@@ -68,26 +59,10 @@ pub async fn run(command: AccessCommand, client: &Client, format: Format) -> any
     let mut api = client.access();
     match command {
         AccessCommand::Allow { instance, pattern } => {
-            add(
-                client,
-                &mut api,
-                instance,
-                pattern,
-                pb::AccessAction::Allow,
-                format,
-            )
-            .await?
+            add(client, &mut api, instance, pattern, pb::AccessAction::Allow, format).await?
         }
         AccessCommand::Block { instance, pattern } => {
-            add(
-                client,
-                &mut api,
-                instance,
-                pattern,
-                pb::AccessAction::Block,
-                format,
-            )
-            .await?
+            add(client, &mut api, instance, pattern, pb::AccessAction::Block, format).await?
         }
         AccessCommand::List { instance } => {
             let list = api
@@ -121,12 +96,9 @@ pub async fn run(command: AccessCommand, client: &Client, format: Format) -> any
             }
         }
         AccessCommand::Remove { instance, rule_id } => {
-            api.remove_access_rule(pb::RemoveAccessRuleRequest {
-                instance: instance.clone(),
-                id: rule_id,
-            })
-            .await
-            .map_err(|s| client.error(s))?;
+            api.remove_access_rule(pb::RemoveAccessRuleRequest { instance: instance.clone(), id: rule_id })
+                .await
+                .map_err(|s| client.error(s))?;
             match format {
                 Format::Json => output::json(&json!({ "removed": rule_id, "instance": instance })),
                 Format::Table => println!("removed rule {rule_id} from {instance}"),

@@ -11,12 +11,7 @@ pub enum ApiKeyCommand {
     /// Create a key; it is printed once and only its hash is stored.
     Create {
         /// An admin key: every instance, and key management.
-        #[arg(
-            long,
-            value_enum,
-            conflicts_with = "instances",
-            required_unless_present = "instances"
-        )]
+        #[arg(long, value_enum, conflicts_with = "instances", required_unless_present = "instances")]
         scope: Option<ScopeArg>,
         /// Or a key limited to these instance-name patterns ("acme-wa", "acme-*").
         #[arg(long, value_delimiter = ',', value_name = "PATTERN,...")]
@@ -36,11 +31,7 @@ pub enum ScopeArg {
 }
 
 fn scope(key: &pb::ApiKey) -> String {
-    if key.admin {
-        "admin".to_owned()
-    } else {
-        format!("instances: {}", key.instance_patterns.join(","))
-    }
+    if key.admin { "admin".to_owned() } else { format!("instances: {}", key.instance_patterns.join(",")) }
 }
 
 fn key_json(key: &pb::ApiKey) -> Value {
@@ -58,11 +49,7 @@ fn key_json(key: &pb::ApiKey) -> Value {
 pub async fn run(command: ApiKeyCommand, client: &Client, format: Format) -> anyhow::Result<()> {
     let mut api = client.api_keys();
     match command {
-        ApiKeyCommand::Create {
-            scope: admin,
-            instances,
-            description,
-        } => {
+        ApiKeyCommand::Create { scope: admin, instances, description } => {
             let created = api
                 .create_api_key(pb::CreateApiKeyRequest {
                     admin: admin.is_some(),
@@ -74,9 +61,7 @@ pub async fn run(command: ApiKeyCommand, client: &Client, format: Format) -> any
                 .into_inner();
             let key = created.api_key.unwrap_or_default();
             match format {
-                Format::Json => {
-                    output::json(&json!({ "api_key": key_json(&key), "key": created.key }))
-                }
+                Format::Json => output::json(&json!({ "api_key": key_json(&key), "key": created.key })),
                 Format::Table => {
                     println!("created API key {} ({})", key.id, scope(&key));
                     println!("key: {}", created.key);
@@ -85,23 +70,12 @@ pub async fn run(command: ApiKeyCommand, client: &Client, format: Format) -> any
             }
         }
         ApiKeyCommand::List => {
-            let keys = api
-                .list_api_keys(pb::ListApiKeysRequest {})
-                .await
-                .map_err(|s| client.error(s))?
-                .into_inner()
-                .api_keys;
+            let keys =
+                api.list_api_keys(pb::ListApiKeysRequest {}).await.map_err(|s| client.error(s))?.into_inner().api_keys;
             match format {
                 Format::Json => output::json(&Value::Array(keys.iter().map(key_json).collect())),
                 Format::Table => output::table(
-                    &[
-                        "ID",
-                        "SCOPE",
-                        "DESCRIPTION",
-                        "CREATED",
-                        "LAST USED",
-                        "REVOKED",
-                    ],
+                    &["ID", "SCOPE", "DESCRIPTION", "CREATED", "LAST USED", "REVOKED"],
                     &keys
                         .iter()
                         .map(|k| {
@@ -119,11 +93,8 @@ pub async fn run(command: ApiKeyCommand, client: &Client, format: Format) -> any
             }
         }
         ApiKeyCommand::Revoke { id } => {
-            let key = api
-                .revoke_api_key(pb::RevokeApiKeyRequest { id })
-                .await
-                .map_err(|s| client.error(s))?
-                .into_inner();
+            let key =
+                api.revoke_api_key(pb::RevokeApiKeyRequest { id }).await.map_err(|s| client.error(s))?.into_inner();
             match format {
                 Format::Json => output::json(&key_json(&key)),
                 Format::Table => println!("revoked API key {}", key.id),

@@ -15,9 +15,7 @@ pub struct BearerKey(MetadataValue<tonic::metadata::Ascii>);
 
 impl Interceptor for BearerKey {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        request.metadata_mut().insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -45,17 +43,8 @@ impl Client {
             .timeout(Duration::from_secs(30))
             .connect()
             .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach the control plane at {server}: {}",
-                    root_cause(&e)
-                )
-            })?;
-        Ok(Client {
-            server: server.to_owned(),
-            channel,
-            key: BearerKey(header),
-        })
+            .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {server}: {}", root_cause(&e)))?;
+        Ok(Client { server: server.to_owned(), channel, key: BearerKey(header) })
     }
 
     pub fn instances(&self) -> InstanceServiceClient<Authed> {
@@ -74,13 +63,10 @@ impl Client {
     pub fn error(&self, status: Status) -> anyhow::Error {
         let message = status.message();
         anyhow::anyhow!(match status.code() {
-            Code::Unauthenticated =>
-                format!("not authenticated: {message} (check OMNI_API_KEY or --api-key)"),
+            Code::Unauthenticated => format!("not authenticated: {message} (check OMNI_API_KEY or --api-key)"),
             Code::PermissionDenied => format!("permission denied: {message}"),
-            Code::Unavailable =>
-                format!("control plane at {} is unavailable: {message}", self.server),
-            Code::DeadlineExceeded =>
-                format!("control plane at {} did not answer in time", self.server),
+            Code::Unavailable => format!("control plane at {} is unavailable: {message}", self.server),
+            Code::DeadlineExceeded => format!("control plane at {} did not answer in time", self.server),
             _ => message.to_owned(),
         })
     }

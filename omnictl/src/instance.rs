@@ -138,31 +138,19 @@ impl Settings {
         mark(self.evolution_key.is_some(), "evolution.key");
         mark(self.evolution_instance.is_some(), "evolution.instance_name");
         mark(self.discord_token.is_some(), "discord.token");
-        mark(
-            self.discord_application_id.is_some(),
-            "discord.application_id",
-        );
+        mark(self.discord_application_id.is_some(), "discord.application_id");
         mark(self.discord_guilds.is_some(), "discord.guild_ids");
         mark(self.slack_bot_token.is_some(), "slack.bot_token");
         mark(self.slack_signing_secret.is_some(), "slack.signing_secret");
         mark(self.slack_bot_user_id.is_some(), "slack.bot_user_id");
         mark(self.split_limit.is_some(), "behavior.split_limit");
-        mark(
-            self.reply_to_all_group_messages.is_some(),
-            "behavior.reply_to_all_group_messages",
-        );
+        mark(self.reply_to_all_group_messages.is_some(), "behavior.reply_to_all_group_messages");
         mark(self.typing_indicator.is_some(), "behavior.typing_indicator");
         mark(self.fallback_text.is_some(), "behavior.fallback_text");
-        mark(
-            self.max_message_age.is_some(),
-            "behavior.max_message_age_seconds",
-        );
+        mark(self.max_message_age.is_some(), "behavior.max_message_age_seconds");
         mark(self.default_access.is_some(), "default_access");
         mark(self.active.is_some(), "active");
-        mark(
-            self.require_webhook_token.is_some(),
-            "require_webhook_token",
-        );
+        mark(self.require_webhook_token.is_some(), "require_webhook_token");
 
         let text = |v: &Option<String>| v.clone().unwrap_or_default();
         let instance = pb::Instance {
@@ -220,11 +208,7 @@ impl Settings {
 pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> anyhow::Result<()> {
     let mut api = client.instances();
     match command {
-        InstanceCommand::Create {
-            name,
-            channel,
-            settings,
-        } => {
+        InstanceCommand::Create { name, channel, settings } => {
             let (mut instance, _) = settings.to_message(&name);
             instance.channel = match channel {
                 ChannelArg::Whatsapp => pb::Channel::Whatsapp,
@@ -232,9 +216,7 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
                 ChannelArg::Slack => pb::Channel::Slack,
             } as i32;
             let created = api
-                .create_instance(pb::CreateInstanceRequest {
-                    instance: Some(instance),
-                })
+                .create_instance(pb::CreateInstanceRequest { instance: Some(instance) })
                 .await
                 .map_err(|s| client.error(s))?
                 .into_inner();
@@ -245,18 +227,13 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
                     "webhook_token": created.webhook_token,
                 })),
                 Format::Table => {
-                    println!(
-                        "created instance {} (revision {})",
-                        instance.name, instance.revision
-                    );
+                    println!("created instance {} (revision {})", instance.name, instance.revision);
                     if instance.webhook_path.is_empty() {
                         println!("no webhook: the hub connects to the channel itself");
                     } else {
                         println!("webhook path:  {}", instance.webhook_path);
                         println!("webhook token: {}", created.webhook_token);
-                        println!(
-                            "(the token is shown only now; send it in the x-omni-webhook-token header)"
-                        );
+                        println!("(the token is shown only now; send it in the x-omni-webhook-token header)");
                     }
                 }
             }
@@ -285,9 +262,7 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
                 page_token = page.next_page_token;
             }
             match format {
-                Format::Json => {
-                    output::json(&Value::Array(instances.iter().map(instance_json).collect()))
-                }
+                Format::Json => output::json(&Value::Array(instances.iter().map(instance_json).collect())),
                 Format::Table => output::table(
                     &["NAME", "CHANNEL", "ACTIVE", "AGENT URL", "UPDATED"],
                     &instances
@@ -306,11 +281,8 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
             }
         }
         InstanceCommand::Get { name } => {
-            let instance = api
-                .get_instance(pb::GetInstanceRequest { name })
-                .await
-                .map_err(|s| client.error(s))?
-                .into_inner();
+            let instance =
+                api.get_instance(pb::GetInstanceRequest { name }).await.map_err(|s| client.error(s))?.into_inner();
             print_instance(&instance, format);
         }
         InstanceCommand::Update { name, settings } => {
@@ -329,9 +301,7 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
             print_instance(&updated, format);
         }
         InstanceCommand::Delete { name } => {
-            api.delete_instance(pb::DeleteInstanceRequest { name: name.clone() })
-                .await
-                .map_err(|s| client.error(s))?;
+            api.delete_instance(pb::DeleteInstanceRequest { name: name.clone() }).await.map_err(|s| client.error(s))?;
             match format {
                 Format::Json => output::json(&json!({ "deleted": name })),
                 Format::Table => println!("deleted instance {name}"),
@@ -342,24 +312,17 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
 }
 
 fn channel_name(value: i32) -> String {
-    pb::Channel::try_from(value).map_or_else(
-        |_| value.to_string(),
-        |c| enum_name(c.as_str_name(), "CHANNEL_"),
-    )
+    pb::Channel::try_from(value).map_or_else(|_| value.to_string(), |c| enum_name(c.as_str_name(), "CHANNEL_"))
 }
 
 fn action_name(value: i32) -> String {
-    pb::AccessAction::try_from(value).map_or_else(
-        |_| value.to_string(),
-        |a| enum_name(a.as_str_name(), "ACCESS_ACTION_"),
-    )
+    pb::AccessAction::try_from(value)
+        .map_or_else(|_| value.to_string(), |a| enum_name(a.as_str_name(), "ACCESS_ACTION_"))
 }
 
 fn protocol_name(value: i32) -> String {
-    pb::AgentProtocol::try_from(value).map_or_else(
-        |_| value.to_string(),
-        |p| enum_name(p.as_str_name(), "AGENT_PROTOCOL_"),
-    )
+    pb::AgentProtocol::try_from(value)
+        .map_or_else(|_| value.to_string(), |p| enum_name(p.as_str_name(), "AGENT_PROTOCOL_"))
 }
 
 pub fn access_action_name(value: i32) -> String {
@@ -408,32 +371,17 @@ fn print_instance(i: &pb::Instance, format: Format) {
     }
     if let Some(s) = &i.slack {
         rows.push(("slack bot token", secret(s.bot_token_status.as_ref())));
-        rows.push((
-            "slack signing secret",
-            secret(s.signing_secret_status.as_ref()),
-        ));
+        rows.push(("slack signing secret", secret(s.signing_secret_status.as_ref())));
         rows.push(("slack bot user", s.bot_user_id.clone()));
     }
     rows.extend([
         ("split limit", behavior.split_limit.to_string()),
-        (
-            "all group messages",
-            behavior.reply_to_all_group_messages.to_string(),
-        ),
-        (
-            "typing indicator",
-            behavior.typing_indicator.unwrap_or(false).to_string(),
-        ),
+        ("all group messages", behavior.reply_to_all_group_messages.to_string()),
+        ("typing indicator", behavior.typing_indicator.unwrap_or(false).to_string()),
         ("fallback text", behavior.fallback_text),
-        (
-            "max message age",
-            format!("{}s", behavior.max_message_age_seconds),
-        ),
+        ("max message age", format!("{}s", behavior.max_message_age_seconds)),
         ("webhook path", i.webhook_path.clone()),
-        (
-            "webhook token required",
-            i.require_webhook_token.unwrap_or(true).to_string(),
-        ),
+        ("webhook token required", i.require_webhook_token.unwrap_or(true).to_string()),
         ("created", time(i.create_time.as_ref())),
         ("updated", time(i.update_time.as_ref())),
         ("revision", i.revision.to_string()),

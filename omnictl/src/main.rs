@@ -12,31 +12,16 @@ use output::Format;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "omnictl",
-    version,
-    about = "Manage an Omni messaging hub through its control plane"
-)]
+#[command(name = "omnictl", version, about = "Manage an Omni messaging hub through its control plane")]
 struct Cli {
     /// Control plane gRPC address.
-    #[arg(
-        long,
-        global = true,
-        env = "OMNI_SERVER",
-        default_value = "http://127.0.0.1:50051"
-    )]
+    #[arg(long, global = true, env = "OMNI_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
     /// API key (admin, or scoped to instance patterns).
     #[arg(long, global = true, env = "OMNI_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Output format.
-    #[arg(
-        short = 'o',
-        long = "output",
-        global = true,
-        value_enum,
-        default_value = "table"
-    )]
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value = "table")]
     output: Format,
     #[command(subcommand)]
     command: Command,

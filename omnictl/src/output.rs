@@ -43,18 +43,12 @@ pub fn fields(pairs: &[(&str, String)]) {
 }
 
 pub fn json(value: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("JSON values serialize")
-    );
+    println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialize"));
 }
 
 /// `CHANNEL_WHATSAPP` → `whatsapp`, for any generated enum's name.
 pub fn enum_name(proto_name: &str, prefix: &str) -> String {
-    proto_name
-        .strip_prefix(prefix)
-        .unwrap_or(proto_name)
-        .to_ascii_lowercase()
+    proto_name.strip_prefix(prefix).unwrap_or(proto_name).to_ascii_lowercase()
 }
 
 /// RFC 3339 in UTC, to the second.
@@ -63,12 +57,7 @@ pub fn time(ts: Option<&Timestamp>) -> String {
     let days = ts.seconds.div_euclid(86_400);
     let secs = ts.seconds.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -98,27 +87,9 @@ mod tests {
 
     #[test]
     fn times() {
-        assert_eq!(
-            time(Some(&Timestamp {
-                seconds: 0,
-                nanos: 0
-            })),
-            "1970-01-01T00:00:00Z"
-        );
-        assert_eq!(
-            time(Some(&Timestamp {
-                seconds: 1_795_000_000,
-                nanos: 0
-            })),
-            "2026-11-18T11:06:40Z"
-        );
-        assert_eq!(
-            time(Some(&Timestamp {
-                seconds: 951_782_400,
-                nanos: 0
-            })),
-            "2000-02-29T00:00:00Z"
-        );
+        assert_eq!(time(Some(&Timestamp { seconds: 0, nanos: 0 })), "1970-01-01T00:00:00Z");
+        assert_eq!(time(Some(&Timestamp { seconds: 1_795_000_000, nanos: 0 })), "2026-11-18T11:06:40Z");
+        assert_eq!(time(Some(&Timestamp { seconds: 951_782_400, nanos: 0 })), "2000-02-29T00:00:00Z");
         assert_eq!(time(None), "");
     }
 

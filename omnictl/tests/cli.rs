@@ -26,7 +26,8 @@ fn missing_api_key_is_one_clear_line() {
 
 #[test]
 fn usage_errors_exit_2() {
-    let (code, _, stderr) = omnictl(&["instance", "create", "acme", "--channel", "telegram", "--agent-url", "http://a"]);
+    let (code, _, stderr) =
+        omnictl(&["instance", "create", "acme", "--channel", "telegram", "--agent-url", "http://a"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("invalid value 'telegram' for '--channel <CHANNEL>'"), "{stderr}");
     let (code, _, stderr) = omnictl(&["apikey", "create", "--scope", "admin", "--instances", "a*"]);

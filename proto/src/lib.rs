@@ -7,7 +7,6 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every Omni proto, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/omni_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/omni_descriptor.bin"));
 
 pub use prost_types::{FieldMask, Timestamp};

@@ -37,31 +37,16 @@ impl TestDatabase {
         let mut conn = match PgConnection::connect(&server).await {
             Ok(conn) => conn,
             Err(e) if !in_ci() => {
-                eprintln!(
-                    "SKIPPED: Postgres at {server} is unreachable ({e}); set OMNI_TEST_POSTGRES_URL"
-                );
+                eprintln!("SKIPPED: Postgres at {server} is unreachable ({e}); set OMNI_TEST_POSTGRES_URL");
                 return None;
             }
             Err(e) => panic!("Postgres at {server} is unreachable in CI: {e}"),
         };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!(
-            "omni_test_{}_{}_{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .expect("CREATE DATABASE");
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let name = format!("omni_test_{}_{}_{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("CREATE DATABASE");
         conn.close().await.ok();
-        Some(TestDatabase {
-            url: with_database(&server, &name),
-            name,
-            server,
-        })
+        Some(TestDatabase { url: with_database(&server, &name), name, server })
     }
 }
 
@@ -71,14 +56,10 @@ impl Drop for TestDatabase {
         let name = self.name.clone();
         // Drop runs inside the test's runtime, which cannot be blocked on: use a thread of our own.
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
                 let mut conn = PgConnection::connect(&server).await?;
-                conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                    .await?;
+                conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await?;
                 conn.close().await
             })
         })

@@ -9,16 +9,9 @@ use tokio::process::{Child, Command};
 /// Path of a workspace binary, built next to the test executables by `cargo test --workspace`.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: run the tests with `cargo test --workspace`", path.display());
     path
 }
 
@@ -49,17 +42,10 @@ impl ControlPlane {
     }
 
     /// Like `start`, but a control plane that exits instead of listening is an `Err` with its log.
-    pub async fn try_start(
-        data_dir: &Path,
-        options: &ControlPlaneOptions,
-    ) -> Result<ControlPlane, String> {
+    pub async fn try_start(data_dir: &Path, options: &ControlPlaneOptions) -> Result<ControlPlane, String> {
         std::fs::create_dir_all(data_dir.parent().expect("data dir has a parent")).unwrap();
         let log_path = data_dir.with_extension("log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         let mut command = Command::new(binary("omni-control-plane"));
         command
             .arg("--listen")
@@ -109,13 +95,7 @@ impl ControlPlane {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(ControlPlane {
-            child,
-            addr,
-            data_dir: data_dir.to_owned(),
-            log_path,
-            generated_admin_key,
-        })
+        Ok(ControlPlane { child, addr, data_dir: data_dir.to_owned(), log_path, generated_admin_key })
     }
 
     pub fn url(&self) -> String {
@@ -134,10 +114,7 @@ impl ControlPlane {
     /// Asks the process to stop (SIGTERM) and waits for its exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("running child has a pid");
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status();
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
         tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
             .expect("control plane stops within 30s of SIGTERM")
@@ -165,18 +142,13 @@ impl Outcome {
     #[track_caller]
     pub fn failed(&self) -> &str {
         assert_ne!(self.code, 0, "omnictl should have failed: {self:?}");
-        assert_eq!(
-            self.stderr.lines().count(),
-            1,
-            "one line on stderr: {self:?}"
-        );
+        assert_eq!(self.stderr.lines().count(), 1, "one line on stderr: {self:?}");
         self.stderr.trim_end()
     }
 
     #[track_caller]
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.ok())
-            .unwrap_or_else(|e| panic!("omnictl printed invalid JSON ({e}): {self:?}"))
+        serde_json::from_str(self.ok()).unwrap_or_else(|e| panic!("omnictl printed invalid JSON ({e}): {self:?}"))
     }
 }
 

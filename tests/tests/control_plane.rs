@@ -58,10 +58,23 @@ impl Hub {
 
     async fn create_whatsapp(&self, name: &str) -> serde_json::Value {
         self.ctl(&[
-            "instance", "create", name, "--channel", "whatsapp",
-            "--agent-url", "http://127.0.0.1:9000", "--agent-key", AGENT_KEY,
-            "--evolution-url", "http://127.0.0.1:8080", "--evolution-key", EVOLUTION_KEY,
-            "--evolution-instance", "acme", "-o", "json",
+            "instance",
+            "create",
+            name,
+            "--channel",
+            "whatsapp",
+            "--agent-url",
+            "http://127.0.0.1:9000",
+            "--agent-key",
+            AGENT_KEY,
+            "--evolution-url",
+            "http://127.0.0.1:8080",
+            "--evolution-key",
+            EVOLUTION_KEY,
+            "--evolution-instance",
+            "acme",
+            "-o",
+            "json",
         ])
         .await
         .json()
@@ -101,10 +114,21 @@ async fn quickstart(backend: Backend) {
     let Some(hub) = Hub::start(backend).await else { return };
     let created = hub
         .ctl(&[
-            "instance", "create", "acme-wa", "--channel", "whatsapp",
-            "--agent-url", "http://127.0.0.1:9000", "--agent-key", AGENT_KEY,
-            "--evolution-url", "http://127.0.0.1:8080", "--evolution-key", EVOLUTION_KEY,
-            "--evolution-instance", "acme",
+            "instance",
+            "create",
+            "acme-wa",
+            "--channel",
+            "whatsapp",
+            "--agent-url",
+            "http://127.0.0.1:9000",
+            "--agent-key",
+            AGENT_KEY,
+            "--evolution-url",
+            "http://127.0.0.1:8080",
+            "--evolution-key",
+            EVOLUTION_KEY,
+            "--evolution-instance",
+            "acme",
         ])
         .await;
     let out = created.ok();
@@ -131,7 +155,17 @@ async fn quickstart(backend: Backend) {
     let revision = got["revision"].as_i64().unwrap();
 
     let updated = hub
-        .ctl(&["instance", "update", "acme-wa", "--agent-timeout", "30", "--agent-url", "http://127.0.0.1:9001", "-o", "json"])
+        .ctl(&[
+            "instance",
+            "update",
+            "acme-wa",
+            "--agent-timeout",
+            "30",
+            "--agent-url",
+            "http://127.0.0.1:9001",
+            "-o",
+            "json",
+        ])
         .await
         .json();
     assert_eq!(updated["agent"]["timeout_seconds"], 30);
@@ -141,7 +175,10 @@ async fn quickstart(backend: Backend) {
     assert_eq!(updated["revision"].as_i64().unwrap(), revision + 1);
 
     assert_eq!(hub.ctl(&["access", "block", "acme-wa", "+5511*"]).await.ok().trim(), "rule 1: block +5511* on acme-wa");
-    assert_eq!(hub.ctl(&["access", "allow", "acme-wa", "+551199*"]).await.ok().trim(), "rule 2: allow +551199* on acme-wa");
+    assert_eq!(
+        hub.ctl(&["access", "allow", "acme-wa", "+551199*"]).await.ok().trim(),
+        "rule 2: allow +551199* on acme-wa"
+    );
     let check = hub.ctl(&["access", "check", "acme-wa", "+5511991234567"]).await;
     assert_eq!(check.ok().trim(), "allow (rule 2: allow +551199*)");
     let check = hub.ctl(&["access", "check", "acme-wa", "5511881234567", "-o", "json"]).await.json();
@@ -153,7 +190,10 @@ async fn quickstart(backend: Backend) {
     assert_eq!(rules["rules"].as_array().unwrap().len(), 2);
     assert_eq!(rules["default_access"], "allow");
     hub.ctl(&["access", "remove", "acme-wa", "1"]).await.ok();
-    assert_eq!(hub.ctl(&["access", "check", "acme-wa", "+5511881234567"]).await.ok().trim(), "allow (instance default)");
+    assert_eq!(
+        hub.ctl(&["access", "check", "acme-wa", "+5511881234567"]).await.ok().trim(),
+        "allow (instance default)"
+    );
 
     let key = hub.ctl(&["apikey", "create", "--instances", "acme-*", "-o", "json"]).await.json();
     let scoped = key["key"].as_str().unwrap();
@@ -194,12 +234,22 @@ async fn scoped_keys_are_isolated(backend: Backend) {
         assert_eq!(hub.ctl_as(scoped, args).await.failed(), not_found, "{args:?}");
     }
     // A name that does not exist at all reads the same.
-    assert_eq!(
-        hub.ctl_as(scoped, &["instance", "get", "ghost"]).await.failed(),
-        "error: instance \"ghost\" not found"
-    );
+    assert_eq!(hub.ctl_as(scoped, &["instance", "get", "ghost"]).await.failed(), "error: instance \"ghost\" not found");
     let outside = hub
-        .ctl_as(scoped, &["instance", "create", "other-2", "--channel", "discord", "--agent-url", "http://a:1", "--discord-token", "t"])
+        .ctl_as(
+            scoped,
+            &[
+                "instance",
+                "create",
+                "other-2",
+                "--channel",
+                "discord",
+                "--agent-url",
+                "http://a:1",
+                "--discord-token",
+                "t",
+            ],
+        )
         .await;
     assert!(outside.failed().starts_with("error: permission denied:"), "{outside:?}");
     let keys = hub.ctl_as(scoped, &["apikey", "list"]).await;
@@ -208,12 +258,18 @@ async fn scoped_keys_are_isolated(backend: Backend) {
     // Nothing of other-wa changed.
     let other = hub.ctl(&["instance", "get", "other-wa", "-o", "json"]).await.json();
     assert_eq!(other["agent"]["timeout_seconds"], 60);
-    assert_eq!(hub.ctl(&["access", "list", "other-wa", "-o", "json"]).await.json()["rules"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        hub.ctl(&["access", "list", "other-wa", "-o", "json"]).await.json()["rules"].as_array().unwrap().len(),
+        1
+    );
 
     // Revocation takes effect at once; wrong keys are refused the same way.
     assert_eq!(hub.ctl(&["apikey", "revoke", scoped_id]).await.ok().trim(), format!("revoked API key {scoped_id}"));
     let refused = hub.ctl_as(scoped, &["instance", "list"]).await;
-    assert_eq!(refused.failed(), "error: not authenticated: invalid or revoked API key (check OMNI_API_KEY or --api-key)");
+    assert_eq!(
+        refused.failed(),
+        "error: not authenticated: invalid or revoked API key (check OMNI_API_KEY or --api-key)"
+    );
     let wrong = hub.ctl_as("omni_000000000000_nope", &["instance", "list"]).await;
     assert!(wrong.failed().contains("invalid or revoked API key"));
     let listed = hub.ctl(&["apikey", "list", "-o", "json"]).await.json();
@@ -230,11 +286,31 @@ async fn invalid_requests_are_refused(backend: Backend) {
             "error: instance name \"Acme_WA\" must be a lowercase DNS label: a-z, 0-9 and '-', not starting or ending with '-'",
         ),
         (
-            &["instance", "create", "acme", "--channel", "whatsapp", "--agent-url", "http://a:1", "--evolution-url", "http://e:1"],
+            &[
+                "instance",
+                "create",
+                "acme",
+                "--channel",
+                "whatsapp",
+                "--agent-url",
+                "http://a:1",
+                "--evolution-url",
+                "http://e:1",
+            ],
             "error: evolution key is required for a whatsapp instance",
         ),
         (
-            &["instance", "create", "acme", "--channel", "slack", "--agent-url", "http://a:1", "--slack-bot-token", "xoxb-1"],
+            &[
+                "instance",
+                "create",
+                "acme",
+                "--channel",
+                "slack",
+                "--agent-url",
+                "http://a:1",
+                "--slack-bot-token",
+                "xoxb-1",
+            ],
             "error: slack bot token and signing secret are required for a slack instance",
         ),
         (
@@ -246,11 +322,35 @@ async fn invalid_requests_are_refused(backend: Backend) {
             "error: agent url is required",
         ),
         (
-            &["instance", "create", "acme", "--channel", "discord", "--agent-url", "http://a:1", "--discord-token", "t", "--split-limit", "2001"],
+            &[
+                "instance",
+                "create",
+                "acme",
+                "--channel",
+                "discord",
+                "--agent-url",
+                "http://a:1",
+                "--discord-token",
+                "t",
+                "--split-limit",
+                "2001",
+            ],
             "error: split limit must be at most 2000 characters for discord",
         ),
         (
-            &["instance", "create", "acme", "--channel", "discord", "--agent-url", "http://a:1", "--discord-token", "t", "--evolution-key", "k"],
+            &[
+                "instance",
+                "create",
+                "acme",
+                "--channel",
+                "discord",
+                "--agent-url",
+                "http://a:1",
+                "--discord-token",
+                "t",
+                "--evolution-key",
+                "k",
+            ],
             "error: evolution/slack settings do not apply to a discord instance",
         ),
     ];
@@ -261,11 +361,27 @@ async fn invalid_requests_are_refused(backend: Backend) {
 
     hub.create_whatsapp("acme-wa").await;
     let dup = hub
-        .ctl(&["instance", "create", "acme-wa", "--channel", "discord", "--agent-url", "http://a:1", "--discord-token", "t"])
+        .ctl(&[
+            "instance",
+            "create",
+            "acme-wa",
+            "--channel",
+            "discord",
+            "--agent-url",
+            "http://a:1",
+            "--discord-token",
+            "t",
+        ])
         .await;
     assert_eq!(dup.failed(), "error: instance \"acme-wa\" already exists");
-    assert_eq!(hub.ctl(&["access", "allow", "acme-wa", "55*11"]).await.failed(), "error: access pattern \"55*11\" may contain '*' only as its last character");
-    assert_eq!(hub.ctl(&["access", "remove", "acme-wa", "99"]).await.failed(), "error: access rule 99 of instance \"acme-wa\" not found");
+    assert_eq!(
+        hub.ctl(&["access", "allow", "acme-wa", "55*11"]).await.failed(),
+        "error: access pattern \"55*11\" may contain '*' only as its last character"
+    );
+    assert_eq!(
+        hub.ctl(&["access", "remove", "acme-wa", "99"]).await.failed(),
+        "error: access rule 99 of instance \"acme-wa\" not found"
+    );
     assert_eq!(
         hub.ctl(&["instance", "update", "acme-wa"]).await.failed(),
         "error: nothing to update: give at least one setting flag (see --help)"
@@ -284,7 +400,10 @@ async fn invalid_requests_are_refused(backend: Backend) {
     let no_key = omnictl(&hub.cp.url(), "", &["instance", "list"]).await;
     assert_eq!(no_key.failed(), "error: no API key: set OMNI_API_KEY or pass --api-key");
     let unreachable = omnictl("http://127.0.0.1:1", &hub.admin, &["instance", "list"]).await;
-    assert!(unreachable.failed().starts_with("error: cannot reach the control plane at http://127.0.0.1:1"), "{unreachable:?}");
+    assert!(
+        unreachable.failed().starts_with("error: cannot reach the control plane at http://127.0.0.1:1"),
+        "{unreachable:?}"
+    );
 }
 
 /// Secrets are sealed before they reach the database and appear in no answer and no log line.
@@ -295,21 +414,44 @@ async fn secrets_stay_secret(backend: Backend) {
     hub.ctl(&["instance", "update", "acme-wa", "--agent-key", "rotated-agent-key-9999"]).await.ok();
     let slack = hub
         .ctl(&[
-            "instance", "create", "acme-slack", "--channel", "slack", "--agent-url", "http://a:1",
-            "--slack-bot-token", "xoxb-slack-bot-token-1", "--slack-signing-secret", "slack-signing-secret-2",
+            "instance",
+            "create",
+            "acme-slack",
+            "--channel",
+            "slack",
+            "--agent-url",
+            "http://a:1",
+            "--slack-bot-token",
+            "xoxb-slack-bot-token-1",
+            "--slack-signing-secret",
+            "slack-signing-secret-2",
         ])
         .await;
     slack.ok();
-    let key = hub.ctl(&["apikey", "create", "--scope", "admin", "-o", "json"]).await.json()["key"].as_str().unwrap().to_owned();
+    let key = hub.ctl(&["apikey", "create", "--scope", "admin", "-o", "json"]).await.json()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     let secrets = [
-        AGENT_KEY, EVOLUTION_KEY, "rotated-agent-key-9999", "xoxb-slack-bot-token-1", "slack-signing-secret-2",
-        &webhook_token, &key, &hub.admin,
+        AGENT_KEY,
+        EVOLUTION_KEY,
+        "rotated-agent-key-9999",
+        "xoxb-slack-bot-token-1",
+        "slack-signing-secret-2",
+        &webhook_token,
+        &key,
+        &hub.admin,
     ];
     let dump = hub.database_dump().await;
     assert!(dump.contains("acme-wa"), "the dump is readable");
     let mut answers = String::new();
-    for args in [&["instance", "get", "acme-wa", "-o", "json"][..], &["instance", "list", "-o", "json"], &["instance", "get", "acme-slack"], &["apikey", "list", "-o", "json"]] {
+    for args in [
+        &["instance", "get", "acme-wa", "-o", "json"][..],
+        &["instance", "list", "-o", "json"],
+        &["instance", "get", "acme-slack"],
+        &["apikey", "list", "-o", "json"],
+    ] {
         answers.push_str(hub.ctl(args).await.ok());
     }
     let log = hub.cp.log();
@@ -342,10 +484,10 @@ on_both_backends!(quickstart, scoped_keys_are_isolated, invalid_requests_are_ref
 async fn health_and_reflection_are_served() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let hub = Hub::start(Backend::Sqlite).await.unwrap();
     let channel = tonic::transport::Endpoint::from_shared(hub.cp.url()).unwrap().connect().await.unwrap();
@@ -356,13 +498,19 @@ async fn health_and_reflection_are_served() {
     }
 
     let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut answers = reflection.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response else {
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response
+    else {
         panic!("expected a service list");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in ["omni.v1.InstanceService", "omni.v1.AccessService", "omni.v1.ApiKeyService", "grpc.health.v1.Health"] {
+    for expected in
+        ["omni.v1.InstanceService", "omni.v1.AccessService", "omni.v1.ApiKeyService", "grpc.health.v1.Health"]
+    {
         assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
 }
@@ -415,10 +563,25 @@ async fn two_control_planes_share_one_postgres() {
     let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
     let (a, b) = tokio::join!(ControlPlane::start(&dir_a, &options), ControlPlane::start(&dir_b, &options));
     let key = options.bootstrap_api_key.as_deref().unwrap();
-    omnictl(&a.url(), key, &[
-        "instance", "create", "acme-wa", "--channel", "whatsapp", "--agent-url", "http://127.0.0.1:9000",
-        "--agent-key", AGENT_KEY, "--evolution-url", "http://127.0.0.1:8080", "--evolution-key", EVOLUTION_KEY,
-    ])
+    omnictl(
+        &a.url(),
+        key,
+        &[
+            "instance",
+            "create",
+            "acme-wa",
+            "--channel",
+            "whatsapp",
+            "--agent-url",
+            "http://127.0.0.1:9000",
+            "--agent-key",
+            AGENT_KEY,
+            "--evolution-url",
+            "http://127.0.0.1:8080",
+            "--evolution-key",
+            EVOLUTION_KEY,
+        ],
+    )
     .await
     .ok();
     let through_b = omnictl(&b.url(), key, &["instance", "get", "acme-wa", "-o", "json"]).await.json();

@@ -31,68 +31,39 @@ impl AccessApi {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let req = request.into_inner();
         validate_pattern(&req.pattern).map_err(|e| ApiError::invalid(e.to_string()))?;
-        let action = action_from_pb(req.action)?
-            .ok_or_else(|| ApiError::invalid("action must be allow or block"))?;
-        let rule = self
-            .ctx
-            .store
-            .put_access_rule(&caller.scope, &req.instance, &req.pattern, action)
-            .await?;
+        let action = action_from_pb(req.action)?.ok_or_else(|| ApiError::invalid("action must be allow or block"))?;
+        let rule = self.ctx.store.put_access_rule(&caller.scope, &req.instance, &req.pattern, action).await?;
         tracing::info!(instance = %req.instance, rule_id = rule.id, action = action.as_str(), key_id = %caller.key_id, "access rule set");
         Ok(rule_to_pb(&rule))
     }
 
-    async fn list(
-        &self,
-        request: Request<pb::ListAccessRulesRequest>,
-    ) -> ApiResult<pb::ListAccessRulesResponse> {
+    async fn list(&self, request: Request<pb::ListAccessRulesRequest>) -> ApiResult<pb::ListAccessRulesResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let name = &request.get_ref().instance;
         let instance = self.ctx.store.get_instance(&caller.scope, name).await?;
-        let rules = self
-            .ctx
-            .store
-            .list_access_rules(&caller.scope, name)
-            .await?;
+        let rules = self.ctx.store.list_access_rules(&caller.scope, name).await?;
         Ok(pb::ListAccessRulesResponse {
             rules: rules.iter().map(rule_to_pb).collect(),
             default_access: action_to_pb(instance.spec.default_access) as i32,
         })
     }
 
-    async fn remove(
-        &self,
-        request: Request<pb::RemoveAccessRuleRequest>,
-    ) -> ApiResult<pb::RemoveAccessRuleResponse> {
+    async fn remove(&self, request: Request<pb::RemoveAccessRuleRequest>) -> ApiResult<pb::RemoveAccessRuleResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let req = request.get_ref();
-        self.ctx
-            .store
-            .remove_access_rule(&caller.scope, &req.instance, req.id)
-            .await?;
+        self.ctx.store.remove_access_rule(&caller.scope, &req.instance, req.id).await?;
         tracing::info!(instance = %req.instance, rule_id = req.id, key_id = %caller.key_id, "access rule removed");
         Ok(pb::RemoveAccessRuleResponse {})
     }
 
-    async fn check(
-        &self,
-        request: Request<pb::CheckAccessRequest>,
-    ) -> ApiResult<pb::CheckAccessResponse> {
+    async fn check(&self, request: Request<pb::CheckAccessRequest>) -> ApiResult<pb::CheckAccessResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let req = request.get_ref();
         if req.identity.trim().is_empty() {
             return Err(ApiError::invalid("identity is required"));
         }
-        let instance = self
-            .ctx
-            .store
-            .get_instance(&caller.scope, &req.instance)
-            .await?;
-        let rules = self
-            .ctx
-            .store
-            .list_access_rules(&caller.scope, &req.instance)
-            .await?;
+        let instance = self.ctx.store.get_instance(&caller.scope, &req.instance).await?;
+        let rules = self.ctx.store.list_access_rules(&caller.scope, &req.instance).await?;
         let (index, action) = decide(
             rules.iter().map(|r| (r.pattern.as_str(), r.action)),
             instance.spec.default_access,

@@ -38,10 +38,7 @@ impl ApiKeyApi {
         ApiKeyApi { ctx }
     }
 
-    async fn create(
-        &self,
-        request: Request<pb::CreateApiKeyRequest>,
-    ) -> ApiResult<pb::CreateApiKeyResponse> {
+    async fn create(&self, request: Request<pb::CreateApiKeyRequest>) -> ApiResult<pb::CreateApiKeyResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         caller.require_admin("creating API keys")?;
         let req = request.into_inner();
@@ -49,26 +46,19 @@ impl ApiKeyApi {
             (true, true) => Scope::Admin,
             (false, false) => {
                 if req.instance_patterns.len() > MAX_PATTERNS {
-                    return Err(ApiError::invalid(format!(
-                        "at most {MAX_PATTERNS} instance patterns"
-                    )));
+                    return Err(ApiError::invalid(format!("at most {MAX_PATTERNS} instance patterns")));
                 }
                 for pattern in &req.instance_patterns {
-                    validate_instance_pattern(pattern)
-                        .map_err(|e| ApiError::invalid(e.to_string()))?;
+                    validate_instance_pattern(pattern).map_err(|e| ApiError::invalid(e.to_string()))?;
                 }
                 Scope::Instances(req.instance_patterns)
             }
             _ => {
-                return Err(ApiError::invalid(
-                    "give exactly one of: admin, or a list of instance patterns",
-                ));
+                return Err(ApiError::invalid("give exactly one of: admin, or a list of instance patterns"));
             }
         };
         if req.description.chars().count() > MAX_DESCRIPTION {
-            return Err(ApiError::invalid(format!(
-                "description is longer than {MAX_DESCRIPTION} characters"
-            )));
+            return Err(ApiError::invalid(format!("description is longer than {MAX_DESCRIPTION} characters")));
         }
         let (id, key) = generate_api_key();
         let record = ApiKeyRecord {
@@ -82,22 +72,14 @@ impl ApiKeyApi {
         };
         self.ctx.store.create_api_key(&record).await?;
         tracing::info!(new_key_id = %record.id, admin = record.scope.is_admin(), key_id = %caller.key_id, "API key created");
-        Ok(pb::CreateApiKeyResponse {
-            api_key: Some(key_to_pb(&record)),
-            key,
-        })
+        Ok(pb::CreateApiKeyResponse { api_key: Some(key_to_pb(&record)), key })
     }
 
-    async fn list(
-        &self,
-        request: Request<pb::ListApiKeysRequest>,
-    ) -> ApiResult<pb::ListApiKeysResponse> {
+    async fn list(&self, request: Request<pb::ListApiKeysRequest>) -> ApiResult<pb::ListApiKeysResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         caller.require_admin("listing API keys")?;
         let keys = self.ctx.store.list_api_keys().await?;
-        Ok(pb::ListApiKeysResponse {
-            api_keys: keys.iter().map(key_to_pb).collect(),
-        })
+        Ok(pb::ListApiKeysResponse { api_keys: keys.iter().map(key_to_pb).collect() })
     }
 
     async fn revoke(&self, request: Request<pb::RevokeApiKeyRequest>) -> ApiResult<pb::ApiKey> {
@@ -126,10 +108,7 @@ impl ApiKeyService for ApiKeyApi {
         Ok(Response::new(self.list(request).await?))
     }
 
-    async fn revoke_api_key(
-        &self,
-        request: Request<pb::RevokeApiKeyRequest>,
-    ) -> Result<Response<pb::ApiKey>, Status> {
+    async fn revoke_api_key(&self, request: Request<pb::RevokeApiKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         Ok(Response::new(self.revoke(request).await?))
     }
 }

@@ -40,9 +40,7 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::NotFound(what) => ApiError::NotFound(what),
             StoreError::AlreadyExists(what) => ApiError::AlreadyExists(what),
-            StoreError::Conflict(what) => {
-                ApiError::Aborted(format!("{what} was changed concurrently"))
-            }
+            StoreError::Conflict(what) => ApiError::Aborted(format!("{what} was changed concurrently")),
             StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
                 ApiError::Unavailable("the database is unreachable".to_owned())
             }
@@ -56,9 +54,7 @@ impl From<ApiError> for Status {
         match error {
             ApiError::InvalidArgument(m) => Status::invalid_argument(m),
             ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
-            ApiError::AlreadyExists(what) => {
-                Status::already_exists(format!("{what} already exists"))
-            }
+            ApiError::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
             ApiError::Unauthenticated(m) => Status::unauthenticated(m),
             ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::Aborted(m) => Status::aborted(format!("{m}; retry")),
@@ -70,9 +66,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Crypto(e) => {
                 tracing::error!(error = %e, "secret could not be opened");
-                Status::internal(
-                    "a stored secret could not be decrypted: is the right master key configured?",
-                )
+                Status::internal("a stored secret could not be decrypted: is the right master key configured?")
             }
         }
     }

@@ -25,15 +25,9 @@ impl InstanceApi {
         InstanceApi { ctx }
     }
 
-    async fn create(
-        &self,
-        request: Request<pb::CreateInstanceRequest>,
-    ) -> ApiResult<pb::CreateInstanceResponse> {
+    async fn create(&self, request: Request<pb::CreateInstanceRequest>) -> ApiResult<pb::CreateInstanceResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
-        let src = request
-            .into_inner()
-            .instance
-            .ok_or_else(|| ApiError::invalid("instance is required"))?;
+        let src = request.into_inner().instance.ok_or_else(|| ApiError::invalid("instance is required"))?;
         validate_instance_name(&src.name).map_err(|e| ApiError::invalid(e.to_string()))?;
         // Checked before the database is touched, so the answer says nothing about other tenants.
         if !caller.scope.covers(&src.name) {
@@ -44,14 +38,9 @@ impl InstanceApi {
         }
         let channel = spec::channel_from_pb(src.channel)?;
         let id = uuid::Uuid::new_v4().to_string();
-        let secrets = Secrets {
-            keyring: &self.ctx.keyring,
-            instance_id: &id,
-        };
+        let secrets = Secrets { keyring: &self.ctx.keyring, instance_id: &id };
         let webhook_token = random_token();
-        let sealed_token = secrets
-            .seal("webhook_token", &webhook_token)
-            .expect("token is not empty");
+        let sealed_token = secrets.seal("webhook_token", &webhook_token).expect("token is not empty");
         let mut spec = spec::default_spec(channel, sealed_token);
         let mut active = true;
         for path in spec::UPDATABLE_PATHS {
@@ -59,16 +48,8 @@ impl InstanceApi {
         }
         spec::normalize_and_validate(&src.name, channel, &mut spec)?;
         let now = now_millis();
-        let record = InstanceRecord {
-            id,
-            name: src.name,
-            channel,
-            active,
-            spec,
-            created_at: now,
-            updated_at: now,
-            revision: 0,
-        };
+        let record =
+            InstanceRecord { id, name: src.name, channel, active, spec, created_at: now, updated_at: now, revision: 0 };
         let created = self.ctx.store.create_instance(&record).await?;
         tracing::info!(instance = %created.name, channel = %channel, revision = created.revision, key_id = %caller.key_id, "instance created");
         Ok(pb::CreateInstanceResponse {
@@ -79,54 +60,29 @@ impl InstanceApi {
 
     async fn get(&self, request: Request<pb::GetInstanceRequest>) -> ApiResult<pb::Instance> {
         let caller = self.ctx.auth.authenticate(&request).await?;
-        let record = self
-            .ctx
-            .store
-            .get_instance(&caller.scope, &request.get_ref().name)
-            .await?;
+        let record = self.ctx.store.get_instance(&caller.scope, &request.get_ref().name).await?;
         Ok(spec::instance_to_pb(&record, &self.ctx.keyring))
     }
 
-    async fn list(
-        &self,
-        request: Request<pb::ListInstancesRequest>,
-    ) -> ApiResult<pb::ListInstancesResponse> {
+    async fn list(&self, request: Request<pb::ListInstancesRequest>) -> ApiResult<pb::ListInstancesResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let req = request.into_inner();
         let limit = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
-        let after = if req.page_token.is_empty() {
-            None
-        } else {
-            Some(decode_page_token(&req.page_token)?)
-        };
+        let after = if req.page_token.is_empty() { None } else { Some(decode_page_token(&req.page_token)?) };
         let channel = match req.channel {
             0 => None,
             other => Some(spec::channel_from_pb(other)?),
         };
-        let records = self
-            .ctx
-            .store
-            .list_instances(
-                &caller.scope,
-                &ListInstances {
-                    after,
-                    limit,
-                    channel,
-                },
-            )
-            .await?;
+        let records = self.ctx.store.list_instances(&caller.scope, &ListInstances { after, limit, channel }).await?;
         let next_page_token = match records.last() {
             Some(last) if records.len() as u32 == limit => URL_SAFE_NO_PAD.encode(&last.name),
             _ => String::new(),
         };
         Ok(pb::ListInstancesResponse {
-            instances: records
-                .iter()
-                .map(|r| spec::instance_to_pb(r, &self.ctx.keyring))
-                .collect(),
+            instances: records.iter().map(|r| spec::instance_to_pb(r, &self.ctx.keyring)).collect(),
             next_page_token,
         })
     }
@@ -134,9 +90,7 @@ impl InstanceApi {
     async fn update(&self, request: Request<pb::UpdateInstanceRequest>) -> ApiResult<pb::Instance> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let req = request.into_inner();
-        let src = req
-            .instance
-            .ok_or_else(|| ApiError::invalid("instance is required"))?;
+        let src = req.instance.ok_or_else(|| ApiError::invalid("instance is required"))?;
         let mask = req.update_mask.unwrap_or_default();
         if mask.paths.is_empty() {
             return Err(ApiError::invalid("update_mask names no field to change"));
@@ -146,40 +100,15 @@ impl InstanceApi {
             paths.extend(spec::expand_path(path)?);
         }
         for attempt in 1..=UPDATE_ATTEMPTS {
-            let current = self
-                .ctx
-                .store
-                .get_instance(&caller.scope, &src.name)
-                .await?;
-            let secrets = Secrets {
-                keyring: &self.ctx.keyring,
-                instance_id: &current.id,
-            };
+            let current = self.ctx.store.get_instance(&caller.scope, &src.name).await?;
+            let secrets = Secrets { keyring: &self.ctx.keyring, instance_id: &current.id };
             let mut spec = current.spec.clone();
             let mut active = current.active;
             for path in &paths {
-                spec::apply(
-                    path,
-                    &src,
-                    current.channel,
-                    &mut active,
-                    &mut spec,
-                    &secrets,
-                )?;
+                spec::apply(path, &src, current.channel, &mut active, &mut spec, &secrets)?;
             }
             spec::normalize_and_validate(&current.name, current.channel, &mut spec)?;
-            match self
-                .ctx
-                .store
-                .update_instance(
-                    &caller.scope,
-                    &current.name,
-                    current.revision,
-                    active,
-                    &spec,
-                )
-                .await
-            {
+            match self.ctx.store.update_instance(&caller.scope, &current.name, current.revision, active, &spec).await {
                 Ok(updated) => {
                     tracing::info!(instance = %updated.name, revision = updated.revision, fields = ?paths, key_id = %caller.key_id, "instance updated");
                     return Ok(spec::instance_to_pb(&updated, &self.ctx.keyring));
@@ -191,10 +120,7 @@ impl InstanceApi {
         unreachable!("the last attempt returns")
     }
 
-    async fn delete(
-        &self,
-        request: Request<pb::DeleteInstanceRequest>,
-    ) -> ApiResult<pb::DeleteInstanceResponse> {
+    async fn delete(&self, request: Request<pb::DeleteInstanceRequest>) -> ApiResult<pb::DeleteInstanceResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let name = &request.get_ref().name;
         self.ctx.store.delete_instance(&caller.scope, name).await?;
@@ -221,10 +147,7 @@ impl InstanceService for InstanceApi {
         Ok(Response::new(self.create(request).await?))
     }
 
-    async fn get_instance(
-        &self,
-        request: Request<pb::GetInstanceRequest>,
-    ) -> Result<Response<pb::Instance>, Status> {
+    async fn get_instance(&self, request: Request<pb::GetInstanceRequest>) -> Result<Response<pb::Instance>, Status> {
         Ok(Response::new(self.get(request).await?))
     }
 

@@ -67,20 +67,12 @@ impl Secrets<'_> {
     /// last four characters.
     fn status(&self, field: &str, sealed: &Option<Sealed>) -> Option<pb::SecretStatus> {
         let Some(sealed) = sealed else {
-            return Some(pb::SecretStatus {
-                set: false,
-                last4: String::new(),
-            });
+            return Some(pb::SecretStatus { set: false, last4: String::new() });
         };
         let last4 = match self.open(field, sealed) {
-            Ok(plain) if plain.chars().count() >= 12 => plain
-                .chars()
-                .rev()
-                .take(4)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect(),
+            Ok(plain) if plain.chars().count() >= 12 => {
+                plain.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect()
+            }
             Ok(_) => String::new(),
             Err(e) => {
                 tracing::warn!(instance_id = self.instance_id, field, error = %e, "stored secret does not open");
@@ -123,9 +115,7 @@ pub fn channel_from_pb(value: i32) -> ApiResult<Channel> {
         Ok(pb::Channel::Whatsapp) => Ok(Channel::Whatsapp),
         Ok(pb::Channel::Discord) => Ok(Channel::Discord),
         Ok(pb::Channel::Slack) => Ok(Channel::Slack),
-        _ => Err(ApiError::invalid(
-            "channel is required: whatsapp, discord or slack",
-        )),
+        _ => Err(ApiError::invalid("channel is required: whatsapp, discord or slack")),
     }
 }
 
@@ -179,18 +169,13 @@ pub fn expand_path(path: &str) -> ApiResult<Vec<&'static str>> {
     let group: Vec<&'static str> = UPDATABLE_PATHS
         .iter()
         .copied()
-        .filter(|p| {
-            p.strip_prefix(path)
-                .is_some_and(|rest| rest.starts_with('.'))
-        })
+        .filter(|p| p.strip_prefix(path).is_some_and(|rest| rest.starts_with('.')))
         .collect();
     if !group.is_empty() {
         return Ok(group);
     }
     Err(match path {
-        "name" | "channel" => ApiError::invalid(format!(
-            "{path} cannot be changed: create a new instance instead"
-        )),
+        "name" | "channel" => ApiError::invalid(format!("{path} cannot be changed: create a new instance instead")),
         "webhook_path" | "create_time" | "update_time" | "revision" => {
             ApiError::invalid(format!("{path} is output only"))
         }
@@ -214,12 +199,8 @@ pub fn apply(
     let behavior = src.behavior.clone().unwrap_or_default();
     match path {
         "active" => *active = src.active.unwrap_or(true),
-        "default_access" => {
-            spec.default_access = action_from_pb(src.default_access)?.unwrap_or(Action::Allow)
-        }
-        "require_webhook_token" => {
-            spec.require_webhook_token = src.require_webhook_token.unwrap_or(true)
-        }
+        "default_access" => spec.default_access = action_from_pb(src.default_access)?.unwrap_or(Action::Allow),
+        "require_webhook_token" => spec.require_webhook_token = src.require_webhook_token.unwrap_or(true),
         "agent.url" => spec.agent.url = agent.url.trim().to_owned(),
         "agent.key" => spec.agent.key = secrets.seal(path, &agent.key),
         "agent.agent_id" => spec.agent.agent_id = agent.agent_id.trim().to_owned(),
@@ -230,41 +211,24 @@ pub fn apply(
         "agent.stream_mode" => spec.agent.stream_mode = agent.stream_mode,
         "evolution.url" => spec.evolution.url = evolution.url.trim().to_owned(),
         "evolution.key" => spec.evolution.key = secrets.seal(path, &evolution.key),
-        "evolution.instance_name" => {
-            spec.evolution.instance_name = evolution.instance_name.trim().to_owned()
-        }
+        "evolution.instance_name" => spec.evolution.instance_name = evolution.instance_name.trim().to_owned(),
         "discord.token" => spec.discord.token = secrets.seal(path, &discord.token),
-        "discord.application_id" => {
-            spec.discord.application_id = discord.application_id.trim().to_owned()
-        }
-        "discord.guild_ids" => {
-            spec.discord.guild_ids = discord
-                .guild_ids
-                .iter()
-                .map(|g| g.trim().to_owned())
-                .collect()
-        }
+        "discord.application_id" => spec.discord.application_id = discord.application_id.trim().to_owned(),
+        "discord.guild_ids" => spec.discord.guild_ids = discord.guild_ids.iter().map(|g| g.trim().to_owned()).collect(),
         "slack.bot_token" => spec.slack.bot_token = secrets.seal(path, &slack.bot_token),
-        "slack.signing_secret" => {
-            spec.slack.signing_secret = secrets.seal(path, &slack.signing_secret)
-        }
+        "slack.signing_secret" => spec.slack.signing_secret = secrets.seal(path, &slack.signing_secret),
         "slack.bot_user_id" => spec.slack.bot_user_id = slack.bot_user_id.trim().to_owned(),
         "behavior.split_limit" => {
-            spec.behavior.split_limit =
-                nonzero_or(behavior.split_limit, channel.default_split_limit())
+            spec.behavior.split_limit = nonzero_or(behavior.split_limit, channel.default_split_limit())
         }
         "behavior.reply_to_all_group_messages" => {
             spec.behavior.reply_to_all_group_messages = behavior.reply_to_all_group_messages
         }
-        "behavior.typing_indicator" => {
-            spec.behavior.typing_indicator = behavior.typing_indicator.unwrap_or(true)
-        }
+        "behavior.typing_indicator" => spec.behavior.typing_indicator = behavior.typing_indicator.unwrap_or(true),
         "behavior.fallback_text" => spec.behavior.fallback_text = behavior.fallback_text,
         "behavior.max_message_age_seconds" => {
-            spec.behavior.max_message_age_secs = nonzero_or(
-                behavior.max_message_age_seconds,
-                DEFAULT_MAX_MESSAGE_AGE_SECS,
-            )
+            spec.behavior.max_message_age_secs =
+                nonzero_or(behavior.max_message_age_seconds, DEFAULT_MAX_MESSAGE_AGE_SECS)
         }
         other => return Err(ApiError::invalid(format!("unknown field {other:?}"))),
     }
@@ -288,9 +252,8 @@ pub fn validate_http_url(field: &str, value: &str) -> ApiResult<()> {
     if value.is_empty() {
         return Err(ApiError::invalid(format!("{field} is required")));
     }
-    let uri: http::Uri = value
-        .parse()
-        .map_err(|_| ApiError::invalid(format!("{field} {value:?} is not a valid URL")))?;
+    let uri: http::Uri =
+        value.parse().map_err(|_| ApiError::invalid(format!("{field} {value:?} is not a valid URL")))?;
     let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
     let host_ok = uri.host().is_some_and(|h| !h.is_empty());
     if !scheme_ok || !host_ok || uri.query().is_some() {
@@ -303,20 +266,14 @@ pub fn validate_http_url(field: &str, value: &str) -> ApiResult<()> {
 
 fn check_len(field: &str, value: &str, max: usize) -> ApiResult<()> {
     if value.chars().count() > max {
-        return Err(ApiError::invalid(format!(
-            "{field} is longer than {max} characters"
-        )));
+        return Err(ApiError::invalid(format!("{field} is longer than {max} characters")));
     }
     Ok(())
 }
 
 /// Fills defaults that depend on the instance name, then checks that the spec is complete and
 /// consistent for its channel.
-pub fn normalize_and_validate(
-    name: &str,
-    channel: Channel,
-    spec: &mut InstanceSpec,
-) -> ApiResult<()> {
+pub fn normalize_and_validate(name: &str, channel: Channel, spec: &mut InstanceSpec) -> ApiResult<()> {
     validate_http_url("agent url", &spec.agent.url)?;
     check_len("agent id", &spec.agent.agent_id, MAX_SHORT_FIELD)?;
     if spec.agent.agent_id.is_empty() && spec.agent.protocol != AgentProtocol::Omni {
@@ -326,26 +283,16 @@ pub fn normalize_and_validate(
         )));
     }
     if spec.agent.timeout_secs > MAX_AGENT_TIMEOUT_SECS {
-        return Err(ApiError::invalid(format!(
-            "agent timeout must be at most {MAX_AGENT_TIMEOUT_SECS} seconds"
-        )));
+        return Err(ApiError::invalid(format!("agent timeout must be at most {MAX_AGENT_TIMEOUT_SECS} seconds")));
     }
     let max_split = max_split_limit(channel);
     if spec.behavior.split_limit > max_split {
-        return Err(ApiError::invalid(format!(
-            "split limit must be at most {max_split} characters for {channel}"
-        )));
+        return Err(ApiError::invalid(format!("split limit must be at most {max_split} characters for {channel}")));
     }
     if spec.behavior.max_message_age_secs > MAX_MESSAGE_AGE_SECS {
-        return Err(ApiError::invalid(format!(
-            "max message age must be at most {MAX_MESSAGE_AGE_SECS} seconds"
-        )));
+        return Err(ApiError::invalid(format!("max message age must be at most {MAX_MESSAGE_AGE_SECS} seconds")));
     }
-    check_len(
-        "fallback text",
-        &spec.behavior.fallback_text,
-        MAX_FALLBACK_TEXT,
-    )?;
+    check_len("fallback text", &spec.behavior.fallback_text, MAX_FALLBACK_TEXT)?;
 
     let has_evolution = !spec.evolution.url.is_empty() || spec.evolution.key.is_some();
     let has_discord = spec.discord.token.is_some() || !spec.discord.application_id.is_empty();
@@ -356,68 +303,43 @@ pub fn normalize_and_validate(
         Channel::Slack => (has_evolution || has_discord).then_some("evolution/discord"),
     };
     if let Some(other) = foreign {
-        return Err(ApiError::invalid(format!(
-            "{other} settings do not apply to a {channel} instance"
-        )));
+        return Err(ApiError::invalid(format!("{other} settings do not apply to a {channel} instance")));
     }
     match channel {
         Channel::Whatsapp => {
             validate_http_url("evolution url", &spec.evolution.url)?;
             if spec.evolution.key.is_none() {
-                return Err(ApiError::invalid(
-                    "evolution key is required for a whatsapp instance",
-                ));
+                return Err(ApiError::invalid("evolution key is required for a whatsapp instance"));
             }
             if spec.evolution.instance_name.is_empty() {
                 spec.evolution.instance_name = name.to_owned();
             }
-            check_len(
-                "evolution instance name",
-                &spec.evolution.instance_name,
-                MAX_SHORT_FIELD,
-            )?;
+            check_len("evolution instance name", &spec.evolution.instance_name, MAX_SHORT_FIELD)?;
         }
         Channel::Discord => {
             if spec.discord.token.is_none() {
-                return Err(ApiError::invalid(
-                    "discord token is required for a discord instance",
-                ));
+                return Err(ApiError::invalid("discord token is required for a discord instance"));
             }
-            let snowflake = |s: &String| {
-                !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit())
-            };
+            let snowflake = |s: &String| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
             if !spec.discord.application_id.is_empty() && !snowflake(&spec.discord.application_id) {
-                return Err(ApiError::invalid(
-                    "discord application id must be a numeric id",
-                ));
+                return Err(ApiError::invalid("discord application id must be a numeric id"));
             }
             if let Some(bad) = spec.discord.guild_ids.iter().find(|g| !snowflake(g)) {
-                return Err(ApiError::invalid(format!(
-                    "discord guild id {bad:?} must be a numeric id"
-                )));
+                return Err(ApiError::invalid(format!("discord guild id {bad:?} must be a numeric id")));
             }
         }
         Channel::Slack => {
             if spec.slack.bot_token.is_none() || spec.slack.signing_secret.is_none() {
-                return Err(ApiError::invalid(
-                    "slack bot token and signing secret are required for a slack instance",
-                ));
+                return Err(ApiError::invalid("slack bot token and signing secret are required for a slack instance"));
             }
-            check_len(
-                "slack bot user id",
-                &spec.slack.bot_user_id,
-                MAX_SHORT_FIELD,
-            )?;
+            check_len("slack bot user id", &spec.slack.bot_user_id, MAX_SHORT_FIELD)?;
         }
     }
     Ok(())
 }
 
 pub fn timestamp(millis: i64) -> omni_proto::Timestamp {
-    omni_proto::Timestamp {
-        seconds: millis.div_euclid(1000),
-        nanos: (millis.rem_euclid(1000) * 1_000_000) as i32,
-    }
+    omni_proto::Timestamp { seconds: millis.div_euclid(1000), nanos: (millis.rem_euclid(1000) * 1_000_000) as i32 }
 }
 
 pub fn webhook_path(channel: Channel, name: &str) -> String {
@@ -431,10 +353,7 @@ pub fn webhook_path(channel: Channel, name: &str) -> String {
 
 /// The API view of a stored instance: secrets only as set/last-4.
 pub fn instance_to_pb(record: &InstanceRecord, keyring: &Keyring) -> pb::Instance {
-    let secrets = Secrets {
-        keyring,
-        instance_id: &record.id,
-    };
+    let secrets = Secrets { keyring, instance_id: &record.id };
     let spec = &record.spec;
     let (evolution, discord, slack) = match record.channel {
         Channel::Whatsapp => (
@@ -464,8 +383,7 @@ pub fn instance_to_pb(record: &InstanceRecord, keyring: &Keyring) -> pb::Instanc
                 bot_token: String::new(),
                 bot_token_status: secrets.status("slack.bot_token", &spec.slack.bot_token),
                 signing_secret: String::new(),
-                signing_secret_status: secrets
-                    .status("slack.signing_secret", &spec.slack.signing_secret),
+                signing_secret_status: secrets.status("slack.signing_secret", &spec.slack.signing_secret),
                 bot_user_id: spec.slack.bot_user_id.clone(),
             }),
         ),
@@ -509,32 +427,10 @@ mod tests {
     #[test]
     fn mask_paths_expand() {
         assert_eq!(expand_path("agent.url").unwrap(), vec!["agent.url"]);
-        assert_eq!(
-            expand_path("slack").unwrap(),
-            vec![
-                "slack.bot_token",
-                "slack.signing_secret",
-                "slack.bot_user_id"
-            ]
-        );
-        assert!(
-            expand_path("name")
-                .unwrap_err()
-                .to_string()
-                .contains("cannot be changed")
-        );
-        assert!(
-            expand_path("revision")
-                .unwrap_err()
-                .to_string()
-                .contains("output only")
-        );
-        assert!(
-            expand_path("agent.urls")
-                .unwrap_err()
-                .to_string()
-                .contains("unknown field")
-        );
+        assert_eq!(expand_path("slack").unwrap(), vec!["slack.bot_token", "slack.signing_secret", "slack.bot_user_id"]);
+        assert!(expand_path("name").unwrap_err().to_string().contains("cannot be changed"));
+        assert!(expand_path("revision").unwrap_err().to_string().contains("output only"));
+        assert!(expand_path("agent.urls").unwrap_err().to_string().contains("unknown field"));
         assert!(expand_path("agen").is_err());
     }
 
@@ -542,33 +438,14 @@ mod tests {
     fn urls() {
         assert!(validate_http_url("u", "http://127.0.0.1:9000").is_ok());
         assert!(validate_http_url("u", "https://agent.example.com/base").is_ok());
-        for bad in [
-            "",
-            "ftp://x",
-            "127.0.0.1:9000",
-            "http://",
-            "not a url",
-            "http://h/?q=1",
-        ] {
+        for bad in ["", "ftp://x", "127.0.0.1:9000", "http://", "not a url", "http://h/?q=1"] {
             assert!(validate_http_url("u", bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn timestamps() {
-        assert_eq!(
-            timestamp(1_500),
-            omni_proto::Timestamp {
-                seconds: 1,
-                nanos: 500_000_000
-            }
-        );
-        assert_eq!(
-            timestamp(-1),
-            omni_proto::Timestamp {
-                seconds: -1,
-                nanos: 999_000_000
-            }
-        );
+        assert_eq!(timestamp(1_500), omni_proto::Timestamp { seconds: 1, nanos: 500_000_000 });
+        assert_eq!(timestamp(-1), omni_proto::Timestamp { seconds: -1, nanos: 999_000_000 });
     }
 }

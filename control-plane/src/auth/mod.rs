@@ -24,9 +24,7 @@ impl Caller {
         if self.scope.is_admin() {
             Ok(())
         } else {
-            Err(ApiError::PermissionDenied(format!(
-                "{what} needs an admin API key"
-            )))
+            Err(ApiError::PermissionDenied(format!("{what} needs an admin API key")))
         }
     }
 }
@@ -41,10 +39,7 @@ pub fn generate_api_key() -> (String, String) {
 /// The public id of a key: the `<id>` of `omni_<id>_<secret>`, or a hash prefix for keys an
 /// operator chose in another format.
 pub fn key_id_of(key: &str) -> String {
-    match key
-        .strip_prefix("omni_")
-        .and_then(|rest| rest.split_once('_'))
-    {
+    match key.strip_prefix("omni_").and_then(|rest| rest.split_once('_')) {
         Some((id, _)) if !id.is_empty() && id.len() <= 32 => id.to_owned(),
         _ => format!("ext-{}", &sha256_hex(key)[..12]),
     }
@@ -60,21 +55,17 @@ impl Authenticator {
     }
 
     pub async fn authenticate<T>(&self, request: &Request<T>) -> ApiResult<Caller> {
-        let header = request.metadata().get("authorization").ok_or_else(|| {
-            ApiError::Unauthenticated("missing API key: send `authorization: Bearer <key>`".into())
-        })?;
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| ApiError::Unauthenticated("missing API key: send `authorization: Bearer <key>`".into()))?;
         let key = header
             .to_str()
             .ok()
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim)
             .filter(|k| !k.is_empty())
-            .ok_or_else(|| {
-                ApiError::Unauthenticated("authorization header must be `Bearer <key>`".into())
-            })?;
+            .ok_or_else(|| ApiError::Unauthenticated("authorization header must be `Bearer <key>`".into()))?;
         let record = self
             .store
             .find_api_key_by_hash(&sha256_hex(key))
@@ -82,10 +73,7 @@ impl Authenticator {
             .filter(|r| r.revoked_at.is_none())
             .ok_or_else(|| ApiError::Unauthenticated("invalid or revoked API key".into()))?;
         let now = now_millis();
-        if record
-            .last_used_at
-            .is_none_or(|t| now - t >= TOUCH_INTERVAL_MS)
-        {
+        if record.last_used_at.is_none_or(|t| now - t >= TOUCH_INTERVAL_MS) {
             let store = self.store.clone();
             let id = record.id.clone();
             tokio::spawn(async move {
@@ -94,10 +82,7 @@ impl Authenticator {
                 }
             });
         }
-        Ok(Caller {
-            key_id: record.id,
-            scope: record.scope,
-        })
+        Ok(Caller { key_id: record.id, scope: record.scope })
     }
 }
 
@@ -114,10 +99,7 @@ pub enum Bootstrap {
 
 /// Makes sure an admin can get in: registers the operator-supplied key, or creates the first
 /// admin key when there is none at all.
-pub async fn ensure_bootstrap_key(
-    store: &dyn Store,
-    configured: Option<&str>,
-) -> Result<Bootstrap, StoreError> {
+pub async fn ensure_bootstrap_key(store: &dyn Store, configured: Option<&str>) -> Result<Bootstrap, StoreError> {
     let new_record = |id: String, key: &str| ApiKeyRecord {
         id,
         key_hash: sha256_hex(key),
@@ -128,11 +110,7 @@ pub async fn ensure_bootstrap_key(
         revoked_at: None,
     };
     if let Some(key) = configured {
-        if store
-            .find_api_key_by_hash(&sha256_hex(key))
-            .await?
-            .is_none()
-        {
+        if store.find_api_key_by_hash(&sha256_hex(key)).await?.is_none() {
             match store.create_api_key(&new_record(key_id_of(key), key)).await {
                 Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
                 Err(e) => return Err(e),

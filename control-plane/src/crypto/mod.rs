@@ -57,11 +57,8 @@ impl Keyring {
             if bytes.len() != 32 {
                 return Err(CryptoError::BadMasterKey);
             }
-            let id = hex(&Sha256::new_with_prefix(b"omni-master-key-id\0")
-                .chain_update(&bytes)
-                .finalize()[..4]);
-            let cipher =
-                Aes256GcmSiv::new_from_slice(&bytes).map_err(|_| CryptoError::BadMasterKey)?;
+            let id = hex(&Sha256::new_with_prefix(b"omni-master-key-id\0").chain_update(&bytes).finalize()[..4]);
+            let cipher = Aes256GcmSiv::new_from_slice(&bytes).map_err(|_| CryptoError::BadMasterKey)?;
             keys.push(MasterKey { id, cipher });
         }
         if keys.is_empty() {
@@ -85,13 +82,7 @@ impl Keyring {
         let nonce = random_bytes::<12>();
         let ciphertext = key
             .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext.as_bytes(),
-                    aad: context.as_bytes(),
-                },
-            )
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext.as_bytes(), aad: context.as_bytes() })
             .expect("AES-GCM-SIV encryption of an in-memory buffer cannot fail");
         let mut blob = Vec::with_capacity(12 + ciphertext.len());
         blob.extend_from_slice(&nonce);
@@ -101,31 +92,19 @@ impl Keyring {
 
     pub fn open(&self, context: &str, sealed: &str) -> Result<String, CryptoError> {
         let mut parts = sealed.splitn(3, '.');
-        let (Some("v1"), Some(key_id), Some(body)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some("v1"), Some(key_id), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(CryptoError::Malformed);
         };
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.id == key_id)
-            .ok_or_else(|| CryptoError::UnknownKey(key_id.to_owned()))?;
-        let blob = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|_| CryptoError::Malformed)?;
+        let key =
+            self.keys.iter().find(|k| k.id == key_id).ok_or_else(|| CryptoError::UnknownKey(key_id.to_owned()))?;
+        let blob = URL_SAFE_NO_PAD.decode(body).map_err(|_| CryptoError::Malformed)?;
         if blob.len() < 12 {
             return Err(CryptoError::Malformed);
         }
         let (nonce, ciphertext) = blob.split_at(12);
         let plaintext = key
             .cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: context.as_bytes(),
-                },
-            )
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: context.as_bytes() })
             .map_err(|_| CryptoError::Open)?;
         String::from_utf8(plaintext).map_err(|_| CryptoError::Malformed)
     }
@@ -148,12 +127,10 @@ pub fn sha256_hex(data: &str) -> String {
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 #[cfg(test)]
@@ -172,10 +149,7 @@ mod tests {
         let sealed = ring.seal("instance:1:agent_key", "s3cret");
         assert!(sealed.starts_with(&format!("v1.{}.", ring.current_key_id())));
         assert!(!sealed.contains("s3cret"));
-        assert_eq!(
-            ring.open("instance:1:agent_key", &sealed).unwrap(),
-            "s3cret"
-        );
+        assert_eq!(ring.open("instance:1:agent_key", &sealed).unwrap(), "s3cret");
         // A fresh nonce every time.
         assert_ne!(sealed, ring.seal("instance:1:agent_key", "s3cret"));
     }
@@ -184,14 +158,8 @@ mod tests {
     fn context_binds_the_ciphertext() {
         let (_, ring) = keyring();
         let sealed = ring.seal("instance:1:agent_key", "s3cret");
-        assert!(matches!(
-            ring.open("instance:2:agent_key", &sealed),
-            Err(CryptoError::Open)
-        ));
-        assert!(matches!(
-            ring.open("instance:1:evolution_key", &sealed),
-            Err(CryptoError::Open)
-        ));
+        assert!(matches!(ring.open("instance:2:agent_key", &sealed), Err(CryptoError::Open)));
+        assert!(matches!(ring.open("instance:1:evolution_key", &sealed), Err(CryptoError::Open)));
     }
 
     #[test]
@@ -203,10 +171,7 @@ mod tests {
         bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
         let tampered = String::from_utf8(bytes).unwrap();
         assert!(ring.open("c", &tampered).is_err());
-        assert!(matches!(
-            ring.open("c", "nonsense"),
-            Err(CryptoError::Malformed)
-        ));
+        assert!(matches!(ring.open("c", "nonsense"), Err(CryptoError::Malformed)));
     }
 
     #[test]
@@ -218,23 +183,14 @@ mod tests {
         assert_eq!(rotated.open("c", &sealed).unwrap(), "s3cret");
         assert_ne!(rotated.current_key_id(), old.current_key_id());
         let only_new = Keyring::parse(&new_encoded).unwrap();
-        assert!(matches!(
-            only_new.open("c", &sealed),
-            Err(CryptoError::UnknownKey(_))
-        ));
+        assert!(matches!(only_new.open("c", &sealed), Err(CryptoError::UnknownKey(_))));
     }
 
     #[test]
     fn bad_keys_are_refused() {
         assert!(matches!(Keyring::parse(""), Err(CryptoError::NoMasterKey)));
-        assert!(matches!(
-            Keyring::parse("c2hvcnQ="),
-            Err(CryptoError::BadMasterKey)
-        ));
-        assert!(matches!(
-            Keyring::parse("!!!"),
-            Err(CryptoError::BadMasterKey)
-        ));
+        assert!(matches!(Keyring::parse("c2hvcnQ="), Err(CryptoError::BadMasterKey)));
+        assert!(matches!(Keyring::parse("!!!"), Err(CryptoError::BadMasterKey)));
         let (_, ring) = keyring();
         assert!(!format!("{ring:?}").contains("cipher"));
     }

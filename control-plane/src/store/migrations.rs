@@ -27,13 +27,7 @@ impl MigrationSource<'static> for Source {
             .0
             .iter()
             .map(|(version, name, sql)| {
-                Migration::new(
-                    *version,
-                    Cow::Borrowed(*name),
-                    MigrationType::Simple,
-                    Cow::Borrowed(*sql),
-                    false,
-                )
+                Migration::new(*version, Cow::Borrowed(*name), MigrationType::Simple, Cow::Borrowed(*sql), false)
             })
             .collect();
         Box::pin(std::future::ready(Ok(migrations)))

@@ -82,11 +82,7 @@ pub trait Store: Send + Sync + 'static {
     // Instances. Each change is one config revision.
     async fn create_instance(&self, instance: &InstanceRecord) -> Result<InstanceRecord>;
     async fn get_instance(&self, scope: &Scope, name: &str) -> Result<InstanceRecord>;
-    async fn list_instances(
-        &self,
-        scope: &Scope,
-        query: &ListInstances,
-    ) -> Result<Vec<InstanceRecord>>;
+    async fn list_instances(&self, scope: &Scope, query: &ListInstances) -> Result<Vec<InstanceRecord>>;
     /// Replaces `active` and `spec` if the instance is still at `expected_revision`
     /// (else [`StoreError::Conflict`]).
     async fn update_instance(
@@ -108,11 +104,7 @@ pub trait Store: Send + Sync + 'static {
         pattern: &str,
         action: Action,
     ) -> Result<AccessRuleRecord>;
-    async fn list_access_rules(
-        &self,
-        scope: &Scope,
-        instance: &str,
-    ) -> Result<Vec<AccessRuleRecord>>;
+    async fn list_access_rules(&self, scope: &Scope, instance: &str) -> Result<Vec<AccessRuleRecord>>;
     async fn remove_access_rule(&self, scope: &Scope, instance: &str, id: i64) -> Result<()>;
 
     // API keys (admin-only at the API).
@@ -131,10 +123,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// Unix time in milliseconds.
 pub fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -143,22 +132,11 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            Backend::from_url("postgres://u@h/db").unwrap(),
-            Backend::Postgres
-        );
-        assert_eq!(
-            Backend::from_url("sqlite://./x.db").unwrap(),
-            Backend::Sqlite
-        );
-        let err = Backend::from_url("mysql://u:hunter2@h/db")
-            .unwrap_err()
-            .to_string();
+        assert_eq!(Backend::from_url("postgres://u@h/db").unwrap(), Backend::Postgres);
+        assert_eq!(Backend::from_url("sqlite://./x.db").unwrap(), Backend::Sqlite);
+        let err = Backend::from_url("mysql://u:hunter2@h/db").unwrap_err().to_string();
         assert!(!err.contains("hunter2"), "{err}");
-        assert_eq!(
-            redact_url("postgres://u:pw@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
+        assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

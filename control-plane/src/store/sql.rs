@@ -61,10 +61,7 @@ fn instance_not_found(name: &str) -> StoreError {
 fn encode_scope(scope: &Scope) -> (bool, String) {
     match scope {
         Scope::Admin => (true, "[]".to_owned()),
-        Scope::Instances(patterns) => (
-            false,
-            serde_json::to_string(patterns).expect("strings serialize"),
-        ),
+        Scope::Instances(patterns) => (false, serde_json::to_string(patterns).expect("strings serialize")),
     }
 }
 
@@ -72,9 +69,7 @@ fn decode_scope(admin: bool, patterns: &str) -> Result<Scope> {
     if admin {
         return Ok(Scope::Admin);
     }
-    serde_json::from_str(patterns)
-        .map(Scope::Instances)
-        .map_err(|e| corrupt(format!("api key patterns: {e}")))
+    serde_json::from_str(patterns).map(Scope::Instances).map_err(|e| corrupt(format!("api key patterns: {e}")))
 }
 
 macro_rules! sql_store {
@@ -486,12 +481,7 @@ macro_rules! sql_store {
     };
 }
 
-sql_store!(
-    PostgresStore,
-    sqlx::Postgres,
-    Backend::Postgres,
-    Some("SELECT pg_notify($1, $2)")
-);
+sql_store!(PostgresStore, sqlx::Postgres, Backend::Postgres, Some("SELECT pg_notify($1, $2)"));
 sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None);
 
 impl PostgresStore {
@@ -531,19 +521,9 @@ mod tests {
 
     #[test]
     fn scope_filters() {
-        assert_eq!(
-            scope_filter(&Scope::Admin, "name", 1),
-            ("1 = 1".to_owned(), vec![])
-        );
-        assert_eq!(
-            scope_filter(&Scope::Instances(vec![]), "name", 1).0,
-            "1 = 0"
-        );
-        let (sql, binds) = scope_filter(
-            &Scope::Instances(vec!["acme-*".into(), "solo".into()]),
-            "name",
-            3,
-        );
+        assert_eq!(scope_filter(&Scope::Admin, "name", 1), ("1 = 1".to_owned(), vec![]));
+        assert_eq!(scope_filter(&Scope::Instances(vec![]), "name", 1).0, "1 = 0");
+        let (sql, binds) = scope_filter(&Scope::Instances(vec!["acme-*".into(), "solo".into()]), "name", 3);
         assert_eq!(sql, "(name LIKE $3 OR name = $4)");
         assert_eq!(binds, vec!["acme-%".to_owned(), "solo".to_owned()]);
     }
