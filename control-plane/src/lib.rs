@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
-pub mod crypto;
+pub use omni_core::crypto;
 pub mod server;
 pub mod store;
+pub mod sync;

@@ -1,5 +1,7 @@
 use clap::Parser;
 use omni_control_plane::server::{self, Config, MasterKeySource};
+use omni_control_plane::store::StoreOptions;
+use omni_control_plane::sync::SyncSettings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -21,6 +23,19 @@ struct Args {
     /// Where the SQLite database and generated keys live.
     #[arg(long, env = "OMNI_DATA_DIR", default_value = "./omni-data")]
     data_dir: PathBuf,
+    /// Secret that data-plane nodes present (default: generated into <data dir>/node-token).
+    /// Give every control-plane replica the same one.
+    #[arg(long, env = "OMNI_NODE_TOKEN", hide_env_values = true)]
+    node_token: Option<String>,
+    /// Revisions of config history kept for nodes to resume from; older nodes get a snapshot.
+    #[arg(long, env = "OMNI_CHANGE_LOG_RETENTION", default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]
+    change_log_retention: i64,
+    /// Standalone mode: also run a data-plane node in this process.
+    #[arg(long)]
+    embedded_data_plane: bool,
+    /// HTTP address of the embedded data plane (webhooks, /ready, /metrics).
+    #[arg(long, env = "OMNI_HTTP_LISTEN", default_value = "0.0.0.0:8882")]
+    http_listen: SocketAddr,
 }
 
 fn non_empty_env(name: &str) -> Option<String> {
@@ -49,6 +64,10 @@ async fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir,
         master_key,
         bootstrap_api_key: non_empty_env("OMNI_BOOTSTRAP_API_KEY"),
+        node_token: args.node_token,
+        store: StoreOptions { change_log_retention: args.change_log_retention },
+        sync: SyncSettings::default(),
+        embedded_data_plane: args.embedded_data_plane.then_some(args.http_listen),
     };
     server::run(config, shutdown_signal()).await?;
     Ok(())

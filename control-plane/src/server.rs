@@ -4,12 +4,17 @@ use crate::api::ApiContext;
 use crate::api::access::AccessApi;
 use crate::api::api_keys::ApiKeyApi;
 use crate::api::instances::InstanceApi;
+use crate::api::nodes::NodeApi;
 use crate::auth::{Authenticator, Bootstrap, ensure_bootstrap_key};
+use crate::crypto::random_token;
 use crate::crypto::{CryptoError, Keyring};
-use crate::store::{self, Backend, StoreError};
+use crate::store::{self, Backend, StoreError, StoreOptions};
+use crate::sync::{SyncApi, SyncSettings};
 use omni_proto::v1::access_service_server::AccessServiceServer;
 use omni_proto::v1::api_key_service_server::ApiKeyServiceServer;
 use omni_proto::v1::instance_service_server::InstanceServiceServer;
+use omni_proto::v1::node_service_server::NodeServiceServer;
+use omni_proto::v1::node_sync_service_server::NodeSyncServiceServer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,6 +34,12 @@ pub struct Config {
     pub master_key: MasterKeySource,
     /// An admin key the operator chose (`OMNI_BOOTSTRAP_API_KEY`).
     pub bootstrap_api_key: Option<String>,
+    /// The secret data-plane nodes present; `None`: read or generate `<data dir>/node-token`.
+    pub node_token: Option<String>,
+    pub store: StoreOptions,
+    pub sync: SyncSettings,
+    /// Standalone mode: also run a data-plane node in this process, serving HTTP here.
+    pub embedded_data_plane: Option<SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -70,10 +81,39 @@ pub enum StartError {
     Serve(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("node token: {0}")]
+    NodeToken(String),
 }
 
 const MASTER_KEY_FILE: &str = "master.key";
 const ADMIN_KEY_FILE: &str = "admin-api-key";
+/// Where a generated node token is kept; a data plane on the same machine reads it from here.
+pub const NODE_TOKEN_FILE: &str = "node-token";
+const MIN_NODE_TOKEN_LEN: usize = 16;
+
+async fn load_node_token(config: &Config) -> Result<String, StartError> {
+    if let Some(token) = &config.node_token {
+        let token = token.trim();
+        if token.len() < MIN_NODE_TOKEN_LEN {
+            return Err(StartError::NodeToken(format!("must be at least {MIN_NODE_TOKEN_LEN} characters")));
+        }
+        return Ok(token.to_owned());
+    }
+    let path = config.data_dir.join(NODE_TOKEN_FILE);
+    match tokio::fs::read_to_string(&path).await {
+        Ok(token) if token.trim().len() >= MIN_NODE_TOKEN_LEN => Ok(token.trim().to_owned()),
+        Ok(_) => Err(StartError::NodeToken(format!("{} is too short", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = random_token();
+            write_private(&path, &format!("{token}\n"))
+                .await
+                .map_err(|e| StartError::NodeToken(format!("{}: {e}", path.display())))?;
+            tracing::info!(path = %path.display(), "generated the node token");
+            Ok(token)
+        }
+        Err(e) => Err(StartError::NodeToken(format!("{}: {e}", path.display()))),
+    }
+}
 
 /// Writes a file only its owner can read.
 async fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
@@ -119,6 +159,15 @@ async fn load_keyring(config: &Config, backend: Backend) -> Result<Keyring, Star
 
 /// Runs the control plane until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    // One signal stops both the gRPC server and, in standalone mode, the embedded node.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
     let data_dir_error = |source| StartError::DataDir { path: config.data_dir.clone(), source };
     tokio::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.data_dir).await.map_err(data_dir_error)?;
     // It holds the master key and the admin key: owner only, even if it existed before.
@@ -139,7 +188,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     };
     let backend = Backend::from_url(&database_url)?;
     let keyring = Arc::new(load_keyring(&config, backend).await?);
-    let store = store::connect(&database_url).await?;
+    let store = store::connect_with(&database_url, config.store).await?;
     tracing::info!(database = %store::redact_url(&database_url), master_key_id = keyring.current_key_id(), "database ready");
 
     match ensure_bootstrap_key(store.as_ref(), config.bootstrap_api_key.as_deref()).await? {
@@ -156,11 +205,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         Bootstrap::Existing => {}
     }
 
+    let node_token: Arc<str> = load_node_token(&config).await?.into();
+    let sync = SyncApi::new(store.clone(), keyring.clone(), node_token.clone(), config.sync);
     let ctx = ApiContext { store: store.clone(), keyring, auth: Arc::new(Authenticator::new(store.clone())) };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<InstanceServiceServer<InstanceApi>>().await;
     health.set_serving::<AccessServiceServer<AccessApi>>().await;
     health.set_serving::<ApiKeyServiceServer<ApiKeyApi>>().await;
+    health.set_serving::<NodeServiceServer<NodeApi>>().await;
+    health.set_serving::<NodeSyncServiceServer<SyncApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(omni_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -172,6 +225,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     tracing::info!(addr = %local, "gRPC API listening");
     println!("omni-control-plane listening on {local}");
 
+    let embedded = config.embedded_data_plane.map(|http_listen| {
+        let loopback = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local.port());
+        let control_plane = if local.ip().is_unspecified() { loopback } else { local };
+        let options = omni_data_plane::node::NodeOptions {
+            control_plane: format!("http://{control_plane}"),
+            http_listen,
+            data_dir: config.data_dir.join("node"),
+            node_token: Some(node_token.to_string()),
+            control_plane_data_dir: config.data_dir.clone(),
+            node_id: None,
+            cache_key: None,
+            limits: Default::default(),
+            sync: Default::default(),
+        };
+        tokio::spawn(omni_data_plane::node::run(options, until_stopped(stopped.clone())))
+    });
+
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -180,9 +250,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .add_service(reflection)
         .add_service(InstanceServiceServer::new(InstanceApi::new(ctx.clone())))
         .add_service(AccessServiceServer::new(AccessApi::new(ctx.clone())))
-        .add_service(ApiKeyServiceServer::new(ApiKeyApi::new(ctx)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .add_service(ApiKeyServiceServer::new(ApiKeyApi::new(ctx.clone())))
+        .add_service(NodeServiceServer::new(NodeApi::new(ctx)))
+        .add_service(NodeSyncServiceServer::new(sync))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), until_stopped(stopped))
         .await?;
+    if let Some(node) = embedded {
+        match node.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "embedded data plane failed"),
+            Err(e) => tracing::error!(error = %e, "embedded data plane panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

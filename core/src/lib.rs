@@ -1,5 +1,6 @@
 //! Domain rules that the control plane and the data plane must agree on.
 
 pub mod access;
+pub mod crypto;
 pub mod kinds;
 pub mod names;

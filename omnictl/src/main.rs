@@ -5,6 +5,7 @@ mod access;
 mod apikey;
 mod client;
 mod instance;
+mod node;
 mod output;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,9 @@ enum Command {
     /// Manage API keys (admin keys only).
     #[command(subcommand)]
     Apikey(apikey::ApiKeyCommand),
+    /// Data-plane nodes and the config revision each has applied.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -49,6 +53,7 @@ async fn main() -> ExitCode {
             Command::Instance(command) => instance::run(*command, &client, cli.output).await,
             Command::Access(command) => access::run(command, &client, cli.output).await,
             Command::Apikey(command) => apikey::run(command, &client, cli.output).await,
+            Command::Node(command) => node::run(command, &client, cli.output).await,
         }
     }
     .await;

@@ -153,7 +153,7 @@ fn protocol_from_pb(value: i32) -> ApiResult<AgentProtocol> {
     }
 }
 
-fn protocol_to_pb(protocol: AgentProtocol) -> pb::AgentProtocol {
+pub fn protocol_to_pb(protocol: AgentProtocol) -> pb::AgentProtocol {
     match protocol {
         AgentProtocol::Omni => pb::AgentProtocol::Omni,
         AgentProtocol::Automagik => pb::AgentProtocol::Automagik,

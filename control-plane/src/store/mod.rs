@@ -69,9 +69,13 @@ pub fn redact_url(url: &str) -> String {
 /// Connects to the database named by `url`, applying any pending migrations first.
 /// Migrations take a database lock, so control planes starting together are safe.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    connect_with(url, StoreOptions::default()).await
+}
+
+pub async fn connect_with(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
     Ok(match Backend::from_url(url)? {
-        Backend::Postgres => Arc::new(PostgresStore::connect(url).await?),
-        Backend::Sqlite => Arc::new(SqliteStore::connect(url).await?),
+        Backend::Postgres => Arc::new(PostgresStore::connect(url, options).await?),
+        Backend::Sqlite => Arc::new(SqliteStore::connect(url, options).await?),
     })
 }
 
@@ -115,10 +119,26 @@ pub trait Store: Send + Sync + 'static {
     async fn touch_api_key(&self, id: &str, now: i64) -> Result<()>;
     async fn count_api_keys(&self) -> Result<i64>;
 
-    // Config revisions.
+    // Config revisions and distribution.
     async fn config_revision(&self) -> Result<i64>;
-    /// Change-log entries with revision greater than `after`, in revision order.
-    async fn config_changes(&self, after: i64, limit: i64) -> Result<Vec<ConfigChange>>;
+    async fn config_log_bounds(&self) -> Result<LogBounds>;
+    /// Change-log entries with `after < revision <= through`, in revision order.
+    async fn config_changes(&self, after: i64, through: i64) -> Result<Vec<ConfigChange>>;
+    /// Every instance with its rules, all as of one revision (returned with it).
+    async fn config_snapshot(&self) -> Result<(i64, Vec<InstanceConfig>)>;
+    /// The latest committed revision this process has heard of: updated after its own commits
+    /// and, on Postgres, when another control plane commits (LISTEN/NOTIFY). A hint to re-read
+    /// the log, never a substitute for it.
+    fn watch_revision(&self) -> tokio::sync::watch::Receiver<i64>;
+
+    // Data-plane node registry.
+    /// Registers a node that said hello (keeping its first-seen time) as connected.
+    async fn node_connected(&self, node: &NodeRecord) -> Result<()>;
+    async fn node_acked(&self, id: &str, revision: i64, now: i64) -> Result<()>;
+    async fn node_nacked(&self, id: &str, error: &str, now: i64) -> Result<()>;
+    async fn node_seen(&self, id: &str, now: i64) -> Result<()>;
+    async fn node_disconnected(&self, id: &str, now: i64) -> Result<()>;
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
 }
 
 /// Unix time in milliseconds.

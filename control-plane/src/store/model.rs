@@ -173,3 +173,38 @@ pub struct ListInstances {
     pub limit: u32,
     pub channel: Option<Channel>,
 }
+
+/// Where the config change log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBounds {
+    /// The latest committed revision.
+    pub head: i64,
+    /// Entries at or below this revision were deleted; resuming from here needs a snapshot.
+    pub compacted: i64,
+}
+
+/// A data-plane node as the registry knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRecord {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    pub applied_revision: i64,
+    pub first_seen_at: i64,
+    pub last_seen_at: i64,
+    pub connected: bool,
+    pub last_error: String,
+}
+
+/// Tuning of a store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// How many revisions of the change log to keep for resuming nodes.
+    pub change_log_retention: i64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { change_log_retention: 10_000 }
+    }
+}

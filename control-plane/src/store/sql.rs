@@ -72,16 +72,35 @@ fn decode_scope(admin: bool, patterns: &str) -> Result<Scope> {
     serde_json::from_str(patterns).map(Scope::Instances).map_err(|e| corrupt(format!("api key patterns: {e}")))
 }
 
+const NODE_COLUMNS: &str = "id, address, version, applied_revision, first_seen_at, last_seen_at, connected, last_error";
+
+/// `$notify`: SQL run in each config transaction to wake other control planes (Postgres only).
+/// `$snapshot_isolation`: SQL that gives a transaction one consistent view (SQLite's read
+/// transactions already have one).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $backend:expr, $notify:expr) => {
+    ($store:ident, $db:ty, $backend:expr, $notify:expr, $snapshot_isolation:expr) => {
         pub struct $store {
             pool: sqlx::Pool<$db>,
+            options: StoreOptions,
+            revision: tokio::sync::watch::Sender<i64>,
         }
 
         impl $store {
-            pub async fn from_pool(pool: sqlx::Pool<$db>) -> Result<Self> {
+            pub async fn from_pool(pool: sqlx::Pool<$db>, options: StoreOptions) -> Result<Self> {
                 migrations::migrator($backend).await?.run(&pool).await?;
-                Ok(Self { pool })
+                let head: i64 = sqlx::query_scalar("SELECT revision FROM config_head WHERE id = 1").fetch_one(&pool).await?;
+                Ok(Self { pool, options, revision: tokio::sync::watch::Sender::new(head) })
+            }
+
+            /// Records that `revision` is committed, for `watch_revision` subscribers.
+            fn announce(&self, revision: i64) {
+                self.revision.send_if_modified(|current| {
+                    let newer = revision > *current;
+                    if newer {
+                        *current = revision;
+                    }
+                    newer
+                });
             }
 
             pub fn pool(&self) -> &sqlx::Pool<$db> {
@@ -98,14 +117,40 @@ macro_rules! sql_store {
                 Ok((tx, revision))
             }
 
-            async fn commit_change(tx: sqlx::Transaction<'static, $db>, revision: i64) -> Result<()> {
+            /// Compacts the change log past its retention, wakes watchers and commits.
+            async fn commit_change(&self, tx: sqlx::Transaction<'static, $db>, revision: i64) -> Result<()> {
                 let mut tx = tx;
+                let compact_through = revision - self.options.change_log_retention;
+                if compact_through > 0 {
+                    sqlx::query("DELETE FROM config_changes WHERE revision <= $1")
+                        .bind(compact_through)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("UPDATE config_head SET compacted_revision = $1 WHERE id = 1 AND compacted_revision < $1")
+                        .bind(compact_through)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 let notify: Option<&str> = $notify;
                 if let Some(sql) = notify {
                     sqlx::query(sql).bind(CONFIG_NOTIFY_CHANNEL).bind(revision.to_string()).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
+                self.announce(revision);
                 Ok(())
+            }
+
+            fn node_from_row(row: &<$db as sqlx::Database>::Row) -> Result<NodeRecord> {
+                Ok(NodeRecord {
+                    id: row.try_get("id")?,
+                    address: row.try_get("address")?,
+                    version: row.try_get("version")?,
+                    applied_revision: row.try_get("applied_revision")?,
+                    first_seen_at: row.try_get("first_seen_at")?,
+                    last_seen_at: row.try_get("last_seen_at")?,
+                    connected: row.try_get("connected")?,
+                    last_error: row.try_get("last_error")?,
+                })
             }
 
             fn instance_from_row(row: &<$db as sqlx::Database>::Row) -> Result<InstanceRecord> {
@@ -250,7 +295,7 @@ macro_rules! sql_store {
                     other => other?,
                 };
                 let config = Self::log_instance(&mut tx, revision, &instance.name).await?;
-                Self::commit_change(tx, revision).await?;
+                self.commit_change(tx, revision).await?;
                 Ok(config.instance)
             }
 
@@ -310,7 +355,7 @@ macro_rules! sql_store {
                     return Err(StoreError::Conflict(format!("instance {name:?}")));
                 }
                 let config = Self::log_instance(&mut tx, revision, name).await?;
-                Self::commit_change(tx, revision).await?;
+                self.commit_change(tx, revision).await?;
                 Ok(config.instance)
             }
 
@@ -335,7 +380,7 @@ macro_rules! sql_store {
                 .bind(now_millis())
                 .execute(&mut *tx)
                 .await?;
-                Self::commit_change(tx, revision).await
+                self.commit_change(tx, revision).await
             }
 
             async fn put_access_rule(
@@ -361,7 +406,7 @@ macro_rules! sql_store {
                 let rule = Self::rule_from_row(instance, &row)?;
                 Self::stamp_instance(&mut tx, &record.id, revision).await?;
                 Self::log_instance(&mut tx, revision, instance).await?;
-                Self::commit_change(tx, revision).await?;
+                self.commit_change(tx, revision).await?;
                 Ok(rule)
             }
 
@@ -384,7 +429,7 @@ macro_rules! sql_store {
                 }
                 Self::stamp_instance(&mut tx, &record.id, revision).await?;
                 Self::log_instance(&mut tx, revision, instance).await?;
-                Self::commit_change(tx, revision).await
+                self.commit_change(tx, revision).await
             }
 
             async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<()> {
@@ -451,13 +496,20 @@ macro_rules! sql_store {
                 Ok(sqlx::query_scalar("SELECT revision FROM config_head WHERE id = 1").fetch_one(&self.pool).await?)
             }
 
-            async fn config_changes(&self, after: i64, limit: i64) -> Result<Vec<ConfigChange>> {
+            async fn config_log_bounds(&self) -> Result<LogBounds> {
+                let row = sqlx::query("SELECT revision, compacted_revision FROM config_head WHERE id = 1")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(LogBounds { head: row.try_get("revision")?, compacted: row.try_get("compacted_revision")? })
+            }
+
+            async fn config_changes(&self, after: i64, through: i64) -> Result<Vec<ConfigChange>> {
                 let rows = sqlx::query(
-                    "SELECT revision, kind, key, op, payload FROM config_changes WHERE revision > $1 \
-                     ORDER BY revision, kind, key LIMIT $2",
+                    "SELECT revision, kind, key, op, payload FROM config_changes \
+                     WHERE revision > $1 AND revision <= $2 ORDER BY revision, kind, key",
                 )
                 .bind(after)
-                .bind(limit)
+                .bind(through)
                 .fetch_all(&self.pool)
                 .await?;
                 rows.iter()
@@ -477,30 +529,184 @@ macro_rules! sql_store {
                     })
                     .collect()
             }
+
+            async fn config_snapshot(&self) -> Result<(i64, Vec<InstanceConfig>)> {
+                let mut tx = self.pool.begin().await?;
+                let isolation: Option<&str> = $snapshot_isolation;
+                if let Some(sql) = isolation {
+                    sqlx::query(sql).execute(&mut *tx).await?;
+                }
+                let revision: i64 =
+                    sqlx::query_scalar("SELECT revision FROM config_head WHERE id = 1").fetch_one(&mut *tx).await?;
+                let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY name");
+                let rows = sqlx::query(&sql).fetch_all(&mut *tx).await?;
+                let mut configs = Vec::with_capacity(rows.len());
+                let mut index = std::collections::HashMap::with_capacity(rows.len());
+                for row in &rows {
+                    let instance = Self::instance_from_row(row)?;
+                    index.insert(instance.id.clone(), configs.len());
+                    configs.push(InstanceConfig { instance, rules: Vec::new() });
+                }
+                let rules = sqlx::query(
+                    "SELECT id, instance_id, pattern, action, created_at FROM access_rules ORDER BY id",
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+                for row in &rules {
+                    let instance_id: String = row.try_get("instance_id")?;
+                    let Some(&i) = index.get(&instance_id) else {
+                        return Err(corrupt(format!("access rule of unknown instance {instance_id}")));
+                    };
+                    let rule = Self::rule_from_row(&configs[i].instance.name, row)?;
+                    configs[i].rules.push(rule);
+                }
+                tx.commit().await?;
+                Ok((revision, configs))
+            }
+
+            fn watch_revision(&self) -> tokio::sync::watch::Receiver<i64> {
+                self.revision.subscribe()
+            }
+
+            async fn node_connected(&self, node: &NodeRecord) -> Result<()> {
+                sqlx::query(
+                    "INSERT INTO nodes (id, address, version, applied_revision, first_seen_at, last_seen_at, connected, last_error) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     ON CONFLICT (id) DO UPDATE SET address = excluded.address, version = excluded.version, \
+                     applied_revision = excluded.applied_revision, last_seen_at = excluded.last_seen_at, \
+                     connected = excluded.connected, last_error = excluded.last_error",
+                )
+                .bind(&node.id)
+                .bind(&node.address)
+                .bind(&node.version)
+                .bind(node.applied_revision)
+                .bind(node.first_seen_at)
+                .bind(node.last_seen_at)
+                .bind(true)
+                .bind(&node.last_error)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn node_acked(&self, id: &str, revision: i64, now: i64) -> Result<()> {
+                sqlx::query("UPDATE nodes SET applied_revision = $1, last_error = '', last_seen_at = $2 WHERE id = $3")
+                    .bind(revision)
+                    .bind(now)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn node_nacked(&self, id: &str, error: &str, now: i64) -> Result<()> {
+                sqlx::query("UPDATE nodes SET last_error = $1, last_seen_at = $2 WHERE id = $3")
+                    .bind(error)
+                    .bind(now)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn node_seen(&self, id: &str, now: i64) -> Result<()> {
+                sqlx::query("UPDATE nodes SET last_seen_at = $1 WHERE id = $2").bind(now).bind(id).execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn node_disconnected(&self, id: &str, now: i64) -> Result<()> {
+                sqlx::query("UPDATE nodes SET connected = $1, last_seen_at = $2 WHERE id = $3")
+                    .bind(false)
+                    .bind(now)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
+                let sql = format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id");
+                let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+                rows.iter().map(Self::node_from_row).collect()
+            }
         }
     };
 }
 
-sql_store!(PostgresStore, sqlx::Postgres, Backend::Postgres, Some("SELECT pg_notify($1, $2)"));
-sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None);
+sql_store!(
+    PostgresStore,
+    sqlx::Postgres,
+    Backend::Postgres,
+    Some("SELECT pg_notify($1, $2)"),
+    Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+);
+sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None, None);
 
 impl PostgresStore {
-    pub async fn connect(url: &str) -> Result<Self> {
-        let options = PgConnectOptions::from_str(url)?;
+    pub async fn connect(url: &str, options: StoreOptions) -> Result<Self> {
+        let connect_options = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(connect_options)
             .await?;
-        Self::from_pool(pool).await
+        let store = Self::from_pool(pool, options).await?;
+        store.listen_for_other_control_planes().await?;
+        Ok(store)
+    }
+
+    /// Follows commits made through other control planes on the same database.
+    async fn listen_for_other_control_planes(&self) -> Result<()> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(CONFIG_NOTIFY_CHANNEL).await?;
+        let pool = self.pool.clone();
+        let revision = self.revision.clone();
+        tokio::spawn(async move {
+            let announce = |seen: i64| {
+                revision.send_if_modified(|current| {
+                    let newer = seen > *current;
+                    if newer {
+                        *current = seen;
+                    }
+                    newer
+                })
+            };
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(notification)) => {
+                        if let Ok(seen) = notification.payload().parse::<i64>() {
+                            announce(seen);
+                        }
+                    }
+                    // The connection dropped (and will be re-established): notifications may
+                    // have been missed, so catch up from the table.
+                    Ok(None) => {
+                        if let Ok(head) = sqlx::query_scalar::<_, i64>("SELECT revision FROM config_head WHERE id = 1")
+                            .fetch_one(&pool)
+                            .await
+                        {
+                            announce(head);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "config notifications interrupted; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                if revision.is_closed() && revision.receiver_count() == 0 && pool.is_closed() {
+                    break;
+                }
+            }
+        });
+        Ok(())
     }
 }
 
 impl SqliteStore {
     /// Opens (creating if missing) a SQLite database file. In-memory databases are not
     /// supported: every pooled connection would see a different one.
-    pub async fn connect(url: &str) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)?
+    pub async fn connect(url: &str, options: StoreOptions) -> Result<Self> {
+        let connect_options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -509,9 +715,9 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(connect_options)
             .await?;
-        Self::from_pool(pool).await
+        Self::from_pool(pool, options).await
     }
 }
 

@@ -78,11 +78,19 @@ impl Keyring {
     }
 
     pub fn seal(&self, context: &str, plaintext: &str) -> String {
+        self.seal_bytes(context, plaintext.as_bytes())
+    }
+
+    pub fn open(&self, context: &str, sealed: &str) -> Result<String, CryptoError> {
+        String::from_utf8(self.open_bytes(context, sealed)?).map_err(|_| CryptoError::Malformed)
+    }
+
+    pub fn seal_bytes(&self, context: &str, plaintext: &[u8]) -> String {
         let key = &self.keys[0];
         let nonce = random_bytes::<12>();
         let ciphertext = key
             .cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext.as_bytes(), aad: context.as_bytes() })
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: context.as_bytes() })
             .expect("AES-GCM-SIV encryption of an in-memory buffer cannot fail");
         let mut blob = Vec::with_capacity(12 + ciphertext.len());
         blob.extend_from_slice(&nonce);
@@ -90,7 +98,7 @@ impl Keyring {
         format!("v1.{}.{}", key.id, URL_SAFE_NO_PAD.encode(blob))
     }
 
-    pub fn open(&self, context: &str, sealed: &str) -> Result<String, CryptoError> {
+    pub fn open_bytes(&self, context: &str, sealed: &str) -> Result<Vec<u8>, CryptoError> {
         let mut parts = sealed.splitn(3, '.');
         let (Some("v1"), Some(key_id), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(CryptoError::Malformed);
@@ -102,11 +110,9 @@ impl Keyring {
             return Err(CryptoError::Malformed);
         }
         let (nonce, ciphertext) = blob.split_at(12);
-        let plaintext = key
-            .cipher
+        key.cipher
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: context.as_bytes() })
-            .map_err(|_| CryptoError::Open)?;
-        String::from_utf8(plaintext).map_err(|_| CryptoError::Malformed)
+            .map_err(|_| CryptoError::Open)
     }
 }
 
@@ -119,6 +125,14 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 /// A random URL-safe token with 256 bits of entropy.
 pub fn random_token() -> String {
     URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+}
+
+/// Compares secrets without leaking, through timing, how much of them matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub fn sha256_hex(data: &str) -> String {
@@ -184,6 +198,13 @@ mod tests {
         assert_ne!(rotated.current_key_id(), old.current_key_id());
         let only_new = Keyring::parse(&new_encoded).unwrap();
         assert!(matches!(only_new.open("c", &sealed), Err(CryptoError::UnknownKey(_))));
+    }
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"token", b"token"));
+        assert!(!constant_time_eq(b"token", b"tokeN"));
+        assert!(!constant_time_eq(b"token", b"token2"));
     }
 
     #[test]

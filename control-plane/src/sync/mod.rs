@@ -1,0 +1,321 @@
+//! The node-facing config stream (`omni.v1.NodeSyncService`).
+//!
+//! One session per connected node. It catches the node up (changes since the revision it holds
+//! when the log still has them, else a snapshot), then forwards each committed revision, whole
+//! and in order, and sends Progress when idle. It never trusts a wake-up alone: every wake-up
+//! re-reads the log. After a NACK the node keeps its previous config, and the next change is sent
+//! as a snapshot rather than as a delta the node cannot stand on.
+
+mod convert;
+
+use crate::crypto::{Keyring, constant_time_eq};
+use crate::store::{ChangeOp, ConfigChange, InstanceConfig, KIND_INSTANCE, NodeRecord, Store, now_millis};
+use omni_proto::v1::{self as pb, node_sync_service_server::NodeSyncService, watch_request, watch_response};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use convert::instance_config_to_pb;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SyncSettings {
+    /// How often an idle stream carries Progress (and the node a heartbeat).
+    pub progress_interval: Duration,
+    /// A node silent for this long is disconnected.
+    pub node_timeout: Duration,
+    /// Instances per snapshot chunk.
+    pub snapshot_chunk: usize,
+    /// At most this many revisions per Changes message.
+    pub changes_window: i64,
+    /// A node further behind than this gets a snapshot instead of the changes.
+    pub max_catch_up: i64,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            progress_interval: Duration::from_secs(10),
+            node_timeout: Duration::from_secs(35),
+            snapshot_chunk: 500,
+            changes_window: 500,
+            max_catch_up: 5_000,
+        }
+    }
+}
+
+pub struct SyncApi {
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    node_token: Arc<str>,
+    settings: SyncSettings,
+}
+
+impl SyncApi {
+    pub fn new(store: Arc<dyn Store>, keyring: Arc<Keyring>, node_token: Arc<str>, settings: SyncSettings) -> SyncApi {
+        SyncApi { store, keyring, node_token, settings }
+    }
+
+    fn check_node_token<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if constant_time_eq(presented.trim().as_bytes(), self.node_token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("the config stream needs the node token"))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl NodeSyncService for SyncApi {
+    type WatchStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.check_node_token(&request)?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+        let Some(pb::WatchRequest { kind: Some(watch_request::Kind::Hello(hello)) }) = first else {
+            return Err(Status::invalid_argument("the first message must be a hello"));
+        };
+        if hello.protocol != pb::SyncProtocol::V1 as i32 {
+            return Err(Status::failed_precondition(format!(
+                "this control plane speaks sync protocol v1, the node speaks {}",
+                hello.protocol
+            )));
+        }
+        if hello.node_id.is_empty() || hello.node_id.len() > 128 {
+            return Err(Status::invalid_argument("node_id must be 1-128 characters"));
+        }
+        let now = now_millis();
+        let node = NodeRecord {
+            id: hello.node_id.clone(),
+            address: hello.address.chars().take(256).collect(),
+            version: hello.version.chars().take(64).collect(),
+            applied_revision: hello.resume_revision,
+            first_seen_at: now,
+            last_seen_at: now,
+            connected: true,
+            last_error: String::new(),
+        };
+        self.store.node_connected(&node).await.map_err(crate::api::error::ApiError::from)?;
+        tracing::info!(node_id = %node.id, address = %node.address, resume_revision = hello.resume_revision, "node connected");
+
+        let (tx, rx) = mpsc::channel(4);
+        let session = Session {
+            node_id: node.id,
+            store: self.store.clone(),
+            keyring: self.keyring.clone(),
+            settings: self.settings,
+            tx,
+            sent: 0,
+            needs_snapshot: false,
+        };
+        tokio::spawn(session.run(hello.resume_revision, inbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Why a session ended early.
+enum End {
+    /// The node went away or stopped reading: nothing to tell it.
+    Gone,
+    /// Tell the node, then close.
+    Error(Status),
+}
+
+impl From<crate::store::StoreError> for End {
+    fn from(error: crate::store::StoreError) -> End {
+        End::Error(crate::api::error::ApiError::from(error).into())
+    }
+}
+
+impl From<crate::api::error::ApiError> for End {
+    fn from(error: crate::api::error::ApiError) -> End {
+        End::Error(error.into())
+    }
+}
+
+struct Session {
+    node_id: String,
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    settings: SyncSettings,
+    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    /// The revision the node has been sent (it may not have applied it yet).
+    sent: i64,
+    needs_snapshot: bool,
+}
+
+impl Session {
+    async fn run(mut self, resume: i64, mut inbound: Streaming<pb::WatchRequest>) {
+        let end = self.serve(resume, &mut inbound).await;
+        if let Err(End::Error(status)) = end {
+            tracing::warn!(node_id = %self.node_id, error = %status.message(), "config stream failed");
+            let _ = self.tx.send(Err(status)).await;
+        }
+        if let Err(e) = self.store.node_disconnected(&self.node_id, now_millis()).await {
+            tracing::warn!(node_id = %self.node_id, error = %e, "could not record node disconnect");
+        }
+        tracing::info!(node_id = %self.node_id, "node disconnected");
+    }
+
+    async fn serve(&mut self, resume: i64, inbound: &mut Streaming<pb::WatchRequest>) -> Result<(), End> {
+        let mut revisions = self.store.watch_revision();
+        revisions.mark_unchanged();
+        self.catch_up(resume).await?;
+        let mut progress = tokio::time::interval(self.settings.progress_interval);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        progress.tick().await;
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                changed = revisions.changed() => {
+                    if changed.is_err() {
+                        return Err(End::Gone);
+                    }
+                    self.forward_new(false).await?;
+                }
+                _ = progress.tick() => {
+                    if last_heard.elapsed() > self.settings.node_timeout {
+                        return Err(End::Error(Status::deadline_exceeded("the node stopped sending heartbeats")));
+                    }
+                    self.forward_new(true).await?;
+                }
+                message = inbound.message() => {
+                    match message {
+                        Ok(Some(message)) => {
+                            last_heard = Instant::now();
+                            self.handle(message).await?;
+                        }
+                        Ok(None) | Err(_) => return Err(End::Gone),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, message: pb::WatchRequest) -> Result<(), End> {
+        let now = now_millis();
+        match message.kind {
+            Some(watch_request::Kind::Ack(ack)) => self.store.node_acked(&self.node_id, ack.revision, now).await?,
+            Some(watch_request::Kind::Nack(nack)) => {
+                tracing::warn!(node_id = %self.node_id, revision = nack.revision, error = %nack.error, "node rejected config");
+                self.store.node_nacked(&self.node_id, &nack.error, now).await?;
+                self.needs_snapshot = true;
+            }
+            Some(watch_request::Kind::Heartbeat(_)) => self.store.node_seen(&self.node_id, now).await?,
+            Some(watch_request::Kind::Hello(_)) | None => {
+                return Err(End::Error(Status::invalid_argument("unexpected message on an open config stream")));
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&self, kind: watch_response::Kind) -> Result<(), End> {
+        self.tx.send(Ok(pb::WatchResponse { kind: Some(kind) })).await.map_err(|_| End::Gone)
+    }
+
+    /// Brings a node holding `resume` up to the head of the log.
+    async fn catch_up(&mut self, resume: i64) -> Result<(), End> {
+        let bounds = self.store.config_log_bounds().await?;
+        if resume == bounds.head && resume > 0 {
+            self.sent = resume;
+            return self.send(watch_response::Kind::Progress(pb::ConfigProgress { revision: resume })).await;
+        }
+        let resumable =
+            resume > bounds.compacted && resume < bounds.head && bounds.head - resume <= self.settings.max_catch_up;
+        if resumable {
+            self.sent = resume;
+            self.forward_new(false).await
+        } else {
+            self.send_snapshot().await
+        }
+    }
+
+    /// Sends whatever committed after `sent`; when there is nothing and `idle` is set, Progress.
+    async fn forward_new(&mut self, idle: bool) -> Result<(), End> {
+        let bounds = self.store.config_log_bounds().await?;
+        if bounds.head <= self.sent {
+            if idle {
+                self.send(watch_response::Kind::Progress(pb::ConfigProgress { revision: self.sent })).await?;
+            }
+            return Ok(());
+        }
+        if self.needs_snapshot || self.sent < bounds.compacted {
+            return self.send_snapshot().await;
+        }
+        while self.sent < bounds.head {
+            let through = bounds.head.min(self.sent + self.settings.changes_window);
+            let changes = self.store.config_changes(self.sent, through).await?;
+            // Every revision in the window must be there; a hole means the log was compacted
+            // under us, and only a snapshot is safe.
+            let mut distinct = changes.iter().map(|c| c.revision).collect::<Vec<_>>();
+            distinct.dedup();
+            if distinct.len() as i64 != through - self.sent {
+                return self.send_snapshot().await;
+            }
+            let events = self.events(&changes)?;
+            self.send(watch_response::Kind::Changes(pb::ConfigChanges {
+                from_revision: self.sent,
+                to_revision: through,
+                events,
+            }))
+            .await?;
+            self.sent = through;
+        }
+        Ok(())
+    }
+
+    fn events(&self, changes: &[ConfigChange]) -> Result<Vec<pb::ConfigEvent>, End> {
+        changes
+            .iter()
+            .filter(|c| c.kind == KIND_INSTANCE)
+            .map(|change| {
+                let kind = match change.op {
+                    ChangeOp::Delete => pb::config_event::Kind::Delete(change.key.clone()),
+                    ChangeOp::Upsert => {
+                        let payload = change.payload.as_deref().unwrap_or_default();
+                        let config: InstanceConfig = serde_json::from_str(payload).map_err(|e| {
+                            End::from(crate::store::StoreError::Corrupt(format!("change {}: {e}", change.revision)))
+                        })?;
+                        pb::config_event::Kind::Upsert(instance_config_to_pb(&config, &self.keyring)?)
+                    }
+                };
+                Ok(pb::ConfigEvent { revision: change.revision, kind: Some(kind) })
+            })
+            .collect()
+    }
+
+    async fn send_snapshot(&mut self) -> Result<(), End> {
+        let (revision, configs) = self.store.config_snapshot().await?;
+        let mut instances = configs
+            .iter()
+            .map(|c| instance_config_to_pb(c, &self.keyring))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .peekable();
+        loop {
+            let chunk: Vec<_> = instances.by_ref().take(self.settings.snapshot_chunk).collect();
+            let last = instances.peek().is_none();
+            self.send(watch_response::Kind::Snapshot(pb::SnapshotChunk { revision, instances: chunk, last })).await?;
+            if last {
+                break;
+            }
+        }
+        tracing::debug!(node_id = %self.node_id, revision, instances = configs.len(), "snapshot sent");
+        self.sent = revision;
+        self.needs_snapshot = false;
+        Ok(())
+    }
+}

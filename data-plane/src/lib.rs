@@ -1,0 +1,9 @@
+//! Omni's data-plane node. It holds no database: it streams its config from the control plane,
+//! keeps the last good config in an encrypted cache so it can start and serve while the control
+//! plane is down, and serves the node's HTTP endpoints.
+
+pub mod cache;
+pub mod config;
+pub mod http;
+pub mod node;
+pub mod sync;

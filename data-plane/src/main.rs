@@ -1,0 +1,73 @@
+use clap::Parser;
+use omni_data_plane::config::Limits;
+use omni_data_plane::node::{self, NodeOptions};
+use omni_data_plane::sync::SyncSettings;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Omni data-plane node: streams tenant config from the control plane and serves channel
+/// webhooks. Holds no database; keeps its last good config in an encrypted cache.
+///
+/// OMNI_NODE_CACHE_KEY (base64 of 32 bytes) encrypts the config cache; without it the node
+/// generates <data dir>/cache.key.
+#[derive(Debug, Parser)]
+#[command(name = "omni-data-plane", version)]
+struct Args {
+    /// gRPC address of the control plane.
+    #[arg(long, env = "OMNI_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
+    control_plane: String,
+    /// Address for webhooks, /health, /ready and /metrics.
+    #[arg(long, env = "OMNI_HTTP_LISTEN", default_value = "0.0.0.0:8882")]
+    http_listen: SocketAddr,
+    /// Node id, config cache and cache key.
+    #[arg(long, env = "OMNI_DATA_DIR", default_value = "./omni-node")]
+    data_dir: PathBuf,
+    /// The control plane's node token (default: read from the control plane's data dir).
+    #[arg(long, env = "OMNI_NODE_TOKEN", hide_env_values = true)]
+    node_token: Option<String>,
+    /// Data dir of a control plane on this machine, to read its node token from.
+    #[arg(long, env = "OMNI_CONTROL_PLANE_DATA_DIR", default_value = "./omni-data")]
+    control_plane_data_dir: PathBuf,
+    /// Node id (default: generated once and kept in the data dir).
+    #[arg(long, env = "OMNI_NODE_ID")]
+    node_id: Option<String>,
+    /// Refuse (NACK) configs with more instances than this node is sized for.
+    #[arg(long, env = "OMNI_MAX_INSTANCES", default_value_t = 1_000_000)]
+    max_instances: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let options = NodeOptions {
+        control_plane: args.control_plane,
+        http_listen: args.http_listen,
+        data_dir: args.data_dir,
+        node_token: args.node_token,
+        control_plane_data_dir: args.control_plane_data_dir,
+        node_id: args.node_id,
+        cache_key: std::env::var("OMNI_NODE_CACHE_KEY").ok().filter(|k| !k.trim().is_empty()),
+        limits: Limits { max_instances: args.max_instances },
+        sync: SyncSettings::default(),
+    };
+    node::run(options, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail at startup");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

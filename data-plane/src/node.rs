@@ -1,0 +1,139 @@
+//! Starting a node: data dir, identity, credentials, cached config, HTTP, config stream.
+
+use crate::cache::{ConfigCache, write_behind};
+use crate::config::{ConfigHandle, Limits};
+use crate::http::{NodeState, router};
+use crate::sync::{SyncClient, SyncSettings, SyncStatus};
+use omni_core::crypto::Keyring;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tonic::transport::Endpoint;
+
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub control_plane: String,
+    pub http_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub node_token: Option<String>,
+    /// Where to look for the node token of a control plane on this machine.
+    pub control_plane_data_dir: PathBuf,
+    pub node_id: Option<String>,
+    /// Base64 key for the config cache (`OMNI_NODE_CACHE_KEY`); default: `<data dir>/cache.key`.
+    pub cache_key: Option<String>,
+    pub limits: Limits,
+    pub sync: SyncSettings,
+}
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("data dir {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "no node token: pass --node-token (OMNI_NODE_TOKEN), or run beside a control plane whose data dir is {0} \
+         (it keeps the token in node-token)"
+    )]
+    NoNodeToken(PathBuf),
+    #[error("node token contains characters that cannot be sent")]
+    BadNodeToken,
+    #[error("control plane URL {0:?} is invalid")]
+    BadControlPlaneUrl(String),
+    #[error("cache key: {0}")]
+    CacheKey(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+fn data_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::DataDir { path: path.to_owned(), source }
+}
+
+/// Reads a small owner-only file, creating it with `make` when missing.
+fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let value = make();
+            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+            std::io::Write::write_all(&mut file, format!("{value}\n").as_bytes())?;
+            file.sync_all()?;
+            Ok(value)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs a node until `shutdown` resolves. Prints `omni-data-plane listening on ADDR` once the
+/// HTTP port is bound.
+pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
+    let dir = options.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(data_dir_error(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(data_dir_error(&dir))?;
+
+    let node_id = match &options.node_id {
+        Some(id) => id.clone(),
+        None => {
+            read_or_create(&dir.join("node-id"), || uuid::Uuid::new_v4().to_string()).map_err(data_dir_error(&dir))?
+        }
+    };
+    let token = match &options.node_token {
+        Some(token) => token.trim().to_owned(),
+        None => std::fs::read_to_string(options.control_plane_data_dir.join("node-token"))
+            .map(|t| t.trim().to_owned())
+            .map_err(|_| NodeError::NoNodeToken(options.control_plane_data_dir.clone()))?,
+    };
+    let token = format!("Bearer {token}").parse().map_err(|_| NodeError::BadNodeToken)?;
+    let cache_key = match &options.cache_key {
+        Some(key) => key.clone(),
+        None => read_or_create(&dir.join("cache.key"), Keyring::generate_encoded).map_err(data_dir_error(&dir))?,
+    };
+    let keyring = Keyring::parse(&cache_key).map_err(|e| NodeError::CacheKey(e.to_string()))?;
+    let cache = Arc::new(ConfigCache::new(dir.join("config.cache"), keyring));
+
+    let config = Arc::new(ConfigHandle::new());
+    if let Some(cached) = cache.load(options.limits) {
+        tracing::info!(revision = cached.revision, instances = cached.instances.len(), "serving the cached config");
+        config.store(cached);
+    }
+
+    let endpoint = Endpoint::from_shared(options.control_plane.clone())
+        .map_err(|_| NodeError::BadControlPlaneUrl(options.control_plane.clone()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+
+    let listener = tokio::net::TcpListener::bind(options.http_listen)
+        .await
+        .map_err(|source| NodeError::Bind { addr: options.http_listen, source })?;
+    let local = listener.local_addr().map_err(|source| NodeError::Bind { addr: options.http_listen, source })?;
+
+    let status = Arc::new(SyncStatus::default());
+    let client = SyncClient {
+        endpoint,
+        token,
+        node_id: node_id.clone(),
+        address: local.to_string(),
+        config: config.clone(),
+        limits: options.limits,
+        status: status.clone(),
+        settings: options.sync.clone(),
+    };
+    let sync_task = tokio::spawn(client.run());
+    let cache_task = tokio::spawn(write_behind(cache, config.clone()));
+
+    let state = Arc::new(NodeState { node_id: node_id.clone(), config, sync: status });
+    tracing::info!(%node_id, addr = %local, control_plane = %options.control_plane, "node listening");
+    println!("omni-data-plane listening on {local}");
+    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
+    sync_task.abort();
+    cache_task.abort();
+    served.map_err(NodeError::Serve)
+}

@@ -1,0 +1,204 @@
+//! The node's end of the config stream: connect, say hello with the revision held, apply what
+//! arrives (a whole revision or nothing), ACK or NACK, heartbeat, and reconnect with jittered
+//! exponential backoff when the stream breaks or goes silent.
+
+use crate::config::{ApplyError, Config, ConfigHandle, Limits};
+use omni_proto::v1::{self as pb, node_sync_service_client::NodeSyncServiceClient, watch_request, watch_response};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Endpoint;
+
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub heartbeat_interval: Duration,
+    /// The stream is considered dead when the control plane is silent this long.
+    pub silence_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            heartbeat_interval: Duration::from_secs(10),
+            silence_timeout: Duration::from_secs(35),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(15),
+        }
+    }
+}
+
+/// What the node's endpoints report about the stream.
+#[derive(Debug, Default)]
+pub struct SyncStatus {
+    pub connected: AtomicBool,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+#[derive(Debug, Error)]
+enum SessionError {
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{}", .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("the control plane was silent for {0:?}")]
+    Silent(Duration),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("resync needed: {0}")]
+    Gap(String),
+}
+
+pub struct SyncClient {
+    pub endpoint: Endpoint,
+    pub token: MetadataValue<Ascii>,
+    pub node_id: String,
+    pub address: String,
+    pub config: Arc<ConfigHandle>,
+    pub limits: Limits,
+    pub status: Arc<SyncStatus>,
+    pub settings: SyncSettings,
+}
+
+/// A delay drawn uniformly from [d/2, d], so restarted nodes do not reconnect in lockstep.
+fn jittered(d: Duration) -> Duration {
+    let random = u64::from_le_bytes(omni_core::crypto::random_bytes::<8>());
+    let fraction = 0.5 + (random as f64 / u64::MAX as f64) / 2.0;
+    d.mul_f64(fraction)
+}
+
+impl SyncClient {
+    /// Runs until the task is dropped.
+    pub async fn run(self) {
+        let mut backoff = self.settings.backoff_initial;
+        loop {
+            match self.session().await {
+                Ok(()) => {
+                    tracing::info!("control plane closed the config stream");
+                    backoff = self.settings.backoff_initial;
+                }
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "config stream down"),
+            }
+            self.status.connected.store(false, Ordering::Relaxed);
+            self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(jittered(backoff)).await;
+            backoff = (backoff * 2).min(self.settings.backoff_max);
+        }
+    }
+
+    async fn session(&self) -> Result<(), SessionError> {
+        let channel = self.endpoint.connect().await?;
+        let token = self.token.clone();
+        let mut client = NodeSyncServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert("authorization", token.clone());
+            Ok(request)
+        });
+        let (outbound, rx) = mpsc::channel(16);
+        let hello = pb::NodeHello {
+            node_id: self.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: pb::SyncProtocol::V1 as i32,
+            resume_revision: self.config.revision(),
+            address: self.address.clone(),
+        };
+        send(&outbound, watch_request::Kind::Hello(hello)).await;
+        let mut inbound = client.watch(ReceiverStream::new(rx)).await?.into_inner();
+        self.status.connected.store(true, Ordering::Relaxed);
+        tracing::info!(resume_revision = self.config.revision(), "config stream open");
+
+        let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
+        heartbeat.tick().await;
+        // A snapshot in chunks: its revision and the instances so far.
+        let mut snapshot: Option<(i64, Vec<pb::InstanceConfig>)> = None;
+        loop {
+            tokio::select! {
+                message = tokio::time::timeout(self.settings.silence_timeout, inbound.message()) => {
+                    let Some(message) = message.map_err(|_| SessionError::Silent(self.settings.silence_timeout))?? else {
+                        return Ok(());
+                    };
+                    self.handle(message, &mut snapshot, &outbound).await?;
+                }
+                _ = heartbeat.tick() => {
+                    let applied_revision = self.config.revision();
+                    send(&outbound, watch_request::Kind::Heartbeat(pb::NodeHeartbeat { applied_revision })).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        message: pb::WatchResponse,
+        snapshot: &mut Option<(i64, Vec<pb::InstanceConfig>)>,
+        outbound: &mpsc::Sender<pb::WatchRequest>,
+    ) -> Result<(), SessionError> {
+        let Some(kind) = message.kind else {
+            return Err(SessionError::Protocol("empty message".into()));
+        };
+        let (revision, applied) = match kind {
+            watch_response::Kind::Progress(_) => return Ok(()),
+            watch_response::Kind::Snapshot(chunk) => {
+                let (revision, instances) = snapshot.get_or_insert_with(|| (chunk.revision, Vec::new()));
+                if *revision != chunk.revision {
+                    return Err(SessionError::Protocol("snapshot chunks of different revisions".into()));
+                }
+                instances.extend(chunk.instances);
+                if !chunk.last {
+                    return Ok(());
+                }
+                let (revision, instances) = snapshot.take().expect("just filled");
+                (revision, Config::from_snapshot(revision, instances, self.limits))
+            }
+            watch_response::Kind::Changes(changes) => {
+                let Some(current) = self.config.load() else {
+                    return Err(SessionError::Gap("changes arrived before any snapshot".into()));
+                };
+                let revision = changes.to_revision;
+                (revision, current.apply_changes(changes, self.limits))
+            }
+        };
+        match applied {
+            Ok(config) => {
+                let instances = config.instances.len();
+                self.config.store(config);
+                self.status.acks.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(revision, instances, "config applied");
+                send(outbound, watch_request::Kind::Ack(pb::ConfigAck { revision })).await;
+            }
+            Err(ApplyError::Gap { from, held }) => {
+                return Err(SessionError::Gap(format!("changes from {from}, holding {held}")));
+            }
+            Err(ApplyError::Rejected(error)) => {
+                self.status.nacks.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(revision, %error, kept_revision = self.config.revision(), "config rejected");
+                send(outbound, watch_request::Kind::Nack(pb::ConfigNack { revision, error })).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn send(outbound: &mpsc::Sender<pb::WatchRequest>, kind: watch_request::Kind) {
+    // A closed channel means the stream is gone; the session notices on its next read.
+    let _ = outbound.send(pb::WatchRequest { kind: Some(kind) }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1000), "{d:?}");
+        }
+    }
+}
