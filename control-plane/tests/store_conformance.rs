@@ -276,25 +276,151 @@ async fn api_keys(store: Shared) {
     assert!(matches!(store.revoke_api_key("zz", 1).await, Err(StoreError::NotFound(_))));
 }
 
-async fn sqlite_store() -> (Shared, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("omni.db").display());
-    (connect(&url).await.unwrap(), dir)
+async fn snapshot_is_the_state_at_its_revision(store: Shared) {
+    let (revision, empty) = store.config_snapshot().await.unwrap();
+    assert_eq!((revision, empty.len()), (0, 0));
+    store.create_instance(&record("b-wa", Channel::Whatsapp)).await.unwrap();
+    store.create_instance(&record("a-wa", Channel::Whatsapp)).await.unwrap();
+    store.put_access_rule(&Scope::Admin, "a-wa", "+1*", Action::Block).await.unwrap();
+    store.put_access_rule(&Scope::Admin, "b-wa", "+2*", Action::Allow).await.unwrap();
+    store.put_access_rule(&Scope::Admin, "a-wa", "+3*", Action::Allow).await.unwrap();
+    let (revision, configs) = store.config_snapshot().await.unwrap();
+    assert_eq!(revision, 5);
+    assert_eq!(configs.iter().map(|c| c.instance.name.as_str()).collect::<Vec<_>>(), ["a-wa", "b-wa"]);
+    assert_eq!(configs[0].rules.iter().map(|r| r.pattern.as_str()).collect::<Vec<_>>(), ["+1*", "+3*"]);
+    assert_eq!(configs[1].rules.len(), 1);
+    assert_eq!(configs[0].instance.revision, 5);
+
+    // Snapshots taken while writers commit are each consistent: as many instances as the
+    // revision they carry says were created.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                store.create_instance(&record(&format!("w{i}"), Channel::Whatsapp)).await.unwrap();
+            }
+        })
+    };
+    for _ in 0..20 {
+        let (revision, configs) = store.config_snapshot().await.unwrap();
+        assert_eq!(configs.len() as i64, 2 + (revision - 5), "snapshot at {revision}");
+    }
+    writer.await.unwrap();
 }
 
-async fn postgres_store() -> Option<(Shared, TestDatabase)> {
-    let db = TestDatabase::create().await?;
-    Some((connect(&db.url).await.unwrap(), db))
+async fn revisions_are_announced(store: Shared) {
+    let mut watch = store.watch_revision();
+    assert_eq!(*watch.borrow_and_update(), 0);
+    store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), watch.changed()).await.unwrap().unwrap();
+    assert_eq!(*watch.borrow_and_update(), 1);
+}
+
+async fn node_registry(store: Shared) {
+    let node = NodeRecord {
+        id: "n1".into(),
+        address: "10.0.0.1:8882".into(),
+        version: "0.1.0".into(),
+        applied_revision: 3,
+        first_seen_at: 1000,
+        last_seen_at: 1000,
+        connected: true,
+        last_error: String::new(),
+    };
+    store.node_connected(&node).await.unwrap();
+    store.node_nacked("n1", "too many instances", 2000).await.unwrap();
+    let listed = store.list_nodes().await.unwrap();
+    assert_eq!(listed[0].last_error, "too many instances");
+    assert_eq!(listed[0].applied_revision, 3);
+    store.node_acked("n1", 7, 3000).await.unwrap();
+    store.node_seen("n1", 4000).await.unwrap();
+    let listed = store.list_nodes().await.unwrap();
+    assert_eq!((listed[0].applied_revision, listed[0].last_error.as_str(), listed[0].last_seen_at), (7, "", 4000));
+    store.node_disconnected("n1", 5000).await.unwrap();
+    assert!(!store.list_nodes().await.unwrap()[0].connected);
+
+    // Reconnecting keeps the first-seen time.
+    store
+        .node_connected(&NodeRecord { first_seen_at: 9000, last_seen_at: 9000, applied_revision: 8, ..node.clone() })
+        .await
+        .unwrap();
+    let again = &store.list_nodes().await.unwrap()[0];
+    assert_eq!(
+        (again.first_seen_at, again.last_seen_at, again.applied_revision, again.connected),
+        (1000, 9000, 8, true)
+    );
+}
+
+/// Opens stores on one fresh database of the backend under test.
+struct Fixture {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    _db: Option<TestDatabase>,
+}
+
+impl Fixture {
+    fn sqlite() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("omni.db").display());
+        Fixture { url, _dir: Some(dir), _db: None }
+    }
+
+    async fn postgres() -> Option<Fixture> {
+        let db = TestDatabase::create().await?;
+        Some(Fixture { url: db.url.clone(), _dir: None, _db: Some(db) })
+    }
+
+    async fn store(&self) -> Shared {
+        self.store_with(StoreOptions::default()).await
+    }
+
+    async fn store_with(&self, options: StoreOptions) -> Shared {
+        connect_with(&self.url, options).await.unwrap()
+    }
+}
+
+async fn the_change_log_is_compacted_past_its_retention(fixture: Fixture) {
+    let store = fixture.store_with(StoreOptions { change_log_retention: 3 }).await;
+    assert_eq!(store.config_log_bounds().await.unwrap(), LogBounds { head: 0, compacted: 0 });
+    for i in 0..5 {
+        store.create_instance(&record(&format!("i{i}"), Channel::Whatsapp)).await.unwrap();
+    }
+    assert_eq!(store.config_log_bounds().await.unwrap(), LogBounds { head: 5, compacted: 2 });
+    let kept: Vec<i64> = store.config_changes(0, 5).await.unwrap().iter().map(|c| c.revision).collect();
+    assert_eq!(kept, [3, 4, 5]);
+}
+
+/// Two stores on one database (two control planes): each hears of the other's commits.
+async fn other_writers_are_announced(fixture: Fixture) {
+    let a = fixture.store().await;
+    let b = fixture.store().await;
+    let mut watch = b.watch_revision();
+    watch.borrow_and_update();
+    a.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    if b.backend() == Backend::Postgres {
+        tokio::time::timeout(std::time::Duration::from_secs(5), watch.changed()).await.unwrap().unwrap();
+        assert_eq!(*watch.borrow(), 1);
+    } else {
+        // One SQLite file is one process's: nothing to announce across processes, and the
+        // sync sessions re-read the log on their progress tick regardless.
+        assert_eq!(b.config_revision().await.unwrap(), 1);
+    }
 }
 
 macro_rules! conformance {
-    ($($test:ident),+ $(,)?) => {
+    (stores: [$($test:ident),+ $(,)?], fixtures: [$($fixture_test:ident),+ $(,)?] $(,)?) => {
         mod sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    let (store, _dir) = super::sqlite_store().await;
-                    super::$test(store).await;
+                    let fixture = super::Fixture::sqlite();
+                    super::$test(fixture.store().await).await;
+                }
+            )+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $fixture_test() {
+                    super::$fixture_test(super::Fixture::sqlite()).await;
                 }
             )+
         }
@@ -302,8 +428,15 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    let Some((store, _db)) = super::postgres_store().await else { return };
-                    super::$test(store).await;
+                    let Some(fixture) = super::Fixture::postgres().await else { return };
+                    super::$test(fixture.store().await).await;
+                }
+            )+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $fixture_test() {
+                    let Some(fixture) = super::Fixture::postgres().await else { return };
+                    super::$fixture_test(fixture).await;
                 }
             )+
         }
@@ -311,13 +444,19 @@ macro_rules! conformance {
 }
 
 conformance!(
-    instance_lifecycle,
-    listing_pages_filters_and_scopes,
-    scope_hides_other_tenants,
-    access_rules,
-    every_change_is_one_revision_in_the_log,
-    concurrent_changes_get_distinct_consecutive_revisions,
-    api_keys,
+    stores: [
+        instance_lifecycle,
+        listing_pages_filters_and_scopes,
+        scope_hides_other_tenants,
+        access_rules,
+        every_change_is_one_revision_in_the_log,
+        concurrent_changes_get_distinct_consecutive_revisions,
+        api_keys,
+        snapshot_is_the_state_at_its_revision,
+        revisions_are_announced,
+        node_registry,
+    ],
+    fixtures: [the_change_log_is_compacted_past_its_retention, other_writers_are_announced],
 );
 
 /// Two control planes starting together on one fresh Postgres database both come up: the

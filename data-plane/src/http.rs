@@ -85,6 +85,12 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
         sync.nacks.load(Ordering::Relaxed).to_string(),
     );
     metric(
+        "omni_node_config_snapshots_total",
+        "counter",
+        "Full config snapshots received (resyncs).",
+        sync.snapshots.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
         "omni_node_sync_reconnects_total",
         "counter",
         "Times the config stream was reopened.",

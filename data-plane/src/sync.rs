@@ -39,6 +39,8 @@ pub struct SyncStatus {
     pub connected: AtomicBool,
     pub acks: AtomicU64,
     pub nacks: AtomicU64,
+    /// Snapshots received (full resyncs); a resume by changes does not count.
+    pub snapshots: AtomicU64,
     pub reconnects: AtomicU64,
 }
 
@@ -154,6 +156,7 @@ impl SyncClient {
                     return Ok(());
                 }
                 let (revision, instances) = snapshot.take().expect("just filled");
+                self.status.snapshots.fetch_add(1, Ordering::Relaxed);
                 (revision, Config::from_snapshot(revision, instances, self.limits))
             }
             watch_response::Kind::Changes(changes) => {

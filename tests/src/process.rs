@@ -15,6 +15,49 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A started child, its log file, and what it printed on stdout before listening.
+struct Started {
+    child: Child,
+    addr: String,
+    stdout_lines: Vec<String>,
+}
+
+/// Spawns `command` with stderr appended to `log_path`, and waits for the stdout line
+/// `<marker><address>`. A child that exits first is an `Err` carrying its log.
+async fn spawn_listening(mut command: Command, marker: &str, log_path: &Path) -> Result<Started, String> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).unwrap();
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(log)).kill_on_drop(true);
+    let mut child = command.spawn().map_err(|e| format!("spawn: {e}"))?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stdout_lines = Vec::new();
+    let startup = async {
+        while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+            if let Some(addr) = line.strip_prefix(marker) {
+                return Ok(addr.trim().to_owned());
+            }
+            stdout_lines.push(line);
+        }
+        Err("exited before listening".to_owned())
+    };
+    let addr = match tokio::time::timeout(Duration::from_secs(60), startup).await {
+        Ok(Ok(addr)) => addr,
+        Ok(Err(reason)) => {
+            let _ = child.wait().await;
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
+            return Err(format!("{reason}; its log:\n{log}"));
+        }
+        Err(_) => return Err("did not listen within 60s".to_owned()),
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Started { child, addr, stdout_lines })
+}
+
+fn send_sigterm(child: &Child) {
+    let pid = child.id().expect("running child has a pid");
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+}
+
 /// A running `omni-control-plane`, killed when dropped.
 pub struct ControlPlane {
     child: Child,
@@ -30,37 +73,38 @@ pub struct ControlPlaneOptions {
     pub database_url: Option<String>,
     pub master_key: Option<String>,
     pub bootstrap_api_key: Option<String>,
+    /// Default: a free loopback port.
+    pub listen: Option<String>,
+    pub node_token: Option<String>,
+    pub change_log_retention: Option<i64>,
+    /// Standalone mode, with the node's HTTP on this address.
+    pub embedded_http_listen: Option<String>,
 }
 
 impl ControlPlane {
-    /// Starts the binary on a free loopback port and waits until it listens.
+    /// Starts the binary and waits until it listens.
     pub async fn start(data_dir: &Path, options: &ControlPlaneOptions) -> ControlPlane {
         match Self::try_start(data_dir, options).await {
             Ok(cp) => cp,
-            Err(message) => panic!("{message}"),
+            Err(message) => panic!("omni-control-plane {message}"),
         }
     }
 
-    /// Like `start`, but a control plane that exits instead of listening is an `Err` with its log.
     pub async fn try_start(data_dir: &Path, options: &ControlPlaneOptions) -> Result<ControlPlane, String> {
         std::fs::create_dir_all(data_dir.parent().expect("data dir has a parent")).unwrap();
         let log_path = data_dir.with_extension("log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         let mut command = Command::new(binary("omni-control-plane"));
         command
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(options.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--data-dir")
             .arg(data_dir)
             .env_remove("OMNI_DATABASE_URL")
             .env_remove("OMNI_MASTER_KEY")
             .env_remove("OMNI_MASTER_KEY_FILE")
             .env_remove("OMNI_BOOTSTRAP_API_KEY")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true);
+            .env_remove("OMNI_NODE_TOKEN")
+            .env("RUST_LOG", "info");
         if let Some(url) = &options.database_url {
             command.arg("--database-url").arg(url);
         }
@@ -70,32 +114,25 @@ impl ControlPlane {
         if let Some(key) = &options.bootstrap_api_key {
             command.env("OMNI_BOOTSTRAP_API_KEY", key);
         }
-        let mut child = command.spawn().expect("spawn omni-control-plane");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut generated_admin_key = None;
-        let startup = async {
-            while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
-                if let Some(key) = line.trim().strip_prefix("export OMNI_API_KEY=") {
-                    generated_admin_key = Some(key.to_owned());
-                }
-                if let Some(addr) = line.strip_prefix("omni-control-plane listening on ") {
-                    return Ok(addr.trim().to_owned());
-                }
-            }
-            Err("exited before listening".to_owned())
-        };
-        let addr = match tokio::time::timeout(Duration::from_secs(60), startup).await {
-            Ok(Ok(addr)) => addr,
-            Ok(Err(reason)) => {
-                let _ = child.wait().await;
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(format!("omni-control-plane {reason}; its log:\n{log}"));
-            }
-            Err(_) => return Err("omni-control-plane did not listen within 60s".to_owned()),
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(ControlPlane { child, addr, data_dir: data_dir.to_owned(), log_path, generated_admin_key })
+        if let Some(token) = &options.node_token {
+            command.arg("--node-token").arg(token);
+        }
+        if let Some(retention) = options.change_log_retention {
+            command.arg("--change-log-retention").arg(retention.to_string());
+        }
+        if let Some(http) = &options.embedded_http_listen {
+            command.arg("--embedded-data-plane").arg("--http-listen").arg(http);
+        }
+        let started = spawn_listening(command, "omni-control-plane listening on ", &log_path).await?;
+        let generated_admin_key =
+            started.stdout_lines.iter().find_map(|l| l.trim().strip_prefix("export OMNI_API_KEY=").map(str::to_owned));
+        Ok(ControlPlane {
+            child: started.child,
+            addr: started.addr,
+            data_dir: data_dir.to_owned(),
+            log_path,
+            generated_admin_key,
+        })
     }
 
     pub fn url(&self) -> String {
@@ -106,20 +143,122 @@ impl ControlPlane {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Stops the process (SIGKILL) and waits for it.
+    /// The node token the control plane generated into its data dir.
+    pub fn node_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("node-token")).expect("node-token file").trim().to_owned()
+    }
+
+    /// Stops the process with SIGKILL, as a crash would.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
     }
 
     /// Asks the process to stop (SIGTERM) and waits for its exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("running child has a pid");
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        send_sigterm(&self.child);
         tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
             .expect("control plane stops within 30s of SIGTERM")
             .expect("wait for control plane")
     }
+}
+
+/// A running `omni-data-plane`, killed when dropped.
+pub struct DataPlane {
+    child: Child,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DataPlaneOptions {
+    pub control_plane: String,
+    pub node_token: String,
+    pub max_instances: Option<usize>,
+}
+
+impl DataPlane {
+    pub async fn start(data_dir: &Path, options: &DataPlaneOptions) -> DataPlane {
+        std::fs::create_dir_all(data_dir.parent().expect("data dir has a parent")).unwrap();
+        let log_path = data_dir.with_extension("log");
+        let mut command = Command::new(binary("omni-data-plane"));
+        command
+            .args(["--http-listen", "127.0.0.1:0", "--control-plane", &options.control_plane, "--node-token"])
+            .arg(&options.node_token)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env_remove("OMNI_NODE_CACHE_KEY")
+            .env("RUST_LOG", "info");
+        if let Some(max) = options.max_instances {
+            command.arg("--max-instances").arg(max.to_string());
+        }
+        match spawn_listening(command, "omni-data-plane listening on ", &log_path).await {
+            Ok(started) => {
+                DataPlane { child: started.child, addr: started.addr, data_dir: data_dir.to_owned(), log_path }
+            }
+            Err(message) => panic!("omni-data-plane {message}"),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `GET /ready`: the status code and the JSON body.
+    pub async fn ready(&self) -> (u16, serde_json::Value) {
+        let (status, body) = http_get(&self.addr, "/ready").await.expect("GET /ready");
+        (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("/ready body {body:?}: {e}")))
+    }
+
+    /// The value of an unlabelled metric from `GET /metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = http_get(&self.addr, "/metrics").await.expect("GET /metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("metric {name} missing from:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits until the node has applied `revision` (or later), and returns its /ready body.
+    pub async fn wait_for_revision(&self, revision: i64) -> serde_json::Value {
+        crate::wait_for(
+            &format!("node {} to apply revision {revision}", self.addr),
+            Duration::from_secs(15),
+            || async {
+                let (status, body) = self.ready().await;
+                (status == 200 && body["revision"].as_i64() >= Some(revision)).then_some(body)
+            },
+        )
+        .await
+    }
+
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        send_sigterm(&self.child);
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("node stops within 30s of SIGTERM")
+            .expect("wait for node")
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_owned()))
 }
 
 /// The outcome of one `omnictl` run.

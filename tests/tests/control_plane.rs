@@ -36,6 +36,7 @@ impl Hub {
                     database_url: Some(db.url.clone()),
                     master_key: Some(MASTER_KEY.into()),
                     bootstrap_api_key: Some("omni_bootstrap_0123456789abcdef0123456789abcdef".into()),
+                    ..Default::default()
                 };
                 (Some(db), options)
             }
@@ -559,6 +560,7 @@ async fn two_control_planes_share_one_postgres() {
         database_url: Some(db.url.clone()),
         master_key: Some(MASTER_KEY.into()),
         bootstrap_api_key: Some("omni_shared_0123456789abcdef0123456789abcdef".into()),
+        ..Default::default()
     };
     let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
     let (a, b) = tokio::join!(ControlPlane::start(&dir_a, &options), ControlPlane::start(&dir_b, &options));
