@@ -1,5 +1,5 @@
 use clap::Parser;
-use omni_control_plane::server::{self, Config, MasterKeySource};
+use omni_control_plane::server::{self, Config, MasterKeySource, TlsFiles};
 use omni_control_plane::store::StoreOptions;
 use omni_control_plane::sync::SyncSettings;
 use std::net::SocketAddr;
@@ -33,6 +33,12 @@ struct Args {
     /// Standalone mode: also run a data-plane node in this process.
     #[arg(long)]
     embedded_data_plane: bool,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "OMNI_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "OMNI_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// HTTP address of the embedded data plane (webhooks, /ready, /metrics).
     #[arg(long, env = "OMNI_HTTP_LISTEN", default_value = "0.0.0.0:8882")]
     http_listen: SocketAddr,
@@ -68,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         store: StoreOptions { change_log_retention: args.change_log_retention },
         sync: SyncSettings::default(),
         embedded_data_plane: args.embedded_data_plane.then_some(args.http_listen),
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
     };
     server::run(config, shutdown_signal()).await?;
     Ok(())

@@ -40,6 +40,14 @@ pub struct Config {
     pub sync: SyncSettings,
     /// Standalone mode: also run a data-plane node in this process, serving HTTP here.
     pub embedded_data_plane: Option<SocketAddr>,
+    /// Serve gRPC over TLS with this certificate chain and key (PEM files).
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Clone)]
@@ -83,6 +91,8 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("node token: {0}")]
     NodeToken(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 const MASTER_KEY_FILE: &str = "master.key";
@@ -219,17 +229,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    let mut server = tonic::transport::Server::builder();
+    let mut tls_cert_pem = None;
+    if let Some(tls) = &config.tls {
+        let read =
+            |path: &PathBuf| std::fs::read(path).map_err(|e| StartError::Tls(format!("{}: {e}", path.display())));
+        let (cert, key) = (read(&tls.cert)?, read(&tls.key)?);
+        let identity = tonic::transport::Identity::from_pem(&cert, key);
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        tls_cert_pem = Some(cert);
+    }
+
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
     let local = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
-    tracing::info!(addr = %local, "gRPC API listening");
+    tracing::info!(addr = %local, tls = config.tls.is_some(), "gRPC API listening");
     println!("omni-control-plane listening on {local}");
 
     let embedded = config.embedded_data_plane.map(|http_listen| {
         let loopback = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local.port());
         let control_plane = if local.ip().is_unspecified() { loopback } else { local };
+        // With TLS the embedded node checks the certificate like any client: it trusts the
+        // control plane's own certificate (self-signed deployments) for the name "localhost".
+        let control_plane = match &tls_cert_pem {
+            Some(_) => format!("https://localhost:{}", control_plane.port()),
+            None => format!("http://{control_plane}"),
+        };
         let options = omni_data_plane::node::NodeOptions {
-            control_plane: format!("http://{control_plane}"),
+            control_plane,
+            ca_cert_pem: tls_cert_pem.clone(),
             http_listen,
             data_dir: config.data_dir.join("node"),
             node_token: Some(node_token.to_string()),
@@ -242,7 +272,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         tokio::spawn(omni_data_plane::node::run(options, until_stopped(stopped.clone())))
     });
 
-    tonic::transport::Server::builder()
+    server
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

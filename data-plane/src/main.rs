@@ -16,6 +16,9 @@ struct Args {
     /// gRPC address of the control plane.
     #[arg(long, env = "OMNI_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
     control_plane: String,
+    /// CA certificate (PEM) to trust for an https:// control plane, besides the public roots.
+    #[arg(long, env = "OMNI_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Address for webhooks, /health, /ready and /metrics.
     #[arg(long, env = "OMNI_HTTP_LISTEN", default_value = "0.0.0.0:8882")]
     http_listen: SocketAddr,
@@ -47,8 +50,13 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    let ca_cert_pem = match &args.ca_cert {
+        Some(path) => Some(std::fs::read(path).map_err(|e| anyhow::anyhow!("--ca-cert {}: {e}", path.display()))?),
+        None => None,
+    };
     let options = NodeOptions {
         control_plane: args.control_plane,
+        ca_cert_pem,
         http_listen: args.http_listen,
         data_dir: args.data_dir,
         node_token: args.node_token,

@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use tonic::transport::Endpoint;
 
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
     pub control_plane: String,
+    /// A CA certificate (PEM) to trust for an `https://` control plane.
+    pub ca_cert_pem: Option<Vec<u8>>,
     pub http_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub node_token: Option<String>,
@@ -40,8 +41,8 @@ pub enum NodeError {
     NoNodeToken(PathBuf),
     #[error("node token contains characters that cannot be sent")]
     BadNodeToken,
-    #[error("control plane URL {0:?} is invalid")]
-    BadControlPlaneUrl(String),
+    #[error("control plane {0}")]
+    ControlPlaneEndpoint(#[from] omni_proto::client::EndpointError),
     #[error("cache key: {0}")]
     CacheKey(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -102,8 +103,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         config.store(cached);
     }
 
-    let endpoint = Endpoint::from_shared(options.control_plane.clone())
-        .map_err(|_| NodeError::BadControlPlaneUrl(options.control_plane.clone()))?
+    let endpoint = omni_proto::client::endpoint(&options.control_plane, options.ca_cert_pem.as_deref())?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))

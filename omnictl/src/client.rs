@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 #[derive(Clone)]
@@ -30,7 +30,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn connect(server: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
+    pub async fn connect(
+        server: &str,
+        ca_cert: Option<&std::path::Path>,
+        api_key: Option<&str>,
+    ) -> anyhow::Result<Client> {
         let api_key = api_key
             .filter(|k| !k.trim().is_empty())
             .ok_or_else(|| anyhow::anyhow!("no API key: set OMNI_API_KEY or pass --api-key"))?;
@@ -38,8 +42,12 @@ impl Client {
             .parse()
             .map_err(|_| anyhow::anyhow!("the API key contains characters that cannot be sent"))?;
         header.set_sensitive(true);
-        let channel = Endpoint::from_shared(server.to_owned())
-            .map_err(|_| anyhow::anyhow!("--server {server:?} is not a valid URL"))?
+        let ca_pem = match ca_cert {
+            Some(path) => Some(std::fs::read(path).map_err(|e| anyhow::anyhow!("--ca-cert {}: {e}", path.display()))?),
+            None => None,
+        };
+        let channel = omni_proto::client::endpoint(server, ca_pem.as_deref())
+            .map_err(|e| anyhow::anyhow!("--server {e}"))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .connect()

@@ -18,6 +18,9 @@ struct Cli {
     /// Control plane gRPC address.
     #[arg(long, global = true, env = "OMNI_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
+    /// CA certificate (PEM) to trust for an https:// server, besides the public roots.
+    #[arg(long, global = true, env = "OMNI_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     /// API key (admin, or scoped to instance patterns).
     #[arg(long, global = true, env = "OMNI_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -48,7 +51,7 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = async {
-        let client = client::Client::connect(&cli.server, cli.api_key.as_deref()).await?;
+        let client = client::Client::connect(&cli.server, cli.ca_cert.as_deref(), cli.api_key.as_deref()).await?;
         match cli.command {
             Command::Instance(command) => instance::run(*command, &client, cli.output).await,
             Command::Access(command) => access::run(command, &client, cli.output).await,

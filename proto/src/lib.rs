@@ -9,4 +9,6 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of every Omni proto, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/omni_descriptor.bin"));
 
+pub mod client;
+
 pub use prost_types::{FieldMask, Timestamp};

@@ -79,6 +79,8 @@ pub struct ControlPlaneOptions {
     pub change_log_retention: Option<i64>,
     /// Standalone mode, with the node's HTTP on this address.
     pub embedded_http_listen: Option<String>,
+    /// Serve TLS with this certificate and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl ControlPlane {
@@ -119,6 +121,9 @@ impl ControlPlane {
         }
         if let Some(retention) = options.change_log_retention {
             command.arg("--change-log-retention").arg(retention.to_string());
+        }
+        if let Some((cert, key)) = &options.tls {
+            command.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
         if let Some(http) = &options.embedded_http_listen {
             command.arg("--embedded-data-plane").arg("--http-listen").arg(http);
@@ -176,6 +181,7 @@ pub struct DataPlaneOptions {
     pub control_plane: String,
     pub node_token: String,
     pub max_instances: Option<usize>,
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl DataPlane {
@@ -190,6 +196,9 @@ impl DataPlane {
             .arg(data_dir)
             .env_remove("OMNI_NODE_CACHE_KEY")
             .env("RUST_LOG", "info");
+        if let Some(ca) = &options.ca_cert {
+            command.arg("--ca-cert").arg(ca);
+        }
         if let Some(max) = options.max_instances {
             command.arg("--max-instances").arg(max.to_string());
         }

@@ -204,7 +204,12 @@ async fn a_nacked_change_leaves_the_node_on_its_previous_revision() {
     let key = admin_key(&cp);
     let node = DataPlane::start(
         &dir.path().join("n1"),
-        &DataPlaneOptions { control_plane: cp.url(), node_token: cp.node_token(), max_instances: Some(1) },
+        &DataPlaneOptions {
+            control_plane: cp.url(),
+            node_token: cp.node_token(),
+            max_instances: Some(1),
+            ..Default::default()
+        },
     )
     .await;
     let accepted = create(&cp, &key, "acme-wa").await;
