@@ -83,24 +83,31 @@ impl ConfigCache {
 }
 
 /// Keeps the cache at the latest applied revision. Writes are coalesced: if several revisions
-/// apply while one is being written, only the newest is written next.
-pub async fn write_behind(cache: Arc<ConfigCache>, handle: Arc<crate::config::ConfigHandle>) {
+/// apply while one is being written, only the newest is written next. When `stop` fires, the
+/// latest revision is written (if it is not yet) before returning.
+pub async fn write_behind(
+    cache: Arc<ConfigCache>,
+    handle: Arc<crate::config::ConfigHandle>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut applied = handle.subscribe();
     let mut written = handle.revision();
     loop {
-        if applied.changed().await.is_err() {
+        let stopping = tokio::select! {
+            changed = applied.changed() => changed.is_err(),
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        if let Some(config) = handle.load().filter(|c| c.revision != written) {
+            let cache = cache.clone();
+            let revision = config.revision;
+            match tokio::task::spawn_blocking(move || cache.save(&config)).await {
+                Ok(Ok(())) => written = revision,
+                Ok(Err(e)) => tracing::warn!(error = %e, revision, "could not write the config cache"),
+                Err(e) => tracing::warn!(error = %e, "config cache writer panicked"),
+            }
+        }
+        if stopping {
             return;
-        }
-        let Some(config) = handle.load() else { continue };
-        if config.revision == written {
-            continue;
-        }
-        let cache = cache.clone();
-        let revision = config.revision;
-        match tokio::task::spawn_blocking(move || cache.save(&config)).await {
-            Ok(Ok(())) => written = revision,
-            Ok(Err(e)) => tracing::warn!(error = %e, revision, "could not write the config cache"),
-            Err(e) => tracing::warn!(error = %e, "config cache writer panicked"),
         }
     }
 }

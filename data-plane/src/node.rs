@@ -127,13 +127,16 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         settings: options.sync.clone(),
     };
     let sync_task = tokio::spawn(client.run());
-    let cache_task = tokio::spawn(write_behind(cache, config.clone()));
+    let (stop_cache, cache_stopped) = tokio::sync::watch::channel(false);
+    let cache_task = tokio::spawn(write_behind(cache, config.clone(), cache_stopped));
 
     let state = Arc::new(NodeState { node_id: node_id.clone(), config, sync: status });
     tracing::info!(%node_id, addr = %local, control_plane = %options.control_plane, "node listening");
     println!("omni-data-plane listening on {local}");
     let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
     sync_task.abort();
-    cache_task.abort();
+    // Leave the latest applied config on disk for the next start.
+    let _ = stop_cache.send(true);
+    let _ = cache_task.await;
     served.map_err(NodeError::Serve)
 }

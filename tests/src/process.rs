@@ -6,13 +6,15 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// Path of a workspace binary, built next to the test executables by `cargo test --workspace`.
+/// Path of a workspace binary of the same build profile as the running executable: beside it
+/// (a benchmark in target/release) or one level up (a test in target/<profile>/deps).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run the tests with `cargo test --workspace`", path.display());
-    path
+    let exe = std::env::current_exe().expect("own executable path");
+    let here = exe.parent().expect("executable's directory");
+    let candidates = [here.join(name), here.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!("{name} is missing next to {}: build the workspace first (`cargo test --workspace` builds it for the tests, `cargo build --release --workspace` for benchmarks)", exe.display())
+    })
 }
 
 /// A started child, its log file, and what it printed on stdout before listening.
@@ -212,6 +214,10 @@ impl DataPlane {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// `GET /ready`: the status code and the JSON body.

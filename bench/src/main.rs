@@ -1,0 +1,29 @@
+//! `omni-bench`: measures Omni's real binaries and prints the figures.
+//!
+//! Build everything in release mode first: `cargo build --release --workspace`, then run
+//! `./target/release/omni-bench sync`.
+
+mod stats;
+mod sync;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "omni-bench", about = "Benchmarks of Omni's real binaries")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Config propagation to nodes, snapshot time and size, node memory and startup from cache.
+    Sync(sync::Options),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().bench {
+        Bench::Sync(options) => sync::run(options).await,
+    }
+}
