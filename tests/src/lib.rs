@@ -5,6 +5,23 @@ pub mod postgres;
 pub mod process;
 
 use std::future::Future;
+
+/// Agent and Evolution keys of the instances `create_whatsapp` makes.
+pub const AGENT_KEY: &str = "agent-secret-0123456789";
+pub const EVOLUTION_KEY: &str = "evolution-key-abcdefghij";
+
+/// `omnictl instance create NAME` for a WhatsApp instance with `AGENT_KEY` and `EVOLUTION_KEY`;
+/// returns the JSON answer (the instance and its webhook token).
+pub async fn create_whatsapp(server: &str, api_key: &str, name: &str) -> serde_json::Value {
+    #[rustfmt::skip]
+    let args = [
+        "instance", "create", name, "--channel", "whatsapp",
+        "--agent-url", "http://127.0.0.1:9000", "--agent-key", AGENT_KEY,
+        "--evolution-url", "http://127.0.0.1:8080", "--evolution-key", EVOLUTION_KEY,
+        "--evolution-instance", "acme", "-o", "json",
+    ];
+    process::omnictl(server, api_key, &args).await.json()
+}
 use std::time::{Duration, Instant};
 
 /// Polls `check` until it yields a value or `timeout` passes (then panics with `what`).

@@ -55,9 +55,14 @@ async fn spawn_listening(mut command: Command, marker: &str, log_path: &Path) ->
     Ok(Started { child, addr, stdout_lines })
 }
 
-fn send_sigterm(child: &Child) {
+/// Asks a child to stop (SIGTERM) and waits for its exit status.
+async fn terminate(child: &mut Child, what: &str) -> std::process::ExitStatus {
     let pid = child.id().expect("running child has a pid");
     let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not stop within 30s of SIGTERM"))
+        .unwrap_or_else(|e| panic!("waiting for {what}: {e}"))
 }
 
 /// A running `omni-control-plane`, killed when dropped.
@@ -162,11 +167,7 @@ impl ControlPlane {
 
     /// Asks the process to stop (SIGTERM) and waits for its exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        send_sigterm(&self.child);
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("control plane stops within 30s of SIGTERM")
-            .expect("wait for control plane")
+        terminate(&mut self.child, "omni-control-plane").await
     }
 }
 
@@ -255,11 +256,7 @@ impl DataPlane {
     }
 
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        send_sigterm(&self.child);
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("node stops within 30s of SIGTERM")
-            .expect("wait for node")
+        terminate(&mut self.child, "omni-data-plane").await
     }
 }
 

@@ -31,30 +31,7 @@ async fn start_node(dir: &Path, name: &str, cp: &ControlPlane) -> DataPlane {
 
 /// Creates a WhatsApp instance and returns the revision of the change.
 async fn create(cp: &ControlPlane, key: &str, name: &str) -> i64 {
-    let created = omnictl(
-        &cp.url(),
-        key,
-        &[
-            "instance",
-            "create",
-            name,
-            "--channel",
-            "whatsapp",
-            "--agent-url",
-            "http://127.0.0.1:9000",
-            "--agent-key",
-            "agent-key-0123456789",
-            "--evolution-url",
-            "http://127.0.0.1:8080",
-            "--evolution-key",
-            "evo-key",
-            "-o",
-            "json",
-        ],
-    )
-    .await
-    .json();
-    created["instance"]["revision"].as_i64().unwrap()
+    omni_tests::create_whatsapp(&cp.url(), key, name).await["instance"]["revision"].as_i64().unwrap()
 }
 
 async fn update_timeout(cp: &ControlPlane, key: &str, name: &str, secs: u32) -> i64 {
@@ -150,7 +127,7 @@ async fn nodes_ride_out_a_control_plane_outage() {
     // Restarted while the control plane is down: ready at once, from the encrypted cache.
     node.terminate().await;
     let cache = std::fs::read(dir.path().join("n1/config.cache")).unwrap();
-    assert!(!String::from_utf8_lossy(&cache).contains("agent-key-0123456789"), "the cache is encrypted");
+    assert!(!String::from_utf8_lossy(&cache).contains(omni_tests::AGENT_KEY), "the cache is encrypted");
     let node = DataPlane::start(
         &dir.path().join("n1"),
         &DataPlaneOptions { control_plane: cp_url, node_token: token, ..Default::default() },

@@ -6,8 +6,7 @@ use sqlx::{Connection, PgConnection};
 use std::os::unix::fs::PermissionsExt;
 use tempfile::TempDir;
 
-const AGENT_KEY: &str = "agent-secret-0123456789";
-const EVOLUTION_KEY: &str = "evolution-key-abcdefghij";
+use omni_tests::{AGENT_KEY, EVOLUTION_KEY};
 /// A fixed master key for Postgres runs (base64 of 32 bytes).
 const MASTER_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
@@ -58,27 +57,7 @@ impl Hub {
     }
 
     async fn create_whatsapp(&self, name: &str) -> serde_json::Value {
-        self.ctl(&[
-            "instance",
-            "create",
-            name,
-            "--channel",
-            "whatsapp",
-            "--agent-url",
-            "http://127.0.0.1:9000",
-            "--agent-key",
-            AGENT_KEY,
-            "--evolution-url",
-            "http://127.0.0.1:8080",
-            "--evolution-key",
-            EVOLUTION_KEY,
-            "--evolution-instance",
-            "acme",
-            "-o",
-            "json",
-        ])
-        .await
-        .json()
+        omni_tests::create_whatsapp(&self.cp.url(), &self.admin, name).await
     }
 
     /// Everything the database holds, as text.
@@ -565,27 +544,7 @@ async fn two_control_planes_share_one_postgres() {
     let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
     let (a, b) = tokio::join!(ControlPlane::start(&dir_a, &options), ControlPlane::start(&dir_b, &options));
     let key = options.bootstrap_api_key.as_deref().unwrap();
-    omnictl(
-        &a.url(),
-        key,
-        &[
-            "instance",
-            "create",
-            "acme-wa",
-            "--channel",
-            "whatsapp",
-            "--agent-url",
-            "http://127.0.0.1:9000",
-            "--agent-key",
-            AGENT_KEY,
-            "--evolution-url",
-            "http://127.0.0.1:8080",
-            "--evolution-key",
-            EVOLUTION_KEY,
-        ],
-    )
-    .await
-    .ok();
+    omni_tests::create_whatsapp(&a.url(), key, "acme-wa").await;
     let through_b = omnictl(&b.url(), key, &["instance", "get", "acme-wa", "-o", "json"]).await.json();
     assert_eq!(through_b["agent"]["key"]["last4"], "6789");
     let keys = omnictl(&b.url(), key, &["apikey", "list", "-o", "json"]).await.json();

@@ -351,6 +351,16 @@ pub fn webhook_path(channel: Channel, name: &str) -> String {
     }
 }
 
+pub fn behavior_to_pb(behavior: &BehaviorSpec) -> pb::Behavior {
+    pb::Behavior {
+        split_limit: behavior.split_limit,
+        reply_to_all_group_messages: behavior.reply_to_all_group_messages,
+        typing_indicator: Some(behavior.typing_indicator),
+        fallback_text: behavior.fallback_text.clone(),
+        max_message_age_seconds: behavior.max_message_age_secs,
+    }
+}
+
 /// The API view of a stored instance: secrets only as set/last-4.
 pub fn instance_to_pb(record: &InstanceRecord, keyring: &Keyring) -> pb::Instance {
     let secrets = Secrets { keyring, instance_id: &record.id };
@@ -405,13 +415,7 @@ pub fn instance_to_pb(record: &InstanceRecord, keyring: &Keyring) -> pb::Instanc
         evolution,
         discord,
         slack,
-        behavior: Some(pb::Behavior {
-            split_limit: spec.behavior.split_limit,
-            reply_to_all_group_messages: spec.behavior.reply_to_all_group_messages,
-            typing_indicator: Some(spec.behavior.typing_indicator),
-            fallback_text: spec.behavior.fallback_text.clone(),
-            max_message_age_seconds: spec.behavior.max_message_age_secs,
-        }),
+        behavior: Some(behavior_to_pb(&spec.behavior)),
         require_webhook_token: Some(spec.require_webhook_token),
         webhook_path: webhook_path(record.channel, &record.name),
         create_time: Some(timestamp(record.created_at)),

@@ -1,7 +1,7 @@
 //! Stored instance configs → what nodes receive (secrets opened for the authenticated stream).
 
 use crate::api::error::ApiResult;
-use crate::api::spec::{Secrets, action_to_pb, channel_to_pb, protocol_to_pb};
+use crate::api::spec::{Secrets, action_to_pb, behavior_to_pb, channel_to_pb, protocol_to_pb};
 use crate::crypto::Keyring;
 use crate::store::{InstanceConfig, Sealed};
 use omni_proto::v1 as pb;
@@ -43,13 +43,7 @@ pub fn instance_config_to_pb(config: &InstanceConfig, keyring: &Keyring) -> ApiR
             signing_secret: open("slack.signing_secret", &spec.slack.signing_secret)?,
             bot_user_id: spec.slack.bot_user_id.clone(),
         }),
-        behavior: Some(pb::Behavior {
-            split_limit: spec.behavior.split_limit,
-            reply_to_all_group_messages: spec.behavior.reply_to_all_group_messages,
-            typing_indicator: Some(spec.behavior.typing_indicator),
-            fallback_text: spec.behavior.fallback_text.clone(),
-            max_message_age_seconds: spec.behavior.max_message_age_secs,
-        }),
+        behavior: Some(behavior_to_pb(&spec.behavior)),
         webhook_token: secrets.open("webhook_token", &spec.webhook_token)?,
         require_webhook_token: spec.require_webhook_token,
         rules: config
