@@ -5,6 +5,7 @@ use crate::api::access::AccessApi;
 use crate::api::api_keys::ApiKeyApi;
 use crate::api::instances::InstanceApi;
 use crate::api::nodes::NodeApi;
+use crate::api::traces::TraceApi;
 use crate::auth::{Authenticator, Bootstrap, ensure_bootstrap_key};
 use crate::crypto::random_token;
 use crate::crypto::{CryptoError, Keyring};
@@ -15,6 +16,7 @@ use omni_proto::v1::api_key_service_server::ApiKeyServiceServer;
 use omni_proto::v1::instance_service_server::InstanceServiceServer;
 use omni_proto::v1::node_service_server::NodeServiceServer;
 use omni_proto::v1::node_sync_service_server::NodeSyncServiceServer;
+use omni_proto::v1::trace_service_server::TraceServiceServer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -223,6 +225,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     health.set_serving::<AccessServiceServer<AccessApi>>().await;
     health.set_serving::<ApiKeyServiceServer<ApiKeyApi>>().await;
     health.set_serving::<NodeServiceServer<NodeApi>>().await;
+    health.set_serving::<TraceServiceServer<TraceApi>>().await;
     health.set_serving::<NodeSyncServiceServer<SyncApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(omni_proto::FILE_DESCRIPTOR_SET)
@@ -281,7 +284,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .add_service(InstanceServiceServer::new(InstanceApi::new(ctx.clone())))
         .add_service(AccessServiceServer::new(AccessApi::new(ctx.clone())))
         .add_service(ApiKeyServiceServer::new(ApiKeyApi::new(ctx.clone())))
-        .add_service(NodeServiceServer::new(NodeApi::new(ctx)))
+        .add_service(NodeServiceServer::new(NodeApi::new(ctx.clone())))
+        .add_service(TraceServiceServer::new(TraceApi::new(ctx)))
         .add_service(NodeSyncServiceServer::new(sync))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), until_stopped(stopped))
         .await?;

@@ -351,6 +351,98 @@ async fn node_registry(store: Shared) {
     );
 }
 
+fn trace_event(trace: &str, instance_id: &str, seq: i64, stage: &str, status: &str) -> TraceEventRecord {
+    TraceEventRecord {
+        trace_id: trace.into(),
+        seq,
+        instance_id: instance_id.into(),
+        stage: stage.into(),
+        at: 1_000 + seq * 10,
+        status: status.into(),
+        ..Default::default()
+    }
+}
+
+fn header(sender: &str, name: &str) -> TraceHeaderRecord {
+    TraceHeaderRecord {
+        channel: "whatsapp".into(),
+        external_id: "3EB0".into(),
+        conversation_id: format!("{sender}@s.whatsapp.net"),
+        sender: sender.into(),
+        sender_name: name.into(),
+        user_id: format!("user-{sender}"),
+        message_type: "conversation".into(),
+        text: "hello".into(),
+        received_at: 1_000,
+    }
+}
+
+async fn traces_are_stored_once_and_scoped(store: Shared) {
+    let acme = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let other = store.create_instance(&record("other-wa", Channel::Whatsapp)).await.unwrap();
+    let first = vec![
+        TraceEventRecord {
+            header: Some(header("5511", "Maria")),
+            ..trace_event("t1", &acme.id, 0, "received", "received")
+        },
+        trace_event("t1", &acme.id, 1, "access", "processing"),
+        TraceEventRecord { agent_ms: 120, ..trace_event("t1", &acme.id, 2, "agent_response", "processing") },
+        trace_event("t1", &acme.id, 3, "completed", "completed"),
+    ];
+    assert_eq!(store.ingest_trace_events("n1", &first).await.unwrap(), 4);
+    // A resent batch, and a late copy of an early stage, change nothing.
+    assert_eq!(store.ingest_trace_events("n1", &first).await.unwrap(), 0);
+    assert_eq!(store.ingest_trace_events("n1", &first[1..2]).await.unwrap(), 0);
+
+    let failed = vec![
+        TraceEventRecord { header: Some(header("5511", "")), ..trace_event("t2", &acme.id, 0, "received", "received") },
+        TraceEventRecord {
+            error: "agent timed out after 60s".into(),
+            ..trace_event("t2", &acme.id, 1, "agent_request", "failed")
+        },
+    ];
+    store.ingest_trace_events("n1", &failed).await.unwrap();
+    let elsewhere = vec![TraceEventRecord {
+        header: Some(header("5522", "Jo")),
+        ..trace_event("t3", &other.id, 0, "received", "ignored")
+    }];
+    store.ingest_trace_events("n2", &elsewhere).await.unwrap();
+
+    let all = store.list_traces(&Scope::Admin, &TraceQuery { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(all.len(), 3);
+    let acme_only =
+        store.list_traces(&scoped(&["acme-*"]), &TraceQuery { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(acme_only.iter().map(|t| t.id.as_str()).collect::<Vec<_>>().len(), 2);
+    assert!(acme_only.iter().all(|t| t.instance == "acme-wa"));
+    let failures = store
+        .list_traces(&Scope::Admin, &TraceQuery { status: Some("failed".into()), limit: 10, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(
+        (failures[0].error_stage.as_str(), failures[0].error.as_str()),
+        ("agent_request", "agent timed out after 60s")
+    );
+
+    let (t1, stages) = store.get_trace(&Scope::Admin, "t1").await.unwrap();
+    assert_eq!((t1.status.as_str(), t1.agent_ms, t1.node_id.as_str()), ("completed", 120, "n1"));
+    assert_eq!(
+        stages.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>(),
+        ["received", "access", "agent_response", "completed"]
+    );
+    let hidden = store.get_trace(&scoped(&["acme-*"]), "t3").await;
+    assert!(matches!(hidden, Err(StoreError::NotFound(_))), "{hidden:?}");
+
+    // Two messages from one sender: one user, counted twice, keeping the name it had.
+    let users = store.list_users(&Scope::Admin, "acme-wa").await.unwrap();
+    assert_eq!(users.len(), 1);
+    assert_eq!(
+        (users[0].identity.as_str(), users[0].display_name.as_str(), users[0].message_count),
+        ("5511", "Maria", 2)
+    );
+    assert!(matches!(store.list_users(&scoped(&["acme-*"]), "other-wa").await, Err(StoreError::NotFound(_))));
+}
+
 /// Opens stores on one fresh database of the backend under test.
 struct Fixture {
     url: String,
@@ -455,6 +547,7 @@ conformance!(
         snapshot_is_the_state_at_its_revision,
         revisions_are_announced,
         node_registry,
+        traces_are_stored_once_and_scoped,
     ],
     fixtures: [the_change_log_is_compacted_past_its_retention, other_writers_are_announced],
 );

@@ -4,6 +4,7 @@ use omni_proto::v1::access_service_client::AccessServiceClient;
 use omni_proto::v1::api_key_service_client::ApiKeyServiceClient;
 use omni_proto::v1::instance_service_client::InstanceServiceClient;
 use omni_proto::v1::node_service_client::NodeServiceClient;
+use omni_proto::v1::trace_service_client::TraceServiceClient;
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
@@ -70,6 +71,10 @@ impl Client {
 
     pub fn nodes(&self) -> NodeServiceClient<Authed> {
         NodeServiceClient::with_interceptor(self.channel.clone(), self.key.clone())
+    }
+
+    pub fn traces(&self) -> TraceServiceClient<Authed> {
+        TraceServiceClient::with_interceptor(self.channel.clone(), self.key.clone())
     }
 
     /// Turns a failed call into one readable line.

@@ -7,6 +7,7 @@ mod client;
 mod instance;
 mod node;
 mod output;
+mod trace;
 
 use clap::{Parser, Subcommand};
 use output::Format;
@@ -45,6 +46,12 @@ enum Command {
     /// Data-plane nodes and the config revision each has applied.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// What happened to each message, stage by stage.
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
+    /// The people who wrote to an instance.
+    #[command(subcommand)]
+    User(trace::UserCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -57,6 +64,8 @@ async fn main() -> ExitCode {
             Command::Access(command) => access::run(command, &client, cli.output).await,
             Command::Apikey(command) => apikey::run(command, &client, cli.output).await,
             Command::Node(command) => node::run(command, &client, cli.output).await,
+            Command::Trace(command) => trace::run(command, &client, cli.output).await,
+            Command::User(command) => trace::run_users(command, &client, cli.output).await,
         }
     }
     .await;

@@ -6,6 +6,7 @@ pub mod error;
 pub mod instances;
 pub mod nodes;
 pub mod spec;
+pub mod traces;
 
 use crate::auth::Authenticator;
 use crate::crypto::Keyring;

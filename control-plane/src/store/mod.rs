@@ -139,6 +139,15 @@ pub trait Store: Send + Sync + 'static {
     async fn node_seen(&self, id: &str, now: i64) -> Result<()>;
     async fn node_disconnected(&self, id: &str, now: i64) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
+
+    // Traces and the users they reveal.
+    /// Stores reported stages; a stage already stored is skipped. A first stage creates its
+    /// trace and counts a message for its sender. Returns how many events were new.
+    async fn ingest_trace_events(&self, node_id: &str, events: &[TraceEventRecord]) -> Result<usize>;
+    /// Newest first.
+    async fn list_traces(&self, scope: &Scope, query: &TraceQuery) -> Result<Vec<TraceRecord>>;
+    async fn get_trace(&self, scope: &Scope, id: &str) -> Result<(TraceRecord, Vec<TraceStageRecord>)>;
+    async fn list_users(&self, scope: &Scope, instance: &str) -> Result<Vec<UserRecord>>;
 }
 
 /// Unix time in milliseconds.

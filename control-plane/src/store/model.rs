@@ -208,3 +208,86 @@ impl Default for StoreOptions {
         StoreOptions { change_log_retention: 10_000 }
     }
 }
+
+/// A trace as listed: the message and where it stands.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TraceRecord {
+    pub id: String,
+    /// The instance's name (traces are stored against its id).
+    pub instance: String,
+    pub channel: String,
+    pub external_id: String,
+    pub conversation_id: String,
+    pub sender: String,
+    pub sender_name: String,
+    pub user_id: String,
+    pub message_type: String,
+    pub text: String,
+    pub status: String,
+    pub error_stage: String,
+    pub error: String,
+    pub received_at: i64,
+    pub updated_at: i64,
+    pub agent_ms: i64,
+    pub node_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceStageRecord {
+    pub seq: i64,
+    pub stage: String,
+    pub at: i64,
+    pub duration_ms: i64,
+    pub detail: String,
+    pub payload: String,
+}
+
+/// One reported stage. The first stage of a trace (seq 0) carries its header.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TraceEventRecord {
+    pub trace_id: String,
+    pub seq: i64,
+    pub instance_id: String,
+    pub stage: String,
+    pub at: i64,
+    pub status: String,
+    pub detail: String,
+    pub duration_ms: i64,
+    pub payload: String,
+    pub error: String,
+    pub agent_ms: i64,
+    pub header: Option<TraceHeaderRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TraceHeaderRecord {
+    pub channel: String,
+    pub external_id: String,
+    pub conversation_id: String,
+    pub sender: String,
+    pub sender_name: String,
+    pub user_id: String,
+    pub message_type: String,
+    pub text: String,
+    pub received_at: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TraceQuery {
+    pub instance: Option<String>,
+    pub status: Option<String>,
+    /// Received at or after (unix ms).
+    pub since: Option<i64>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRecord {
+    pub id: String,
+    pub instance: String,
+    pub identity: String,
+    pub display_name: String,
+    pub first_seen_at: i64,
+    pub last_seen_at: i64,
+    pub message_count: i64,
+}

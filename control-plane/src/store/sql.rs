@@ -72,6 +72,10 @@ fn decode_scope(admin: bool, patterns: &str) -> Result<Scope> {
     serde_json::from_str(patterns).map(Scope::Instances).map_err(|e| corrupt(format!("api key patterns: {e}")))
 }
 
+const TRACE_COLUMNS: &str = "t.id, i.name AS instance, t.channel, t.external_id, t.conversation_id, t.sender, \
+     t.sender_name, t.user_id, t.message_type, t.text, t.status, t.error_stage, t.error, t.received_at, t.updated_at, \
+     t.agent_ms, t.node_id";
+
 const NODE_COLUMNS: &str = "id, address, version, applied_revision, first_seen_at, last_seen_at, connected, last_error";
 
 /// `$notify`: SQL run in each config transaction to wake other control planes (Postgres only).
@@ -138,6 +142,28 @@ macro_rules! sql_store {
                 tx.commit().await?;
                 self.announce(revision);
                 Ok(())
+            }
+
+            fn trace_from_row(row: &<$db as sqlx::Database>::Row) -> Result<TraceRecord> {
+                Ok(TraceRecord {
+                    id: row.try_get("id")?,
+                    instance: row.try_get("instance")?,
+                    channel: row.try_get("channel")?,
+                    external_id: row.try_get("external_id")?,
+                    conversation_id: row.try_get("conversation_id")?,
+                    sender: row.try_get("sender")?,
+                    sender_name: row.try_get("sender_name")?,
+                    user_id: row.try_get("user_id")?,
+                    message_type: row.try_get("message_type")?,
+                    text: row.try_get("text")?,
+                    status: row.try_get("status")?,
+                    error_stage: row.try_get("error_stage")?,
+                    error: row.try_get("error")?,
+                    received_at: row.try_get("received_at")?,
+                    updated_at: row.try_get("updated_at")?,
+                    agent_ms: row.try_get("agent_ms")?,
+                    node_id: row.try_get("node_id")?,
+                })
             }
 
             fn node_from_row(row: &<$db as sqlx::Database>::Row) -> Result<NodeRecord> {
@@ -628,6 +654,184 @@ macro_rules! sql_store {
                 let sql = format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id");
                 let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
                 rows.iter().map(Self::node_from_row).collect()
+            }
+
+            async fn ingest_trace_events(&self, node_id: &str, events: &[TraceEventRecord]) -> Result<usize> {
+                let mut tx = self.pool.begin().await?;
+                let mut new = 0;
+                for event in events {
+                    if let Some(header) = &event.header {
+                        let created = sqlx::query(
+                            "INSERT INTO traces (id, instance_id, channel, external_id, conversation_id, sender, sender_name, \
+                             user_id, message_type, text, status, status_seq, error_stage, error, received_at, updated_at, \
+                             agent_ms, node_id) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, -1, '', '', $12, $13, 0, $14) \
+                             ON CONFLICT (id) DO NOTHING",
+                        )
+                        .bind(&event.trace_id)
+                        .bind(&event.instance_id)
+                        .bind(&header.channel)
+                        .bind(&header.external_id)
+                        .bind(&header.conversation_id)
+                        .bind(&header.sender)
+                        .bind(&header.sender_name)
+                        .bind(&header.user_id)
+                        .bind(&header.message_type)
+                        .bind(&header.text)
+                        .bind(&event.status)
+                        .bind(header.received_at)
+                        .bind(event.at)
+                        .bind(node_id)
+                        .execute(&mut *tx)
+                        .await?;
+                        if created.rows_affected() == 1 && !header.sender.is_empty() {
+                            sqlx::query(
+                                "INSERT INTO users (id, instance_id, identity, display_name, first_seen_at, last_seen_at, message_count) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, 1) \
+                                 ON CONFLICT (instance_id, identity) DO UPDATE SET \
+                                 display_name = CASE WHEN excluded.display_name <> '' THEN excluded.display_name ELSE users.display_name END, \
+                                 last_seen_at = CASE WHEN excluded.last_seen_at > users.last_seen_at THEN excluded.last_seen_at ELSE users.last_seen_at END, \
+                                 message_count = users.message_count + 1",
+                            )
+                            .bind(&header.user_id)
+                            .bind(&event.instance_id)
+                            .bind(&header.sender)
+                            .bind(&header.sender_name)
+                            .bind(header.received_at)
+                            .bind(header.received_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                    }
+                    let stored = sqlx::query(
+                        "INSERT INTO trace_stages (trace_id, seq, stage, at, duration_ms, detail, payload) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (trace_id, seq) DO NOTHING",
+                    )
+                    .bind(&event.trace_id)
+                    .bind(event.seq)
+                    .bind(&event.stage)
+                    .bind(event.at)
+                    .bind(event.duration_ms)
+                    .bind(&event.detail)
+                    .bind(&event.payload)
+                    .execute(&mut *tx)
+                    .await?;
+                    if stored.rows_affected() == 0 {
+                        continue;
+                    }
+                    new += 1;
+                    sqlx::query(
+                        "UPDATE traces SET status = $1, status_seq = $2, updated_at = $3 WHERE id = $4 AND status_seq < $2",
+                    )
+                    .bind(&event.status)
+                    .bind(event.seq)
+                    .bind(event.at)
+                    .bind(&event.trace_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    if !event.error.is_empty() {
+                        sqlx::query("UPDATE traces SET error_stage = $1, error = $2 WHERE id = $3")
+                            .bind(&event.stage)
+                            .bind(&event.error)
+                            .bind(&event.trace_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    if event.agent_ms > 0 {
+                        sqlx::query("UPDATE traces SET agent_ms = $1 WHERE id = $2")
+                            .bind(event.agent_ms)
+                            .bind(&event.trace_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(new)
+            }
+
+            async fn list_traces(&self, scope: &Scope, query: &TraceQuery) -> Result<Vec<TraceRecord>> {
+                let (filter, mut binds) = scope_filter(scope, "i.name", 1);
+                let mut sql = format!(
+                    "SELECT {TRACE_COLUMNS} FROM traces t JOIN instances i ON i.id = t.instance_id WHERE {filter}"
+                );
+                if let Some(instance) = &query.instance {
+                    binds.push(instance.clone());
+                    sql.push_str(&format!(" AND i.name = ${}", binds.len()));
+                }
+                if let Some(status) = &query.status {
+                    binds.push(status.clone());
+                    sql.push_str(&format!(" AND t.status = ${}", binds.len()));
+                }
+                if let Some(since) = query.since {
+                    sql.push_str(&format!(" AND t.received_at >= {since}"));
+                }
+                sql.push_str(&format!(" ORDER BY t.received_at DESC, t.id DESC LIMIT {}", query.limit));
+                let mut q = sqlx::query(&sql);
+                for bind in &binds {
+                    q = q.bind(bind);
+                }
+                let rows = q.fetch_all(&self.pool).await?;
+                rows.iter().map(Self::trace_from_row).collect()
+            }
+
+            async fn get_trace(&self, scope: &Scope, id: &str) -> Result<(TraceRecord, Vec<TraceStageRecord>)> {
+                let (filter, binds) = scope_filter(scope, "i.name", 2);
+                let sql = format!(
+                    "SELECT {TRACE_COLUMNS} FROM traces t JOIN instances i ON i.id = t.instance_id WHERE t.id = $1 AND {filter}"
+                );
+                let mut q = sqlx::query(&sql).bind(id);
+                for bind in &binds {
+                    q = q.bind(bind);
+                }
+                let Some(row) = q.fetch_optional(&self.pool).await? else {
+                    return Err(StoreError::NotFound(format!("trace {id:?}")));
+                };
+                let trace = Self::trace_from_row(&row)?;
+                let rows = sqlx::query(
+                    "SELECT seq, stage, at, duration_ms, detail, payload FROM trace_stages WHERE trace_id = $1 ORDER BY seq",
+                )
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
+                let stages = rows
+                    .iter()
+                    .map(|row| {
+                        Ok(TraceStageRecord {
+                            seq: row.try_get("seq")?,
+                            stage: row.try_get("stage")?,
+                            at: row.try_get("at")?,
+                            duration_ms: row.try_get("duration_ms")?,
+                            detail: row.try_get("detail")?,
+                            payload: row.try_get("payload")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((trace, stages))
+            }
+
+            async fn list_users(&self, scope: &Scope, instance: &str) -> Result<Vec<UserRecord>> {
+                let mut conn = self.pool.acquire().await?;
+                let record = Self::find_instance(&mut conn, scope, instance).await?;
+                let rows = sqlx::query(
+                    "SELECT id, identity, display_name, first_seen_at, last_seen_at, message_count FROM users \
+                     WHERE instance_id = $1 ORDER BY last_seen_at DESC, identity",
+                )
+                .bind(&record.id)
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(UserRecord {
+                            id: row.try_get("id")?,
+                            instance: record.name.clone(),
+                            identity: row.try_get("identity")?,
+                            display_name: row.try_get("display_name")?,
+                            first_seen_at: row.try_get("first_seen_at")?,
+                            last_seen_at: row.try_get("last_seen_at")?,
+                            message_count: row.try_get("message_count")?,
+                        })
+                    })
+                    .collect()
             }
         }
     };

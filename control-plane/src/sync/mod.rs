@@ -72,9 +72,27 @@ impl SyncApi {
     }
 }
 
+/// The most trace events one report may carry.
+const MAX_TRACE_EVENTS: usize = 5_000;
+
 #[tonic::async_trait]
 impl NodeSyncService for SyncApi {
     type WatchStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
+
+    async fn report_traces(
+        &self,
+        request: Request<pb::ReportTracesRequest>,
+    ) -> Result<Response<pb::ReportTracesResponse>, Status> {
+        self.check_node_token(&request)?;
+        let report = request.into_inner();
+        if report.events.len() > MAX_TRACE_EVENTS {
+            return Err(Status::invalid_argument(format!("at most {MAX_TRACE_EVENTS} trace events per report")));
+        }
+        let accepted = report.events.len() as u32;
+        let events = report.events.into_iter().map(crate::api::traces::event_from_pb).collect::<Result<Vec<_>, _>>()?;
+        self.store.ingest_trace_events(&report.node_id, &events).await.map_err(crate::api::error::ApiError::from)?;
+        Ok(Response::new(pb::ReportTracesResponse { accepted }))
+    }
 
     async fn watch(
         &self,
