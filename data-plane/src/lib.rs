@@ -3,6 +3,7 @@
 //! plane is down, and serves the node's HTTP endpoints.
 
 pub mod cache;
+pub mod channels;
 pub mod config;
 pub mod http;
 pub mod node;

@@ -1,0 +1,4 @@
+//! WhatsApp through Evolution API v2: webhook payloads in, `sendText` and presence out.
+
+pub mod parse;
+pub mod send;
