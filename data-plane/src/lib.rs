@@ -7,4 +7,5 @@ pub mod channels;
 pub mod config;
 pub mod http;
 pub mod node;
+pub mod spool;
 pub mod sync;
