@@ -66,7 +66,7 @@ fn spawn_node(cp: &ControlPlane, id: String) -> (Arc<ConfigHandle>, tokio::task:
     let handle = Arc::new(ConfigHandle::new());
     let client = SyncClient {
         endpoint: omni_proto::client::endpoint(&cp.url(), None).expect("control plane URL"),
-        token: format!("Bearer {NODE_TOKEN}").parse().expect("ascii"),
+        token: omni_data_plane::sync::NodeToken(format!("Bearer {NODE_TOKEN}").parse().expect("ascii")),
         node_id: id,
         address: "bench".into(),
         config: handle.clone(),

@@ -271,6 +271,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             cache_key: None,
             limits: Default::default(),
             sync: Default::default(),
+            max_body_bytes: omni_data_plane::node::NodeOptions::DEFAULT_MAX_BODY_BYTES,
+            tenant_concurrency: omni_data_plane::node::NodeOptions::DEFAULT_TENANT_CONCURRENCY,
         };
         tokio::spawn(omni_data_plane::node::run(options, until_stopped(stopped.clone())))
     });

@@ -43,9 +43,31 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// The user id of `identity` on an instance: a UUIDv5 in the instance's own namespace, so the
+/// same phone on two tenants is two users.
+pub fn user_id(instance_id: &str, identity: &str) -> String {
+    let namespace = uuid::Uuid::parse_str(instance_id)
+        .unwrap_or_else(|_| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, instance_id.as_bytes()));
+    uuid::Uuid::new_v5(&namespace, identity.as_bytes()).to_string()
+}
+
+/// The agent session of a sender on an instance.
+pub fn session_name(instance: &str, identity: &str) -> String {
+    format!("{instance}_{identity}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_ids_are_per_instance() {
+        let a = "6a2f41a3-c54c-4c2f-8a58-3b5b3b8c6a11";
+        let b = "0d4bf0a6-1c70-4ad2-bb4c-6b7f3f0b9e22";
+        assert_eq!(user_id(a, "5511999999999"), user_id(a, "5511999999999"));
+        assert_ne!(user_id(a, "5511999999999"), user_id(b, "5511999999999"));
+        assert_eq!(session_name("acme-wa", "5511"), "acme-wa_5511");
+    }
 
     #[test]
     fn names() {

@@ -2,10 +2,13 @@
 //! keeps the last good config in an encrypted cache so it can start and serve while the control
 //! plane is down, and serves the node's HTTP endpoints.
 
+pub mod agent;
 pub mod cache;
 pub mod channels;
 pub mod config;
 pub mod http;
 pub mod node;
+pub mod pipeline;
 pub mod spool;
 pub mod sync;
+pub mod traces;

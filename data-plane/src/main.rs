@@ -34,6 +34,12 @@ struct Args {
     /// Node id (default: generated once and kept in the data dir).
     #[arg(long, env = "OMNI_NODE_ID")]
     node_id: Option<String>,
+    /// Largest webhook body accepted, in bytes (larger ones get 413).
+    #[arg(long, env = "OMNI_MAX_BODY_BYTES", default_value_t = NodeOptions::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Messages of one tenant handled at the same time, at most.
+    #[arg(long, env = "OMNI_TENANT_CONCURRENCY", default_value_t = NodeOptions::DEFAULT_TENANT_CONCURRENCY)]
+    tenant_concurrency: usize,
     /// Refuse (NACK) configs with more instances than this node is sized for.
     #[arg(long, env = "OMNI_MAX_INSTANCES", default_value_t = 1_000_000)]
     max_instances: usize,
@@ -65,6 +71,8 @@ async fn main() -> anyhow::Result<()> {
         cache_key: std::env::var("OMNI_NODE_CACHE_KEY").ok().filter(|k| !k.trim().is_empty()),
         limits: Limits { max_instances: args.max_instances },
         sync: SyncSettings::default(),
+        max_body_bytes: args.max_body_bytes,
+        tenant_concurrency: args.tenant_concurrency,
     };
     node::run(options, shutdown_signal()).await?;
     Ok(())

@@ -1,8 +1,12 @@
 //! Starting a node: data dir, identity, credentials, cached config, HTTP, config stream.
 
+use crate::agent::AgentClient;
 use crate::cache::{ConfigCache, write_behind};
+use crate::channels::evolution::send::EvolutionClient;
 use crate::config::{ConfigHandle, Limits};
 use crate::http::{NodeState, router};
+use crate::pipeline::Pipeline;
+use crate::spool::{Op, Spool};
 use crate::sync::{SyncClient, SyncSettings, SyncStatus};
 use omni_core::crypto::Keyring;
 use std::future::Future;
@@ -28,6 +32,15 @@ pub struct NodeOptions {
     pub cache_key: Option<String>,
     pub limits: Limits,
     pub sync: SyncSettings,
+    /// Largest webhook body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Messages of one tenant handled at once, at most.
+    pub tenant_concurrency: usize,
+}
+
+impl NodeOptions {
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+    pub const DEFAULT_TENANT_CONCURRENCY: usize = 8;
 }
 
 #[derive(Debug, Error)]
@@ -49,6 +62,10 @@ pub enum NodeError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("spool: {0}")]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("HTTP client: {0}")]
+    HttpClient(String),
 }
 
 fn data_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -89,7 +106,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
             .map(|t| t.trim().to_owned())
             .map_err(|_| NodeError::NoNodeToken(options.control_plane_data_dir.clone()))?,
     };
-    let token = format!("Bearer {token}").parse().map_err(|_| NodeError::BadNodeToken)?;
+    let token = crate::sync::NodeToken(format!("Bearer {token}").parse().map_err(|_| NodeError::BadNodeToken)?);
     let cache_key = match &options.cache_key {
         Some(key) => key.clone(),
         None => read_or_create(&dir.join("cache.key"), Keyring::generate_encoded).map_err(data_dir_error(&dir))?,
@@ -117,8 +134,8 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
 
     let status = Arc::new(SyncStatus::default());
     let client = SyncClient {
-        endpoint,
-        token,
+        endpoint: endpoint.clone(),
+        token: token.clone(),
         node_id: node_id.clone(),
         address: local.to_string(),
         config: config.clone(),
@@ -127,16 +144,77 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         settings: options.sync.clone(),
     };
     let sync_task = tokio::spawn(client.run());
+
+    // rustls needs one process-wide crypto provider; tonic's TLS uses ring too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+        .map_err(|e| NodeError::HttpClient(e.to_string()))?;
+    let spool = Spool::open(&dir.join("spool.redb"))?;
+    let pipeline = Arc::new(Pipeline::new(
+        spool.clone(),
+        config.clone(),
+        AgentClient::new(http.clone()),
+        EvolutionClient::new(http),
+        options.tenant_concurrency,
+    ));
+    let background = vec![
+        tokio::spawn(resume_when_configured(pipeline.clone(), config.clone())),
+        tokio::spawn(crate::traces::ship(
+            spool.clone(),
+            endpoint.connect_lazy(),
+            token.clone(),
+            node_id.clone(),
+            pipeline.trace_wake.clone(),
+        )),
+        tokio::spawn(forget_old_deliveries(spool.clone())),
+    ];
     let (stop_cache, cache_stopped) = tokio::sync::watch::channel(false);
     let cache_task = tokio::spawn(write_behind(cache, config.clone(), cache_stopped));
 
-    let state = Arc::new(NodeState { node_id: node_id.clone(), config, sync: status });
+    let state = Arc::new(NodeState {
+        node_id: node_id.clone(),
+        config,
+        sync: status,
+        spool: spool.clone(),
+        pipeline,
+        ingest: Default::default(),
+    });
     tracing::info!(%node_id, addr = %local, control_plane = %options.control_plane, "node listening");
     println!("omni-data-plane listening on {local}");
-    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, router(state, options.max_body_bytes)).with_graceful_shutdown(shutdown).await;
     sync_task.abort();
+    for task in background {
+        task.abort();
+    }
     // Leave the latest applied config on disk for the next start.
     let _ = stop_cache.send(true);
     let _ = cache_task.await;
     served.map_err(NodeError::Serve)
+}
+
+/// Resumes the messages a previous run accepted but did not finish, once a config is there to
+/// handle them with.
+async fn resume_when_configured(pipeline: Arc<Pipeline>, config: Arc<ConfigHandle>) {
+    let mut applied = config.subscribe();
+    let _ = applied.wait_for(|_| config.load().is_some()).await;
+    let resumed = pipeline.resume().await;
+    if resumed > 0 {
+        tracing::info!(resumed, "resumed messages accepted before a restart");
+    }
+}
+
+/// Channel redeliveries come within hours; idempotency keys are kept for two days.
+async fn forget_old_deliveries(spool: Spool) {
+    const KEEP_MS: i64 = 48 * 3600 * 1000;
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        let before_ms = crate::traces::now_ms() - KEEP_MS;
+        if let Err(e) = spool.commit(vec![Op::PruneSeen { before_ms }]).await {
+            tracing::warn!(error = %e, "could not prune old idempotency keys");
+        }
+    }
 }

@@ -23,6 +23,8 @@ const ANSWERS: TableDefinition<&str, &str> = TableDefinition::new("answers");
 const SENDS: TableDefinition<&str, u8> = TableDefinition::new("sends");
 /// Trace stages to ship: seq → encoded TraceEvent.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// How often an unfinished message was resumed: inbox seq → attempts.
+const ATTEMPTS: TableDefinition<u64, u32> = TableDefinition::new("attempts");
 
 /// Operations committed per transaction at most; more wait for the next one.
 const MAX_GROUP: usize = 1024;
@@ -93,12 +95,20 @@ pub enum Op {
     PruneSeen {
         before_ms: i64,
     },
+    /// A message is being resumed after a restart: count the attempt.
+    Resume {
+        seq: u64,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Accepted { seq: u64 },
+    Accepted {
+        seq: u64,
+    },
     Duplicate,
+    /// The number of this resumption (1 for the first).
+    Attempt(u32),
     Done,
 }
 
@@ -129,6 +139,7 @@ impl Spool {
             txn.open_table(ANSWERS).map_err(storage)?;
             txn.open_table(SENDS).map_err(storage)?;
             txn.open_table(OUTBOX).map_err(storage)?;
+            txn.open_table(ATTEMPTS).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
         let (requests, rx) = mpsc::channel(4096);
@@ -272,6 +283,7 @@ fn apply(db: &Database, group: &mut [Request]) -> Result<Vec<Vec<Outcome>>, Spoo
         let mut answers = txn.open_table(ANSWERS).map_err(storage)?;
         let mut sends = txn.open_table(SENDS).map_err(storage)?;
         let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut attempts = txn.open_table(ATTEMPTS).map_err(storage)?;
         let mut next_inbox = next_key(&inbox)?;
         let mut next_outbox = next_key(&outbox)?;
         let mut append = |outbox: &mut redb::Table<u64, &[u8]>, events: &[Vec<u8>]| -> Result<(), SpoolError> {
@@ -310,8 +322,14 @@ fn apply(db: &Database, group: &mut [Request]) -> Result<Vec<Vec<Outcome>>, Spoo
                         sends.insert(chunk_key(&id, chunk).as_str(), state as u8).map_err(storage)?;
                         Outcome::Done
                     }
+                    Op::Resume { seq } => {
+                        let n = attempts.get(seq).map_err(storage)?.map_or(0, |v| v.value()) + 1;
+                        attempts.insert(seq, n).map_err(storage)?;
+                        Outcome::Attempt(n)
+                    }
                     Op::Finish { seq, id, chunks } => {
                         inbox.remove(seq).map_err(storage)?;
+                        attempts.remove(seq).map_err(storage)?;
                         answers.remove(id.as_str()).map_err(storage)?;
                         for chunk in 0..chunks {
                             sends.remove(chunk_key(&id, chunk).as_str()).map_err(storage)?;

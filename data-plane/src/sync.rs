@@ -58,9 +58,20 @@ enum SessionError {
     Gap(String),
 }
 
+/// Adds the node token to every call to the control plane.
+#[derive(Clone)]
+pub struct NodeToken(pub MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for NodeToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
 pub struct SyncClient {
     pub endpoint: Endpoint,
-    pub token: MetadataValue<Ascii>,
+    pub token: NodeToken,
     pub node_id: String,
     pub address: String,
     pub config: Arc<ConfigHandle>,
@@ -97,11 +108,7 @@ impl SyncClient {
 
     async fn session(&self) -> Result<(), SessionError> {
         let channel = self.endpoint.connect().await?;
-        let token = self.token.clone();
-        let mut client = NodeSyncServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-            request.metadata_mut().insert("authorization", token.clone());
-            Ok(request)
-        });
+        let mut client = NodeSyncServiceClient::with_interceptor(channel, self.token.clone());
         let (outbound, rx) = mpsc::channel(16);
         let hello = pb::NodeHello {
             node_id: self.node_id.clone(),

@@ -185,6 +185,8 @@ pub struct DataPlaneOptions {
     pub node_token: String,
     pub max_instances: Option<usize>,
     pub ca_cert: Option<PathBuf>,
+    pub max_body_bytes: Option<usize>,
+    pub tenant_concurrency: Option<usize>,
 }
 
 impl DataPlane {
@@ -201,6 +203,12 @@ impl DataPlane {
             .env("RUST_LOG", "info");
         if let Some(ca) = &options.ca_cert {
             command.arg("--ca-cert").arg(ca);
+        }
+        if let Some(bytes) = options.max_body_bytes {
+            command.arg("--max-body-bytes").arg(bytes.to_string());
+        }
+        if let Some(n) = options.tenant_concurrency {
+            command.arg("--tenant-concurrency").arg(n.to_string());
         }
         if let Some(max) = options.max_instances {
             command.arg("--max-instances").arg(max.to_string());
@@ -262,9 +270,39 @@ impl DataPlane {
 
 /// A plain HTTP/1.1 GET on loopback: the status code and the body.
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, &[], b"").await
+}
+
+/// A plain HTTP/1.1 POST of a JSON body on loopback, with extra headers.
+pub async fn http_post(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    http_request(addr, "POST", path, headers, body).await
+}
+
+async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
     let response = String::from_utf8_lossy(&response);

@@ -26,14 +26,6 @@ fn channel_from_name(name: &str) -> pb::Channel {
     pb::Channel::from_str_name(&format!("CHANNEL_{}", name.to_ascii_uppercase())).unwrap_or_default()
 }
 
-/// The user id of `identity` on an instance: a UUIDv5 in the instance's own namespace, so the
-/// same phone on two tenants is two users.
-pub fn user_id(instance_id: &str, identity: &str) -> String {
-    let namespace = uuid::Uuid::parse_str(instance_id)
-        .unwrap_or_else(|_| uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, instance_id.as_bytes()));
-    uuid::Uuid::new_v5(&namespace, identity.as_bytes()).to_string()
-}
-
 pub fn event_from_pb(event: pb::TraceEvent) -> ApiResult<TraceEventRecord> {
     if event.trace_id.is_empty() || event.instance_id.is_empty() || event.stage.is_empty() {
         return Err(ApiError::invalid("trace events need trace_id, instance_id and stage"));
@@ -43,7 +35,7 @@ pub fn event_from_pb(event: pb::TraceEvent) -> ApiResult<TraceEventRecord> {
         channel: pb::Channel::try_from(h.channel)
             .map(|c| c.as_str_name().trim_start_matches("CHANNEL_").to_ascii_lowercase())
             .unwrap_or_default(),
-        user_id: user_id(&event.instance_id, &h.sender),
+        user_id: omni_core::names::user_id(&event.instance_id, &h.sender),
         external_id: h.external_id,
         conversation_id: h.conversation_id,
         sender: h.sender,
@@ -186,13 +178,5 @@ mod tests {
         assert_eq!(status_name(pb::TraceStatus::Completed as i32).as_deref(), Some("completed"));
         assert_eq!(status_name(0), None);
         assert_eq!(status_from_name("ignored"), pb::TraceStatus::Ignored);
-    }
-
-    #[test]
-    fn user_ids_are_per_instance() {
-        let a = "6a2f41a3-c54c-4c2f-8a58-3b5b3b8c6a11";
-        let b = "0d4bf0a6-1c70-4ad2-bb4c-6b7f3f0b9e22";
-        assert_eq!(user_id(a, "5511999999999"), user_id(a, "5511999999999"));
-        assert_ne!(user_id(a, "5511999999999"), user_id(b, "5511999999999"));
     }
 }

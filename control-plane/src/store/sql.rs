@@ -730,7 +730,8 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await?;
                     if !event.error.is_empty() {
-                        sqlx::query("UPDATE traces SET error_stage = $1, error = $2 WHERE id = $3")
+                        // The first failure names the stage; later stages only report its consequences.
+                        sqlx::query("UPDATE traces SET error_stage = $1, error = $2 WHERE id = $3 AND error = ''")
                             .bind(&event.stage)
                             .bind(&event.error)
                             .bind(&event.trace_id)

@@ -1,0 +1,224 @@
+//! Calling a tenant's agent: three wire protocols, retries on connection errors and 5xx within
+//! the instance's time budget, and one answer text out.
+
+use crate::channels::Inbound;
+use omni_proto::v1::{self as pb, AgentProtocol};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("no answer within the {0}s budget")]
+    Timeout(u32),
+    #[error("agent answered HTTP {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("agent unreachable: {0}")]
+    Unreachable(String),
+    #[error("agent reported failure: {0}")]
+    Rejected(String),
+    #[error("agent answer unreadable: {0}")]
+    BadAnswer(String),
+}
+
+/// A successful call: the answer, and what was exchanged (for the trace; no keys in either).
+#[derive(Debug)]
+pub struct AgentAnswer {
+    pub text: String,
+    pub attempts: u32,
+    pub request: Value,
+    pub response: Value,
+}
+
+#[derive(Clone)]
+pub struct AgentClient {
+    http: reqwest::Client,
+}
+
+/// Who is asking, in the agent's terms.
+pub struct Caller<'a> {
+    pub user_id: &'a str,
+    pub session_name: &'a str,
+}
+
+fn media_json(inbound: &Inbound) -> Vec<Value> {
+    inbound
+        .media
+        .iter()
+        .map(|m| {
+            json!({
+                "type": m.kind, "mime_type": m.mime_type, "url": m.url, "data": m.base64,
+                "file_name": m.file_name, "seconds": m.seconds, "voice_note": m.voice_note,
+            })
+        })
+        .collect()
+}
+
+fn snippet(text: &str) -> String {
+    text.chars().take(300).collect()
+}
+
+impl AgentClient {
+    pub fn new(http: reqwest::Client) -> AgentClient {
+        AgentClient { http }
+    }
+
+    /// The URL, headers-free body, and answer reader of one protocol.
+    fn request(agent: &pb::NodeAgent, inbound: &Inbound, caller: &Caller<'_>, channel: &str) -> (String, Value) {
+        let base = agent.url.trim_end_matches('/');
+        let user = json!({
+            "phone_number": if channel == "whatsapp" { format!("+{}", inbound.sender) } else { String::new() },
+            "email": Value::Null,
+            "display_name": inbound.sender_name,
+            "user_data": { "identity": inbound.sender, "channel": channel },
+        });
+        match AgentProtocol::try_from(agent.protocol).unwrap_or(AgentProtocol::Omni) {
+            AgentProtocol::Automagik => (
+                format!("{base}/api/v1/agent/{}/run", agent.agent_id),
+                json!({
+                    "message_content": inbound.text,
+                    "message_type": inbound.message_type,
+                    "user_id": caller.user_id,
+                    "user": user,
+                    "session_name": caller.session_name,
+                    "session_origin": channel,
+                    "media_contents": media_json(inbound),
+                    "message_limit": 100,
+                    "channel_payload": inbound.raw,
+                }),
+            ),
+            AgentProtocol::Openai => (
+                format!("{base}/v1/chat/completions"),
+                json!({
+                    "model": agent.agent_id,
+                    "messages": [{ "role": "user", "content": inbound.text }],
+                    "user": caller.user_id,
+                }),
+            ),
+            AgentProtocol::Omni | AgentProtocol::Unspecified => (
+                format!("{base}/api/agent/chat"),
+                json!({
+                    "user_id": caller.user_id,
+                    "session_id": caller.session_name,
+                    "session_name": caller.session_name,
+                    "message": inbound.text,
+                    "message_type": inbound.message_type,
+                    "session_origin": channel,
+                    "agent_id": agent.agent_id,
+                    "user": user,
+                    "context": {
+                        "instance": inbound.instance,
+                        "channel": channel,
+                        "conversation_id": inbound.conversation,
+                        "is_group": inbound.is_group,
+                    },
+                    "media": media_json(inbound),
+                    "channel_payload": inbound.raw,
+                }),
+            ),
+        }
+    }
+
+    fn answer(protocol: AgentProtocol, body: &Value) -> Result<String, AgentError> {
+        if body.get("success") == Some(&Value::Bool(false)) {
+            let why = body.get("error").or_else(|| body.get("message")).map(Value::to_string).unwrap_or_default();
+            return Err(AgentError::Rejected(snippet(&why)));
+        }
+        let text = match protocol {
+            AgentProtocol::Openai => body.pointer("/choices/0/message/content").and_then(Value::as_str),
+            AgentProtocol::Automagik => body.get("message").and_then(Value::as_str),
+            _ => ["message", "text", "response"].iter().find_map(|k| body.get(*k).and_then(Value::as_str)),
+        };
+        match (text, body) {
+            (Some(text), _) => Ok(text.to_owned()),
+            (None, Value::String(text)) => Ok(text.clone()),
+            _ => Err(AgentError::BadAnswer(format!("no answer text in {}", snippet(&body.to_string())))),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        agent: &pb::NodeAgent,
+        inbound: &Inbound,
+        caller: &Caller<'_>,
+        channel: &str,
+    ) -> Result<AgentAnswer, AgentError> {
+        let protocol = AgentProtocol::try_from(agent.protocol).unwrap_or(AgentProtocol::Omni);
+        let (url, body) = Self::request(agent, inbound, caller, channel);
+        let budget = Duration::from_secs(u64::from(agent.timeout_seconds.max(1)));
+        let deadline = Instant::now() + budget;
+        let mut backoff = Duration::from_millis(200);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(AgentError::Timeout(agent.timeout_seconds));
+            }
+            let mut request = self.http.post(&url).timeout(remaining).json(&body);
+            if !agent.key.is_empty() {
+                request = request.header("x-api-key", &agent.key);
+                if protocol != AgentProtocol::Automagik {
+                    request = request.bearer_auth(&agent.key);
+                }
+            }
+            let retryable = match request.send().await {
+                Ok(response) if response.status().is_success() => {
+                    let bytes = response.bytes().await.map_err(|e| AgentError::BadAnswer(e.to_string()))?;
+                    let parsed: Value = serde_json::from_slice(&bytes)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+                    let text = Self::answer(protocol, &parsed)?;
+                    return Ok(AgentAnswer { text, attempts, request: body, response: parsed });
+                }
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let body = snippet(&response.text().await.unwrap_or_default());
+                    let error = AgentError::Status { status, body };
+                    if status < 500 && status != 429 {
+                        return Err(error);
+                    }
+                    error
+                }
+                Err(e) if e.is_timeout() => return Err(AgentError::Timeout(agent.timeout_seconds)),
+                Err(e) => AgentError::Unreachable(root_cause(&e)),
+            };
+            let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+            if pause.is_zero() {
+                return Err(retryable);
+            }
+            tracing::debug!(attempt = attempts, error = %retryable, "agent call failed; retrying");
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if Instant::now() >= deadline {
+                return Err(retryable);
+            }
+        }
+    }
+}
+
+pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_by_protocol() {
+        let omni = |v: Value| AgentClient::answer(AgentProtocol::Omni, &v);
+        assert_eq!(omni(json!({"message": "hi"})).unwrap(), "hi");
+        assert_eq!(omni(json!({"text": "hi"})).unwrap(), "hi");
+        assert_eq!(omni(json!({"response": "hi"})).unwrap(), "hi");
+        assert_eq!(omni(json!("plain")).unwrap(), "plain");
+        assert!(matches!(omni(json!({"success": false, "error": "nope"})), Err(AgentError::Rejected(_))));
+        assert!(matches!(omni(json!({"other": 1})), Err(AgentError::BadAnswer(_))));
+        let openai = json!({"choices": [{"message": {"role": "assistant", "content": "hello"}}]});
+        assert_eq!(AgentClient::answer(AgentProtocol::Openai, &openai).unwrap(), "hello");
+        assert_eq!(AgentClient::answer(AgentProtocol::Automagik, &json!({"message": "ok"})).unwrap(), "ok");
+    }
+}

@@ -1,0 +1,425 @@
+//! From an accepted message to the reply delivered: access check, agent call, answer
+//! normalization, splitting and sending, each step recorded in the trace.
+//!
+//! Messages of one conversation are handled one at a time, in order; conversations and tenants
+//! run in parallel, and each tenant has its own concurrency cap, so a tenant whose agent hangs
+//! only ever holds its own permits. Every accepted message sits in the spool until finished; a
+//! node that crashed resumes them at start. Before each reply chunk the intent to send it is made
+//! durable, and the result after; a chunk with an intent but no result was perhaps delivered,
+//! and is never sent again.
+
+pub mod split;
+
+use crate::agent::{AgentClient, Caller};
+use crate::channels::Inbound;
+use crate::channels::evolution::send::EvolutionClient;
+use crate::config::ConfigHandle;
+use crate::spool::{Op, Outcome, SendState, Spool};
+use crate::traces::{Recorder, now_ms};
+use omni_core::access::{Action, decide};
+use omni_core::names::{session_name, user_id};
+use omni_proto::v1::{self as pb, TraceStatus};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+/// An accepted message and its place in the spool.
+#[derive(Debug)]
+pub struct Job {
+    pub seq: u64,
+    pub inbound: Inbound,
+    /// 0 for a message just accepted; n > 0 for the n-th resumption after restarts.
+    pub attempt: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub denied: AtomicU64,
+    pub ignored: AtomicU64,
+}
+
+pub struct Pipeline {
+    spool: Spool,
+    config: Arc<ConfigHandle>,
+    agent: AgentClient,
+    evolution: EvolutionClient,
+    tenant_concurrency: usize,
+    conversations: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+    pub stats: PipelineStats,
+    pub trace_wake: Arc<Notify>,
+}
+
+/// How a message ended.
+struct Ending {
+    stage: &'static str,
+    status: TraceStatus,
+    detail: String,
+    error: String,
+}
+
+impl Ending {
+    fn completed(detail: String) -> Ending {
+        Ending { stage: "completed", status: TraceStatus::Completed, detail, error: String::new() }
+    }
+
+    fn ignored(detail: impl Into<String>) -> Ending {
+        Ending { stage: "ignored", status: TraceStatus::Ignored, detail: detail.into(), error: String::new() }
+    }
+
+    fn failed(stage: &'static str, error: impl std::fmt::Display) -> Ending {
+        Ending { stage: "failed", status: TraceStatus::Failed, detail: format!("at {stage}"), error: error.to_string() }
+    }
+}
+
+fn action_of(value: i32) -> Action {
+    if value == pb::AccessAction::Block as i32 { Action::Block } else { Action::Allow }
+}
+
+/// The instance's secrets, to be kept out of trace payloads whatever carries them.
+pub fn secrets_of(instance: &pb::InstanceConfig) -> Vec<String> {
+    let mut secrets = vec![instance.webhook_token.clone()];
+    if let Some(a) = &instance.agent {
+        secrets.push(a.key.clone());
+    }
+    if let Some(e) = &instance.evolution {
+        secrets.push(e.key.clone());
+    }
+    if let Some(d) = &instance.discord {
+        secrets.push(d.token.clone());
+    }
+    if let Some(s) = &instance.slack {
+        secrets.extend([s.bot_token.clone(), s.signing_secret.clone()]);
+    }
+    secrets
+}
+
+impl Pipeline {
+    pub fn new(
+        spool: Spool,
+        config: Arc<ConfigHandle>,
+        agent: AgentClient,
+        evolution: EvolutionClient,
+        tenant_concurrency: usize,
+    ) -> Pipeline {
+        Pipeline {
+            spool,
+            config,
+            agent,
+            evolution,
+            tenant_concurrency: tenant_concurrency.max(1),
+            conversations: Mutex::new(HashMap::new()),
+            tenants: Mutex::new(HashMap::new()),
+            stats: PipelineStats::default(),
+            trace_wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Queues a job behind earlier messages of its conversation.
+    pub fn submit(self: &Arc<Self>, job: Job) {
+        let key = job.inbound.conversation_key();
+        let mut conversations = self.conversations.lock().expect("conversation map poisoned");
+        let job = match conversations.get(&key) {
+            Some(queue) => match queue.send(job) {
+                Ok(()) => return,
+                Err(returned) => returned.0,
+            },
+            None => job,
+        };
+        let (queue, jobs) = mpsc::unbounded_channel();
+        let _ = queue.send(job);
+        conversations.insert(key.clone(), queue);
+        tokio::spawn(self.clone().drain(key, jobs));
+    }
+
+    /// Handles a conversation's jobs in order; leaves the map when its queue is empty (under
+    /// the map's lock, so a job submitted meanwhile is never stranded).
+    async fn drain(self: Arc<Self>, key: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
+        loop {
+            let job = match jobs.try_recv() {
+                Ok(job) => job,
+                Err(_) => {
+                    let mut conversations = self.conversations.lock().expect("conversation map poisoned");
+                    match jobs.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => {
+                            conversations.remove(&key);
+                            return;
+                        }
+                    }
+                }
+            };
+            self.process(job).await;
+        }
+    }
+
+    /// Resubmits every message a previous run accepted but did not finish, oldest first.
+    pub async fn resume(self: &Arc<Self>) -> usize {
+        let unfinished = match self.spool.unfinished().await {
+            Ok(unfinished) => unfinished,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read unfinished messages");
+                return 0;
+            }
+        };
+        let mut resumed = 0;
+        for (seq, bytes) in unfinished {
+            let inbound: Inbound = match serde_json::from_slice(&bytes) {
+                Ok(inbound) => inbound,
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "dropping an unreadable spooled message");
+                    let _ = self.spool.commit(vec![Op::Finish { seq, id: String::new(), chunks: 0 }]).await;
+                    continue;
+                }
+            };
+            let attempt = match self.spool.commit(vec![Op::Resume { seq }]).await {
+                Ok(outcomes) => match outcomes.first() {
+                    Some(Outcome::Attempt(n)) => *n,
+                    _ => 1,
+                },
+                Err(_) => 1,
+            };
+            self.submit(Job { seq, inbound, attempt });
+            resumed += 1;
+        }
+        resumed
+    }
+
+    fn tenant_permits(&self, instance: &str) -> Arc<Semaphore> {
+        let mut tenants = self.tenants.lock().expect("tenant map poisoned");
+        tenants.entry(instance.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.tenant_concurrency))).clone()
+    }
+
+    async fn record(&self, events: Vec<Vec<u8>>, mut ops: Vec<Op>) {
+        ops.push(Op::Trace(events));
+        if let Err(e) = self.spool.commit(ops).await {
+            tracing::error!(error = %e, "spool write failed");
+        }
+        self.trace_wake.notify_one();
+    }
+
+    async fn process(&self, job: Job) {
+        let permits = self.tenant_permits(&job.inbound.instance);
+        let _permit = permits.acquire_owned().await.expect("tenant semaphores are never closed");
+        let instance = self
+            .config
+            .load()
+            .and_then(|c| c.instances.get(&job.inbound.instance).cloned())
+            .filter(|i| i.id == job.inbound.instance_id);
+        let secrets = instance.as_deref().map(secrets_of).unwrap_or_default();
+        let mut trace = Recorder::new(&job.inbound, job.attempt, secrets);
+        let (ending, chunks) = match instance {
+            None => (Ending::ignored("the instance was deleted before the message was handled"), 0),
+            Some(instance) if !instance.active => (Ending::ignored("the instance is inactive"), 0),
+            Some(instance) => self.handle(&job, &instance, &mut trace).await,
+        };
+        let counter = match ending.status {
+            TraceStatus::Completed => &self.stats.completed,
+            TraceStatus::Denied => &self.stats.denied,
+            TraceStatus::Ignored => &self.stats.ignored,
+            _ => &self.stats.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let total = now_ms() - job.inbound.received_at;
+        let last = trace.stage(ending.stage, ending.status, now_ms(), ending.detail).duration(total);
+        let last = if ending.error.is_empty() { last } else { last.error(ending.error) };
+        let finish = Op::Finish { seq: job.seq, id: job.inbound.id.clone(), chunks };
+        self.record(vec![last.encode()], vec![finish]).await;
+    }
+
+    /// Everything between the access check and the last chunk; returns how it ended and how
+    /// many chunk states to forget.
+    async fn handle(&self, job: &Job, instance: &pb::InstanceConfig, trace: &mut Recorder) -> (Ending, u32) {
+        let inbound = &job.inbound;
+        let rules: Vec<(&str, Action)> =
+            instance.rules.iter().map(|r| (r.pattern.as_str(), action_of(r.action))).collect();
+        let (rule, action) = decide(rules.iter().copied(), action_of(instance.default_access), &inbound.sender);
+        let why = match rule {
+            Some(i) => format!("rule {} ({} {})", instance.rules[i].id, action.as_str(), instance.rules[i].pattern),
+            None => format!("instance default ({})", action.as_str()),
+        };
+        if action == Action::Block {
+            let ending = Ending {
+                stage: "denied",
+                status: TraceStatus::Denied,
+                detail: format!("blocked by {why}"),
+                error: String::new(),
+            };
+            return (ending, 0);
+        }
+        let access = trace.stage("access", TraceStatus::Processing, now_ms(), format!("allowed by {why}")).encode();
+
+        let channel = "whatsapp";
+        let evolution = instance.evolution.clone().unwrap_or_default();
+        let answer = match self.spool.answer(&inbound.id).await.ok().flatten() {
+            Some(kept) => {
+                let event = trace
+                    .stage("agent_response", TraceStatus::Processing, now_ms(), "answer kept from before a restart")
+                    .encode();
+                self.record(vec![access, event], vec![]).await;
+                kept
+            }
+            None => {
+                let typing = instance.behavior.as_ref().and_then(|b| b.typing_indicator).unwrap_or(true).then(|| {
+                    let evolution_client = self.evolution.clone();
+                    let evolution = evolution.clone();
+                    let number = inbound.conversation.clone();
+                    tokio::spawn(async move { evolution_client.typing(&evolution, &number, 15_000).await })
+                });
+                let agent = instance.agent.clone().unwrap_or_default();
+                let user = user_id(&inbound.instance_id, &inbound.sender);
+                let session = session_name(&inbound.instance, &inbound.sender);
+                let started = now_ms();
+                let called =
+                    self.agent.call(&agent, inbound, &Caller { user_id: &user, session_name: &session }, channel).await;
+                let agent_ms = now_ms() - started;
+                if let Some(typing) = typing {
+                    typing.abort();
+                }
+                match called {
+                    Ok(answer) => {
+                        let request = trace
+                            .stage(
+                                "agent_request",
+                                TraceStatus::Processing,
+                                started,
+                                format!("{} attempt(s)", answer.attempts),
+                            )
+                            .payload(&answer.request)
+                            .encode();
+                        let response = trace
+                            .stage(
+                                "agent_response",
+                                TraceStatus::Processing,
+                                now_ms(),
+                                format!("{} characters", answer.text.chars().count()),
+                            )
+                            .payload(&answer.response)
+                            .duration(agent_ms)
+                            .agent_ms(agent_ms)
+                            .encode();
+                        let keep = Op::Answer { id: inbound.id.clone(), text: answer.text.clone() };
+                        self.record(vec![access, request, response], vec![keep]).await;
+                        answer.text
+                    }
+                    Err(error) => {
+                        let failed = trace
+                            .stage("agent_request", TraceStatus::Processing, started, "")
+                            .duration(agent_ms)
+                            .error(&error)
+                            .encode();
+                        let fallback = instance.behavior.as_ref().map(|b| b.fallback_text.clone()).unwrap_or_default();
+                        if fallback.trim().is_empty() {
+                            self.record(vec![access, failed], vec![]).await;
+                            return (Ending::failed("agent_request", error), 0);
+                        }
+                        let keep = Op::Answer { id: inbound.id.clone(), text: fallback.clone() };
+                        self.record(vec![access, failed], vec![keep]).await;
+                        let (ending, chunks) = self.deliver(inbound, instance, &evolution, &fallback, trace).await;
+                        let ending = match ending.status {
+                            TraceStatus::Completed => {
+                                Ending::failed("agent_request", format!("{error}; fallback text sent"))
+                            }
+                            _ => ending,
+                        };
+                        return (ending, chunks);
+                    }
+                }
+            }
+        };
+        let text = answer.trim();
+        if text.is_empty() {
+            return (Ending::ignored("the agent's answer is empty"), 0);
+        }
+        if text.starts_with("AUTOMAGIK:") {
+            return (Ending::ignored("the agent suppressed the answer (AUTOMAGIK: prefix)"), 0);
+        }
+        self.deliver(inbound, instance, &evolution, text, trace).await
+    }
+
+    /// Sends `text` in chunks, never sending a chunk twice.
+    async fn deliver(
+        &self,
+        inbound: &Inbound,
+        instance: &pb::InstanceConfig,
+        evolution: &pb::NodeEvolution,
+        text: &str,
+        trace: &mut Recorder,
+    ) -> (Ending, u32) {
+        let limit = instance.behavior.as_ref().map_or(4000, |b| b.split_limit).max(1) as usize;
+        let chunks = split::split(text, limit);
+        let count = chunks.len() as u32;
+        let mut problem: Option<Ending> = None;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let index = i as u32;
+            let label = format!("chunk {}/{}", i + 1, chunks.len());
+            match self.spool.send_state(&inbound.id, index).await.ok().flatten() {
+                Some(SendState::Sent) => continue,
+                Some(SendState::Intent) => {
+                    let event = trace
+                        .stage("send_chunk", TraceStatus::Processing, now_ms(), label)
+                        .error("outcome unknown: the node stopped during the send; not sent again")
+                        .encode();
+                    self.record(vec![event], vec![]).await;
+                    problem.get_or_insert(Ending::failed("send_chunk", "a chunk's outcome is unknown after a restart"));
+                    continue;
+                }
+                Some(SendState::Failed) => {
+                    problem.get_or_insert(Ending::failed("send_chunk", "a chunk failed before a restart"));
+                    break;
+                }
+                None => {}
+            }
+            if self
+                .spool
+                .commit(vec![Op::Send { id: inbound.id.clone(), chunk: index, state: SendState::Intent }])
+                .await
+                .is_err()
+            {
+                return (Ending::failed("send_chunk", "could not record the send intent"), count);
+            }
+            let started = now_ms();
+            let mut attempt = 0;
+            let sent = loop {
+                attempt += 1;
+                match self.evolution.send_text(evolution, &inbound.conversation, chunk).await {
+                    Err(e) if e.retryable() && attempt < 3 => {
+                        tokio::time::sleep(Duration::from_millis(300 * attempt)).await
+                    }
+                    other => break other,
+                }
+            };
+            let payload = json!({ "number": inbound.conversation, "text": chunk });
+            let (state, event) = match &sent {
+                Ok(message_id) => (
+                    SendState::Sent,
+                    trace
+                        .stage("send_chunk", TraceStatus::Processing, now_ms(), format!("{label} sent as {message_id}"))
+                        .payload(&payload)
+                        .duration(now_ms() - started)
+                        .encode(),
+                ),
+                Err(e) => (
+                    SendState::Failed,
+                    trace
+                        .stage("send_chunk", TraceStatus::Processing, now_ms(), label)
+                        .payload(&payload)
+                        .duration(now_ms() - started)
+                        .error(e)
+                        .encode(),
+                ),
+            };
+            self.record(vec![event], vec![Op::Send { id: inbound.id.clone(), chunk: index, state }]).await;
+            if let Err(e) = sent {
+                // Later chunks would arrive without this one: stop here.
+                return (Ending::failed("send_chunk", e), count);
+            }
+        }
+        (problem.unwrap_or_else(|| Ending::completed(format!("{count} chunk(s) delivered"))), count)
+    }
+}

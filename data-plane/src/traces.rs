@@ -1,0 +1,248 @@
+//! Trace stages, recorded into the spool's outbox with the step they describe, and shipped to
+//! the control plane in batches; a stage leaves the outbox only once the control plane stored
+//! it, so a control-plane outage delays traces and loses none.
+
+use crate::channels::Inbound;
+use crate::spool::{Op, Spool};
+use crate::sync::NodeToken;
+use omni_proto::v1::{self as pb, node_sync_service_client::NodeSyncServiceClient};
+use prost::Message;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Stored payloads are cut here; media never reaches them (the parser strips it).
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// Stage numbers of a resumed attempt start at attempt × this, above every earlier stage.
+const SEQ_PER_ATTEMPT: u32 = 100;
+const SHIP_BATCH: usize = 500;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Builds one message's trace stages, numbering them and scrubbing the instance's secrets from
+/// anything that could carry them.
+pub struct Recorder {
+    trace_id: String,
+    instance_id: String,
+    header: Option<pb::TraceHeader>,
+    next: u32,
+    secrets: Vec<String>,
+}
+
+impl Recorder {
+    /// The recorder of a message's processing; `attempt` 0 continues the stage written when it
+    /// was accepted, later attempts (after a restart) number their stages above earlier ones.
+    pub fn new(inbound: &Inbound, attempt: u32, secrets: Vec<String>) -> Recorder {
+        Recorder {
+            trace_id: inbound.id.clone(),
+            instance_id: inbound.instance_id.clone(),
+            header: None,
+            next: if attempt == 0 { 1 } else { attempt * SEQ_PER_ATTEMPT },
+            secrets: secrets.into_iter().filter(|s| s.len() >= 6).collect(),
+        }
+    }
+
+    /// The recorder of a message's arrival: its first stage carries the trace header.
+    pub fn arrival(inbound: &Inbound, channel: pb::Channel, secrets: Vec<String>) -> Recorder {
+        let mut recorder = Recorder::new(inbound, 0, secrets);
+        recorder.next = 0;
+        recorder.header = Some(pb::TraceHeader {
+            channel: channel as i32,
+            external_id: inbound.external_id.clone(),
+            conversation_id: inbound.conversation.clone(),
+            sender: inbound.sender.clone(),
+            sender_name: inbound.sender_name.clone(),
+            message_type: inbound.message_type.clone(),
+            text: inbound.text.clone(),
+            received_unix_ms: inbound.received_at,
+        });
+        recorder
+    }
+
+    fn scrub(&self, mut text: String) -> String {
+        for secret in &self.secrets {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "[redacted]");
+            }
+        }
+        if text.len() > MAX_PAYLOAD {
+            let mut cut = MAX_PAYLOAD;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str("…[truncated]");
+        }
+        text
+    }
+
+    /// One stage, encoded for the outbox.
+    pub fn stage(
+        &mut self,
+        stage: &str,
+        status: pb::TraceStatus,
+        at_ms: i64,
+        detail: impl Into<String>,
+    ) -> StageEvent<'_> {
+        let seq = self.next;
+        self.next += 1;
+        StageEvent {
+            recorder: self,
+            event: pb::TraceEvent {
+                seq,
+                stage: stage.to_owned(),
+                time_unix_ms: at_ms,
+                status: status as i32,
+                detail: detail.into(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// A stage being described; `encode` finishes it.
+pub struct StageEvent<'a> {
+    recorder: &'a mut Recorder,
+    event: pb::TraceEvent,
+}
+
+impl StageEvent<'_> {
+    pub fn payload(mut self, payload: &Value) -> Self {
+        self.event.payload = self.recorder.scrub(payload.to_string());
+        self
+    }
+
+    pub fn error(mut self, error: impl std::fmt::Display) -> Self {
+        self.event.error = self.recorder.scrub(error.to_string());
+        self
+    }
+
+    pub fn duration(mut self, ms: i64) -> Self {
+        self.event.duration_ms = ms;
+        self
+    }
+
+    pub fn agent_ms(mut self, ms: i64) -> Self {
+        self.event.agent_ms = ms;
+        self
+    }
+
+    pub fn encode(self) -> Vec<u8> {
+        let mut event = self.event;
+        event.trace_id = self.recorder.trace_id.clone();
+        event.instance_id = self.recorder.instance_id.clone();
+        event.detail = self.recorder.scrub(event.detail);
+        if event.seq == 0 {
+            event.header = self.recorder.header.clone();
+        }
+        event.encode_to_vec()
+    }
+}
+
+/// Ships the outbox to the control plane until the task is dropped.
+pub async fn ship(
+    spool: Spool,
+    channel: tonic::transport::Channel,
+    token: NodeToken,
+    node_id: String,
+    wake: Arc<Notify>,
+) {
+    let mut client = NodeSyncServiceClient::with_interceptor(channel, token);
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let batch = match spool.outbox(SHIP_BATCH).await {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the trace outbox");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
+        let events: Vec<pb::TraceEvent> = batch
+            .iter()
+            .filter_map(|(seq, bytes)| match pb::TraceEvent::decode(bytes.as_slice()) {
+                Ok(event) => Some(event),
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "dropping an unreadable trace stage");
+                    None
+                }
+            })
+            .collect();
+        match client.report_traces(pb::ReportTracesRequest { node_id: node_id.clone(), events }).await {
+            Ok(_) => {
+                if let Err(e) = spool.commit(vec![Op::Shipped(seqs)]).await {
+                    tracing::error!(error = %e, "cannot clear shipped trace stages");
+                }
+                backoff = Duration::from_millis(500);
+            }
+            Err(status) => {
+                tracing::warn!(error = %status.message(), retry_in = ?backoff, "traces not shipped; kept for later");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbound() -> Inbound {
+        Inbound {
+            id: "t1".into(),
+            instance: "acme-wa".into(),
+            instance_id: "i1".into(),
+            external_id: "X".into(),
+            conversation: "5511@s.whatsapp.net".into(),
+            sender: "5511".into(),
+            sender_name: "Maria".into(),
+            text: "hi".into(),
+            message_type: "conversation".into(),
+            media: vec![],
+            is_group: false,
+            sent_at: 0,
+            received_at: 1000,
+            raw: Value::Null,
+        }
+    }
+
+    #[test]
+    fn stages_are_numbered_and_scrubbed() {
+        let mut arrival = Recorder::arrival(&inbound(), pb::Channel::Whatsapp, vec!["super-secret-key".into()]);
+        let first = pb::TraceEvent::decode(
+            arrival
+                .stage("received", pb::TraceStatus::Received, 1000, "")
+                .payload(&serde_json::json!({"k": "super-secret-key"}))
+                .encode()
+                .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(first.seq, 0);
+        assert_eq!(first.header.unwrap().sender, "5511");
+        assert_eq!(first.payload, r#"{"k":"[redacted]"}"#);
+
+        let mut processing = Recorder::new(&inbound(), 0, vec![]);
+        let next = pb::TraceEvent::decode(
+            processing.stage("access", pb::TraceStatus::Processing, 1001, "").encode().as_slice(),
+        )
+        .unwrap();
+        assert_eq!((next.seq, next.header.is_none()), (1, true));
+        let mut resumed = Recorder::new(&inbound(), 2, vec![]);
+        let later =
+            pb::TraceEvent::decode(resumed.stage("access", pb::TraceStatus::Processing, 1001, "").encode().as_slice())
+                .unwrap();
+        assert_eq!(later.seq, 200);
+    }
+}
