@@ -5,6 +5,7 @@
 
 mod stats;
 mod sync;
+mod whatsapp;
 
 use clap::{Parser, Subcommand};
 
@@ -19,11 +20,18 @@ struct Cli {
 enum Bench {
     /// Config propagation to nodes, snapshot time and size, node memory and startup from cache.
     Sync(sync::Options),
+    /// WhatsApp webhooks: ingest rate against bare axum, end-to-end latency, CPU per message.
+    Whatsapp(whatsapp::Options),
+    /// (internal) the bare axum server the whatsapp benchmark compares against.
+    #[command(hide = true)]
+    BaselineServer,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Sync(options) => sync::run(options).await,
+        Bench::Whatsapp(options) => whatsapp::run(options).await,
+        Bench::BaselineServer => whatsapp::baseline_server().await,
     }
 }

@@ -26,6 +26,8 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// How often an unfinished message was resumed: inbox seq → attempts.
 const ATTEMPTS: TableDefinition<u64, u32> = TableDefinition::new("attempts");
 
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Operations committed per transaction at most; more wait for the next one.
 const MAX_GROUP: usize = 1024;
 
@@ -131,7 +133,9 @@ fn chunk_key(id: &str, chunk: u32) -> String {
 impl Spool {
     /// Opens (creating) the spool file and starts its writer thread.
     pub fn open(path: &Path) -> Result<Spool, SpoolError> {
-        let db = Arc::new(Database::create(path).map_err(storage)?);
+        // The spool's working set is small (unfinished messages and unshipped stages); redb's
+        // default cache would grow far beyond it.
+        let db = Arc::new(redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(storage)?);
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(INBOX).map_err(storage)?;

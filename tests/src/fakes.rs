@@ -22,6 +22,8 @@ async fn serve(router: Router) -> String {
 /// A request as a fake received it.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// When it arrived.
+    pub at: std::time::Instant,
     pub path: String,
     pub headers: HashMap<String, String>,
     pub body: Value,
@@ -29,6 +31,7 @@ pub struct Received {
 
 fn received(path: String, headers: &HeaderMap, body: &Bytes) -> Received {
     Received {
+        at: std::time::Instant::now(),
         path,
         headers: headers
             .iter()

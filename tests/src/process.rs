@@ -155,6 +155,10 @@ impl ControlPlane {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The node token the control plane generated into its data dir.
     pub fn node_token(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("node-token")).expect("node-token file").trim().to_owned()

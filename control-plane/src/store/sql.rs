@@ -11,6 +11,7 @@ use omni_core::kinds::Channel;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -48,6 +49,104 @@ fn scope_filter(scope: &Scope, column: &str, first_param: usize) -> (String, Vec
         }
     }
     (format!("({})", clauses.join(" OR ")), binds)
+}
+
+/// Rows per multi-row statement of trace ingest (SQLite allows 32766 parameters per statement).
+const INGEST_ROWS: usize = 200;
+
+/// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters.
+fn values(rows: usize, columns: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", row * columns + column + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// A sender's messages in one ingest batch.
+struct UserDelta {
+    id: String,
+    instance_id: String,
+    identity: String,
+    name: String,
+    first_seen: i64,
+    last_seen: i64,
+    count: i64,
+}
+
+/// One row per (instance, sender): a multi-row upsert may not touch a row twice.
+fn users_of<'a>(headers: impl Iterator<Item = (&'a TraceEventRecord, &'a TraceHeaderRecord)>) -> Vec<UserDelta> {
+    let mut users: Vec<UserDelta> = Vec::new();
+    for (event, header) in headers {
+        if header.sender.is_empty() {
+            continue;
+        }
+        match users.iter_mut().find(|u| u.instance_id == event.instance_id && u.identity == header.sender) {
+            Some(user) => {
+                user.count += 1;
+                user.first_seen = user.first_seen.min(header.received_at);
+                if header.received_at >= user.last_seen {
+                    user.last_seen = header.received_at;
+                    if !header.sender_name.is_empty() {
+                        user.name = header.sender_name.clone();
+                    }
+                }
+            }
+            None => users.push(UserDelta {
+                id: header.user_id.clone(),
+                instance_id: event.instance_id.clone(),
+                identity: header.sender.clone(),
+                name: header.sender_name.clone(),
+                first_seen: header.received_at,
+                last_seen: header.received_at,
+                count: 1,
+            }),
+        }
+    }
+    users
+}
+
+/// What newly stored stages change in their traces: the latest status, the first error and
+/// the agent's latency, one entry per trace.
+struct TraceUpdates<'a> {
+    status: Vec<&'a TraceEventRecord>,
+    error: Vec<&'a TraceEventRecord>,
+    agent: Vec<&'a TraceEventRecord>,
+}
+
+impl<'a> TraceUpdates<'a> {
+    fn of(events: &[&'a TraceEventRecord]) -> TraceUpdates<'a> {
+        let mut status: std::collections::HashMap<&str, &TraceEventRecord> = std::collections::HashMap::new();
+        let mut error: std::collections::HashMap<&str, &TraceEventRecord> = std::collections::HashMap::new();
+        let mut agent: std::collections::HashMap<&str, &TraceEventRecord> = std::collections::HashMap::new();
+        for e in events {
+            let id = e.trace_id.as_str();
+            if status.get(id).is_none_or(|s| e.seq > s.seq) {
+                status.insert(id, e);
+            }
+            if !e.error.is_empty() && error.get(id).is_none_or(|s| e.seq < s.seq) {
+                error.insert(id, e);
+            }
+            if e.agent_ms > 0 && agent.get(id).is_none_or(|s| e.agent_ms > s.agent_ms) {
+                agent.insert(id, e);
+            }
+        }
+        TraceUpdates {
+            status: status.into_values().collect(),
+            error: error.into_values().collect(),
+            agent: agent.into_values().collect(),
+        }
+    }
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -658,96 +757,130 @@ macro_rules! sql_store {
 
             async fn ingest_trace_events(&self, node_id: &str, events: &[TraceEventRecord]) -> Result<usize> {
                 let mut tx = self.pool.begin().await?;
-                let mut new = 0;
-                for event in events {
-                    if let Some(header) = &event.header {
-                        let created = sqlx::query(
+                let mut new_stages: HashSet<(String, i64)> = HashSet::new();
+                for chunk in events.chunks(INGEST_ROWS) {
+                    // Traces first seen in this batch, and the users they reveal.
+                    let headers: Vec<(&TraceEventRecord, &TraceHeaderRecord)> =
+                        chunk.iter().filter_map(|e| e.header.as_ref().map(|h| (e, h))).collect();
+                    let mut created: HashSet<String> = HashSet::new();
+                    if !headers.is_empty() {
+                        let sql = format!(
                             "INSERT INTO traces (id, instance_id, channel, external_id, conversation_id, sender, sender_name, \
                              user_id, message_type, text, status, status_seq, error_stage, error, received_at, updated_at, \
-                             agent_ms, node_id) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, -1, '', '', $12, $13, 0, $14) \
-                             ON CONFLICT (id) DO NOTHING",
-                        )
-                        .bind(&event.trace_id)
-                        .bind(&event.instance_id)
-                        .bind(&header.channel)
-                        .bind(&header.external_id)
-                        .bind(&header.conversation_id)
-                        .bind(&header.sender)
-                        .bind(&header.sender_name)
-                        .bind(&header.user_id)
-                        .bind(&header.message_type)
-                        .bind(&header.text)
-                        .bind(&event.status)
-                        .bind(header.received_at)
-                        .bind(event.at)
-                        .bind(node_id)
-                        .execute(&mut *tx)
-                        .await?;
-                        if created.rows_affected() == 1 && !header.sender.is_empty() {
-                            sqlx::query(
-                                "INSERT INTO users (id, instance_id, identity, display_name, first_seen_at, last_seen_at, message_count) \
-                                 VALUES ($1, $2, $3, $4, $5, $6, 1) \
-                                 ON CONFLICT (instance_id, identity) DO UPDATE SET \
-                                 display_name = CASE WHEN excluded.display_name <> '' THEN excluded.display_name ELSE users.display_name END, \
-                                 last_seen_at = CASE WHEN excluded.last_seen_at > users.last_seen_at THEN excluded.last_seen_at ELSE users.last_seen_at END, \
-                                 message_count = users.message_count + 1",
-                            )
-                            .bind(&header.user_id)
-                            .bind(&event.instance_id)
-                            .bind(&header.sender)
-                            .bind(&header.sender_name)
-                            .bind(header.received_at)
-                            .bind(header.received_at)
-                            .execute(&mut *tx)
-                            .await?;
+                             agent_ms, node_id) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
+                            values(headers.len(), 18)
+                        );
+                        let mut q = sqlx::query(&sql);
+                        for (event, header) in &headers {
+                            q = q
+                                .bind(&event.trace_id)
+                                .bind(&event.instance_id)
+                                .bind(&header.channel)
+                                .bind(&header.external_id)
+                                .bind(&header.conversation_id)
+                                .bind(&header.sender)
+                                .bind(&header.sender_name)
+                                .bind(&header.user_id)
+                                .bind(&header.message_type)
+                                .bind(&header.text)
+                                .bind(&event.status)
+                                .bind(-1_i64)
+                                .bind("")
+                                .bind("")
+                                .bind(header.received_at)
+                                .bind(event.at)
+                                .bind(0_i64)
+                                .bind(node_id);
+                        }
+                        for row in q.fetch_all(&mut *tx).await? {
+                            created.insert(row.try_get("id")?);
                         }
                     }
-                    let stored = sqlx::query(
-                        "INSERT INTO trace_stages (trace_id, seq, stage, at, duration_ms, detail, payload) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (trace_id, seq) DO NOTHING",
-                    )
-                    .bind(&event.trace_id)
-                    .bind(event.seq)
-                    .bind(&event.stage)
-                    .bind(event.at)
-                    .bind(event.duration_ms)
-                    .bind(&event.detail)
-                    .bind(&event.payload)
-                    .execute(&mut *tx)
-                    .await?;
-                    if stored.rows_affected() == 0 {
-                        continue;
+                    let users = users_of(headers.iter().filter(|(e, _)| created.contains(&e.trace_id)).copied());
+                    if !users.is_empty() {
+                        let sql = format!(
+                            "INSERT INTO users (id, instance_id, identity, display_name, first_seen_at, last_seen_at, message_count) \
+                             VALUES {} ON CONFLICT (instance_id, identity) DO UPDATE SET \
+                             display_name = CASE WHEN excluded.display_name <> '' THEN excluded.display_name ELSE users.display_name END, \
+                             last_seen_at = CASE WHEN excluded.last_seen_at > users.last_seen_at THEN excluded.last_seen_at ELSE users.last_seen_at END, \
+                             message_count = users.message_count + excluded.message_count",
+                            values(users.len(), 7)
+                        );
+                        let mut q = sqlx::query(&sql);
+                        for u in &users {
+                            q = q
+                                .bind(&u.id)
+                                .bind(&u.instance_id)
+                                .bind(&u.identity)
+                                .bind(&u.name)
+                                .bind(u.first_seen)
+                                .bind(u.last_seen)
+                                .bind(u.count);
+                        }
+                        q.execute(&mut *tx).await?;
                     }
-                    new += 1;
-                    sqlx::query(
-                        "UPDATE traces SET status = $1, status_seq = $2, updated_at = $3 WHERE id = $4 AND status_seq < $2",
-                    )
-                    .bind(&event.status)
-                    .bind(event.seq)
-                    .bind(event.at)
-                    .bind(&event.trace_id)
-                    .execute(&mut *tx)
-                    .await?;
-                    if !event.error.is_empty() {
-                        // The first failure names the stage; later stages only report its consequences.
-                        sqlx::query("UPDATE traces SET error_stage = $1, error = $2 WHERE id = $3 AND error = ''")
-                            .bind(&event.stage)
-                            .bind(&event.error)
-                            .bind(&event.trace_id)
-                            .execute(&mut *tx)
-                            .await?;
+                    // The stages; those already stored are skipped.
+                    let sql = format!(
+                        "INSERT INTO trace_stages (trace_id, seq, stage, at, duration_ms, detail, payload) VALUES {} \
+                         ON CONFLICT (trace_id, seq) DO NOTHING RETURNING trace_id, seq",
+                        values(chunk.len(), 7)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for e in chunk {
+                        q = q
+                            .bind(&e.trace_id)
+                            .bind(e.seq)
+                            .bind(&e.stage)
+                            .bind(e.at)
+                            .bind(e.duration_ms)
+                            .bind(&e.detail)
+                            .bind(&e.payload);
                     }
-                    if event.agent_ms > 0 {
-                        sqlx::query("UPDATE traces SET agent_ms = $1 WHERE id = $2")
-                            .bind(event.agent_ms)
-                            .bind(&event.trace_id)
-                            .execute(&mut *tx)
-                            .await?;
+                    for row in q.fetch_all(&mut *tx).await? {
+                        new_stages.insert((row.try_get("trace_id")?, row.try_get("seq")?));
                     }
                 }
+                let fresh: Vec<&TraceEventRecord> =
+                    events.iter().filter(|e| new_stages.contains(&(e.trace_id.clone(), e.seq))).collect();
+                let summary = TraceUpdates::of(&fresh);
+                for rows in summary.status.chunks(INGEST_ROWS) {
+                    let sql = format!(
+                        "UPDATE traces SET status = v.column2, status_seq = v.column3, updated_at = v.column4 \
+                         FROM (VALUES {}) AS v WHERE traces.id = v.column1 AND traces.status_seq < v.column3",
+                        values(rows.len(), 4)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for e in rows {
+                        q = q.bind(&e.trace_id).bind(&e.status).bind(e.seq).bind(e.at);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+                // The first failure names the stage; later stages only report its consequences.
+                for rows in summary.error.chunks(INGEST_ROWS) {
+                    let sql = format!(
+                        "UPDATE traces SET error_stage = v.column2, error = v.column3 \
+                         FROM (VALUES {}) AS v WHERE traces.id = v.column1 AND traces.error = ''",
+                        values(rows.len(), 3)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for e in rows {
+                        q = q.bind(&e.trace_id).bind(&e.stage).bind(&e.error);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+                for rows in summary.agent.chunks(INGEST_ROWS) {
+                    let sql = format!(
+                        "UPDATE traces SET agent_ms = v.column2 FROM (VALUES {}) AS v WHERE traces.id = v.column1",
+                        values(rows.len(), 2)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for e in rows {
+                        q = q.bind(&e.trace_id).bind(e.agent_ms);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
-                Ok(new)
+                Ok(fresh.len())
             }
 
             async fn list_traces(&self, scope: &Scope, query: &TraceQuery) -> Result<Vec<TraceRecord>> {

@@ -55,6 +55,22 @@ pub struct Pipeline {
     pub trace_wake: Arc<Notify>,
 }
 
+/// Trace stages and spool writes waiting for the message's next commit. A message commits only
+/// where durability matters: with the intent to send a chunk (which carries the agent's answer
+/// and the previous chunk's result along) and when it finishes.
+#[derive(Default)]
+struct Pending {
+    events: Vec<Vec<u8>>,
+    ops: Vec<Op>,
+}
+
+impl Pending {
+    fn add(&mut self, events: impl IntoIterator<Item = Vec<u8>>, ops: impl IntoIterator<Item = Op>) {
+        self.events.extend(events);
+        self.ops.extend(ops);
+    }
+}
+
 /// How a message ended.
 struct Ending {
     stage: &'static str,
@@ -195,12 +211,14 @@ impl Pipeline {
         tenants.entry(instance.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.tenant_concurrency))).clone()
     }
 
-    async fn record(&self, events: Vec<Vec<u8>>, mut ops: Vec<Op>) {
-        ops.push(Op::Trace(events));
-        if let Err(e) = self.spool.commit(ops).await {
-            tracing::error!(error = %e, "spool write failed");
-        }
+    /// Commits what is pending plus `ops`.
+    async fn commit(&self, pending: &mut Pending, ops: Vec<Op>) -> Result<(), crate::spool::SpoolError> {
+        let mut all = std::mem::take(&mut pending.ops);
+        all.extend(ops);
+        all.push(Op::Trace(std::mem::take(&mut pending.events)));
+        let committed = self.spool.commit(all).await;
         self.trace_wake.notify_one();
+        committed.map(drop)
     }
 
     async fn process(&self, job: Job) {
@@ -213,10 +231,11 @@ impl Pipeline {
             .filter(|i| i.id == job.inbound.instance_id);
         let secrets = instance.as_deref().map(secrets_of).unwrap_or_default();
         let mut trace = Recorder::new(&job.inbound, job.attempt, secrets);
+        let mut pending = Pending::default();
         let (ending, chunks) = match instance {
             None => (Ending::ignored("the instance was deleted before the message was handled"), 0),
             Some(instance) if !instance.active => (Ending::ignored("the instance is inactive"), 0),
-            Some(instance) => self.handle(&job, &instance, &mut trace).await,
+            Some(instance) => self.handle(&job, &instance, &mut trace, &mut pending).await,
         };
         let counter = match ending.status {
             TraceStatus::Completed => &self.stats.completed,
@@ -228,13 +247,21 @@ impl Pipeline {
         let total = now_ms() - job.inbound.received_at;
         let last = trace.stage(ending.stage, ending.status, now_ms(), ending.detail).duration(total);
         let last = if ending.error.is_empty() { last } else { last.error(ending.error) };
-        let finish = Op::Finish { seq: job.seq, id: job.inbound.id.clone(), chunks };
-        self.record(vec![last.encode()], vec![finish]).await;
+        pending.add([last.encode()], [Op::Finish { seq: job.seq, id: job.inbound.id.clone(), chunks }]);
+        if let Err(e) = self.commit(&mut pending, vec![]).await {
+            tracing::error!(error = %e, trace_id = %job.inbound.id, "could not record the end of a message");
+        }
     }
 
     /// Everything between the access check and the last chunk; returns how it ended and how
     /// many chunk states to forget.
-    async fn handle(&self, job: &Job, instance: &pb::InstanceConfig, trace: &mut Recorder) -> (Ending, u32) {
+    async fn handle(
+        &self,
+        job: &Job,
+        instance: &pb::InstanceConfig,
+        trace: &mut Recorder,
+        pending: &mut Pending,
+    ) -> (Ending, u32) {
         let inbound = &job.inbound;
         let rules: Vec<(&str, Action)> =
             instance.rules.iter().map(|r| (r.pattern.as_str(), action_of(r.action))).collect();
@@ -261,7 +288,7 @@ impl Pipeline {
                 let event = trace
                     .stage("agent_response", TraceStatus::Processing, now_ms(), "answer kept from before a restart")
                     .encode();
-                self.record(vec![access, event], vec![]).await;
+                pending.add([access, event], []);
                 kept
             }
             None => {
@@ -304,7 +331,7 @@ impl Pipeline {
                             .agent_ms(agent_ms)
                             .encode();
                         let keep = Op::Answer { id: inbound.id.clone(), text: answer.text.clone() };
-                        self.record(vec![access, request, response], vec![keep]).await;
+                        pending.add([access, request, response], [keep]);
                         answer.text
                     }
                     Err(error) => {
@@ -315,12 +342,13 @@ impl Pipeline {
                             .encode();
                         let fallback = instance.behavior.as_ref().map(|b| b.fallback_text.clone()).unwrap_or_default();
                         if fallback.trim().is_empty() {
-                            self.record(vec![access, failed], vec![]).await;
+                            pending.add([access, failed], []);
                             return (Ending::failed("agent_request", error), 0);
                         }
                         let keep = Op::Answer { id: inbound.id.clone(), text: fallback.clone() };
-                        self.record(vec![access, failed], vec![keep]).await;
-                        let (ending, chunks) = self.deliver(inbound, instance, &evolution, &fallback, trace).await;
+                        pending.add([access, failed], [keep]);
+                        let (ending, chunks) =
+                            self.deliver(inbound, instance, &evolution, &fallback, trace, pending).await;
                         let ending = match ending.status {
                             TraceStatus::Completed => {
                                 Ending::failed("agent_request", format!("{error}; fallback text sent"))
@@ -339,7 +367,7 @@ impl Pipeline {
         if text.starts_with("AUTOMAGIK:") {
             return (Ending::ignored("the agent suppressed the answer (AUTOMAGIK: prefix)"), 0);
         }
-        self.deliver(inbound, instance, &evolution, text, trace).await
+        self.deliver(inbound, instance, &evolution, text, trace, pending).await
     }
 
     /// Sends `text` in chunks, never sending a chunk twice.
@@ -350,6 +378,7 @@ impl Pipeline {
         evolution: &pb::NodeEvolution,
         text: &str,
         trace: &mut Recorder,
+        pending: &mut Pending,
     ) -> (Ending, u32) {
         let limit = instance.behavior.as_ref().map_or(4000, |b| b.split_limit).max(1) as usize;
         let chunks = split::split(text, limit);
@@ -365,7 +394,7 @@ impl Pipeline {
                         .stage("send_chunk", TraceStatus::Processing, now_ms(), label)
                         .error("outcome unknown: the node stopped during the send; not sent again")
                         .encode();
-                    self.record(vec![event], vec![]).await;
+                    pending.add([event], []);
                     problem.get_or_insert(Ending::failed("send_chunk", "a chunk's outcome is unknown after a restart"));
                     continue;
                 }
@@ -375,12 +404,10 @@ impl Pipeline {
                 }
                 None => {}
             }
-            if self
-                .spool
-                .commit(vec![Op::Send { id: inbound.id.clone(), chunk: index, state: SendState::Intent }])
-                .await
-                .is_err()
-            {
+            // The intent is durable before the send; it carries the answer and the previous
+            // chunk's result along.
+            let intent = Op::Send { id: inbound.id.clone(), chunk: index, state: SendState::Intent };
+            if self.commit(pending, vec![intent]).await.is_err() {
                 return (Ending::failed("send_chunk", "could not record the send intent"), count);
             }
             let started = now_ms();
@@ -414,7 +441,7 @@ impl Pipeline {
                         .encode(),
                 ),
             };
-            self.record(vec![event], vec![Op::Send { id: inbound.id.clone(), chunk: index, state }]).await;
+            pending.add([event], [Op::Send { id: inbound.id.clone(), chunk: index, state }]);
             if let Err(e) = sent {
                 // Later chunks would arrive without this one: stop here.
                 return (Ending::failed("send_chunk", e), count);

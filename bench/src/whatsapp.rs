@@ -1,0 +1,267 @@
+//! The WhatsApp pipeline under load: webhook ingest against a bare axum server, then messages
+//! end to end at a fixed rate, with the hub's CPU and memory.
+
+use crate::stats::{cpu_time, mib, ms, percentile, rss_bytes};
+use omni_tests::fakes::{FakeAgent, FakeEvolution};
+use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, omnictl};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const ADMIN_KEY: &str = "omni_bench_0123456789abcdef0123456789abcdef";
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Webhooks posted in each ingest measurement.
+    #[arg(long, default_value_t = 20_000)]
+    ingest_messages: usize,
+    /// Concurrent HTTP connections of the load generator.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Messages per second in the end-to-end measurement.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Seconds of the end-to-end measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+}
+
+/// A WhatsApp text webhook with message id `id`, from one of 50 senders.
+fn webhook(i: usize, prefix: &str) -> Vec<u8> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    serde_json::to_vec(&json!({
+        "event": "messages.upsert",
+        "instance": "bench",
+        "data": {
+            "key": { "remoteJid": format!("55119{:07}@s.whatsapp.net", i % 50), "fromMe": false, "id": format!("{prefix}{i}") },
+            "pushName": "Bench",
+            "message": { "conversation": format!("{prefix}{i}") },
+            "messageType": "conversation",
+            "messageTimestamp": now,
+        },
+        "sender": "5511888888888@s.whatsapp.net",
+        "apikey": "not-used",
+    }))
+    .unwrap()
+}
+
+/// Posts every body once over `connections` keep-alive connections; returns the rate of 2xx.
+async fn load(url: String, token: &str, bodies: Arc<Vec<Vec<u8>>>, connections: usize) -> anyhow::Result<f64> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(connections).build()?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (client, url, bodies, next, ok, token) =
+            (client.clone(), url.clone(), bodies.clone(), next.clone(), ok.clone(), token.to_owned());
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { break };
+                let sent = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-omni-webhook-token", &token)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                if sent.is_ok_and(|r| r.status().is_success()) {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+    let elapsed = started.elapsed();
+    let ok = ok.load(Ordering::Relaxed);
+    anyhow::ensure!(ok == bodies.len(), "only {ok} of {} requests succeeded", bodies.len());
+    Ok(ok as f64 / elapsed.as_secs_f64())
+}
+
+/// `omni-bench baseline-server`: a bare axum server answering 200 OK to every POST.
+pub async fn baseline_server() -> anyhow::Result<()> {
+    let router = axum::Router::new().fallback(axum::routing::post(|| async { "OK" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("baseline listening on {}", listener.local_addr()?);
+    axum::serve(listener, router).await?;
+    Ok(())
+}
+
+async fn start_baseline() -> anyhow::Result<(tokio::process::Child, String)> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("baseline-server")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    while let Some(line) = lines.next_line().await? {
+        if let Some(addr) = line.strip_prefix("baseline listening on ") {
+            return Ok((child, addr.to_owned()));
+        }
+    }
+    anyhow::bail!("the baseline server did not start")
+}
+
+async fn instance(
+    cp: &ControlPlane,
+    name: &str,
+    agent: &FakeAgent,
+    evolution: &FakeEvolution,
+) -> anyhow::Result<(String, i64)> {
+    evolution.instance(name, "bench-evolution-key");
+    let created = omnictl(
+        &cp.url(),
+        ADMIN_KEY,
+        &[
+            "instance",
+            "create",
+            name,
+            "--channel",
+            "whatsapp",
+            "--agent-url",
+            &agent.url,
+            "--agent-key",
+            "bench-agent-key",
+            "--evolution-url",
+            &evolution.url,
+            "--evolution-key",
+            "bench-evolution-key",
+            "--evolution-instance",
+            name,
+            "--typing-indicator",
+            "false",
+            "--agent-timeout",
+            "600",
+            "-o",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    Ok((
+        created["webhook_token"].as_str().unwrap_or_default().to_owned(),
+        created["instance"]["revision"].as_i64().unwrap_or(0),
+    ))
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir()?;
+    let cp = ControlPlane::start(
+        &dir.path().join("cp"),
+        &ControlPlaneOptions { bootstrap_api_key: Some(ADMIN_KEY.into()), ..Default::default() },
+    )
+    .await;
+    let node = DataPlane::start(
+        &dir.path().join("node"),
+        &DataPlaneOptions {
+            control_plane: cp.url(),
+            node_token: cp.node_token(),
+            tenant_concurrency: Some(64),
+            ..Default::default()
+        },
+    )
+    .await;
+    let evolution = FakeEvolution::start().await;
+    let instant = FakeAgent::start().await;
+    let holding = FakeAgent::start().await;
+    holding.script(|_| (200, json!({ "message": "late" }), Duration::from_secs(3600)));
+    let (token, _) = instance(&cp, "bench-wa", &instant, &evolution).await?;
+    let (hold_token, revision) = instance(&cp, "hold-wa", &holding, &evolution).await?;
+    node.wait_for_revision(revision).await;
+    println!("whatsapp benchmark: 1 node, {} connections", options.connections);
+
+    // Ingest: accepted and durable. The holding tenant's agent never answers, so its messages
+    // stop after the spool and the pipeline does not compete with ingest.
+    let (_baseline, baseline_addr) = start_baseline().await?;
+    let plain: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "b")).collect());
+    let bare = load(format!("http://{baseline_addr}/"), "", plain, options.connections).await?;
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "h")).collect());
+    let url = format!("http://{}/webhook/evolution/hold-wa", node.addr);
+    let ingest = load(url, &hold_token, bodies, options.connections).await?;
+    println!("  bare axum 200 OK:                    {bare:>8.0} requests/s");
+    println!(
+        "  webhook accepted (durable, deduped): {ingest:>8.0} messages/s  ({:.0}% of bare axum)",
+        100.0 * ingest / bare
+    );
+
+    // End to end at a fixed rate: webhook in → reply at Evolution, the agent answering at once.
+    let total = (options.rate * options.seconds) as usize;
+    let bodies: Vec<Vec<u8>> = (0..total).map(|i| webhook(i, "e")).collect();
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/webhook/evolution/bench-wa", node.addr);
+    let pids = [cp.pid().unwrap_or(0), node.pid().unwrap_or(0)];
+    let cpu_start: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
+    let cpu_before: Duration = cpu_start.iter().sum();
+    let mut sent_at = HashMap::with_capacity(total);
+    let interval = Duration::from_secs_f64(1.0 / options.rate as f64);
+    let started = Instant::now();
+    let mut posts = tokio::task::JoinSet::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let due = started + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        sent_at.insert(format!("echo: e{i}"), Instant::now());
+        let (client, url, token) = (client.clone(), url.clone(), token.clone());
+        posts.spawn(async move {
+            client
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("x-omni-webhook-token", token)
+                .body(body)
+                .send()
+                .await
+        });
+    }
+    while let Some(done) = posts.join_next().await {
+        anyhow::ensure!(done?.is_ok_and(|r| r.status().is_success()), "a webhook was refused");
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while evolution.replies().iter().filter(|(_, t)| t.starts_with("echo: e")).count() < total {
+        anyhow::ensure!(Instant::now() < deadline, "not every message was answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    // Let the traces reach the control plane, so their cost is counted too.
+    let drained = Instant::now() + Duration::from_secs(60);
+    while node.metric("omni_node_trace_outbox_depth").await > 0.0 && Instant::now() < drained {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
+    let cpu: Duration = cpu_after.iter().sum::<Duration>() - cpu_before;
+    let mut latencies: Vec<Duration> = evolution
+        .texts()
+        .iter()
+        .filter_map(|r| sent_at.get(r.body["text"].as_str()?).map(|sent| r.at.saturating_duration_since(*sent)))
+        .collect();
+    let agent_calls: Vec<_> = instant.requests();
+    println!(
+        "  end to end at {} messages/s for {}s: {} answered in {:.2} s ({} agent calls)",
+        options.rate,
+        options.seconds,
+        latencies.len(),
+        elapsed.as_secs_f64(),
+        agent_calls.len()
+    );
+    println!(
+        "  webhook -> reply at Evolution (instant agent): p50 {}  p99 {}  max {}",
+        ms(percentile(&mut latencies, 50.0)),
+        ms(percentile(&mut latencies, 99.0)),
+        ms(percentile(&mut latencies, 100.0))
+    );
+    println!(
+        "  CPU per message, control plane + node (traces stored): {:.0} µs",
+        cpu.as_secs_f64() * 1e6 / total as f64
+    );
+    let per_message = |i: usize| (cpu_after[i] - cpu_start[i]).as_secs_f64() * 1e6 / total as f64;
+    println!("    of which control plane {:.0} µs, node {:.0} µs", per_message(0), per_message(1));
+    println!(
+        "  RSS: node {}, control plane {}",
+        mib(node.pid().and_then(rss_bytes).unwrap_or(0)),
+        mib(cp.pid().and_then(rss_bytes).unwrap_or(0))
+    );
+    Ok(())
+}
