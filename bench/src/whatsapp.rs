@@ -175,20 +175,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     node.wait_for_revision(revision).await;
     println!("whatsapp benchmark: 1 node, {} connections", options.connections);
 
-    // Ingest: accepted and durable. The holding tenant's agent never answers, so its messages
-    // stop after the spool and the pipeline does not compete with ingest.
-    let (_baseline, baseline_addr) = start_baseline().await?;
-    let plain: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "b")).collect());
-    let bare = load(format!("http://{baseline_addr}/"), "", plain, options.connections).await?;
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "h")).collect());
-    let url = format!("http://{}/webhook/evolution/hold-wa", node.addr);
-    let ingest = load(url, &hold_token, bodies, options.connections).await?;
-    println!("  bare axum 200 OK:                    {bare:>8.0} requests/s");
-    println!(
-        "  webhook accepted (durable, deduped): {ingest:>8.0} messages/s  ({:.0}% of bare axum)",
-        100.0 * ingest / bare
-    );
-
     // End to end at a fixed rate: webhook in → reply at Evolution, the agent answering at once.
     let total = (options.rate * options.seconds) as usize;
     let bodies: Vec<Vec<u8>> = (0..total).map(|i| webhook(i, "e")).collect();
@@ -263,5 +249,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         mib(node.pid().and_then(rss_bytes).unwrap_or(0)),
         mib(cp.pid().and_then(rss_bytes).unwrap_or(0))
     );
+    // Ingest: accepted and durable. The holding tenant's agent never answers, so its messages
+    // stop after the spool and the pipeline does not compete with ingest.
+    let (_baseline, baseline_addr) = start_baseline().await?;
+    let plain: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "b")).collect());
+    let bare = load(format!("http://{baseline_addr}/"), "", plain, options.connections).await?;
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "h")).collect());
+    let url = format!("http://{}/webhook/evolution/hold-wa", node.addr);
+    let ingest = load(url, &hold_token, bodies, options.connections).await?;
+    println!("  bare axum 200 OK:                    {bare:>8.0} requests/s");
+    println!(
+        "  webhook accepted (durable, deduped): {ingest:>8.0} messages/s  ({:.0}% of bare axum)",
+        100.0 * ingest / bare
+    );
+
     Ok(())
 }

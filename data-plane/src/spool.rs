@@ -65,14 +65,12 @@ impl SendState {
 
 #[derive(Debug)]
 pub enum Op {
-    /// Accept a message unless `dedupe_key` was seen; either way append the trace stages given
-    /// for that outcome.
+    /// Accept a message (and append its first trace stages) unless `dedupe_key` was seen.
     Accept {
         dedupe_key: String,
         now_ms: i64,
         message: Vec<u8>,
-        if_new: Vec<Vec<u8>>,
-        if_duplicate: Vec<Vec<u8>>,
+        trace: Vec<Vec<u8>>,
     },
     /// Append trace stages.
     Trace(Vec<Vec<u8>>),
@@ -301,16 +299,15 @@ fn apply(db: &Database, group: &mut [Request]) -> Result<Vec<Vec<Outcome>>, Spoo
             let mut outcomes = Vec::with_capacity(request.ops.len());
             for op in request.ops.drain(..) {
                 let outcome = match op {
-                    Op::Accept { dedupe_key, now_ms, message, if_new, if_duplicate } => {
+                    Op::Accept { dedupe_key, now_ms, message, trace } => {
                         if seen.get(dedupe_key.as_str()).map_err(storage)?.is_some() {
-                            append(&mut outbox, &if_duplicate)?;
                             Outcome::Duplicate
                         } else {
                             seen.insert(dedupe_key.as_str(), now_ms).map_err(storage)?;
                             let seq = next_inbox;
                             next_inbox += 1;
                             inbox.insert(seq, message.as_slice()).map_err(storage)?;
-                            append(&mut outbox, &if_new)?;
+                            append(&mut outbox, &trace)?;
                             Outcome::Accepted { seq }
                         }
                     }
@@ -369,8 +366,7 @@ mod tests {
             dedupe_key: key.into(),
             now_ms: 1000,
             message: message.as_bytes().to_vec(),
-            if_new: vec![b"received".to_vec()],
-            if_duplicate: vec![b"duplicate".to_vec()],
+            trace: vec![b"received".to_vec()],
         }
     }
 
@@ -397,11 +393,11 @@ mod tests {
         assert_eq!(spool.send_state("t1", 1).await.unwrap(), None);
         assert_eq!(spool.commit(vec![accept("k1", "late")]).await.unwrap(), [Outcome::Duplicate]);
         let events: Vec<Vec<u8>> = spool.outbox(10).await.unwrap().into_iter().map(|(_, e)| e).collect();
-        assert_eq!(events, [b"received".to_vec(), b"duplicate".to_vec(), b"received".to_vec(), b"duplicate".to_vec()]);
+        assert_eq!(events, [b"received".to_vec(), b"received".to_vec()], "a duplicate appends nothing");
 
-        let seqs: Vec<u64> = spool.outbox(2).await.unwrap().into_iter().map(|(s, _)| s).collect();
+        let seqs: Vec<u64> = spool.outbox(1).await.unwrap().into_iter().map(|(s, _)| s).collect();
         spool.commit(vec![Op::Shipped(seqs)]).await.unwrap();
-        assert_eq!(spool.depths().await.unwrap(), (1, 2));
+        assert_eq!(spool.depths().await.unwrap(), (1, 1));
         spool.commit(vec![Op::Finish { seq: 1, id: "t1".into(), chunks: 1 }]).await.unwrap();
         assert_eq!(spool.send_state("t1", 0).await.unwrap(), None);
         assert_eq!(spool.answer("t1").await.unwrap(), None);

@@ -56,21 +56,6 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
             ops.push(Op::Trace(vec![received, trace.stage("ignored", TraceStatus::Ignored, now, reason).encode()]));
             continue;
         }
-        // A redelivery gets a trace of its own, which says what it duplicates.
-        let mut duplicate = message.inbound.clone();
-        duplicate.id = new_id();
-        let mut dup_trace = Recorder::arrival(&duplicate, pb::Channel::Whatsapp, secrets.clone());
-        let if_duplicate = vec![
-            dup_trace.stage("received", TraceStatus::Received, now, "").payload(&duplicate.raw).encode(),
-            dup_trace
-                .stage(
-                    "ignored",
-                    TraceStatus::Ignored,
-                    now,
-                    format!("duplicate delivery of {}", message.inbound.external_id),
-                )
-                .encode(),
-        ];
         ops.push(Op::Accept {
             dedupe_key: format!(
                 "{}\u{0}{}\u{0}{}",
@@ -78,8 +63,7 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
             ),
             now_ms: now,
             message: serde_json::to_vec(&message.inbound).expect("messages serialize"),
-            if_new: vec![received],
-            if_duplicate,
+            trace: vec![received],
         });
         answered.push((ops.len() - 1, message.inbound));
     }
@@ -93,13 +77,34 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
     };
     state.pipeline.trace_wake.notify_one();
     let (mut accepted, mut duplicates) = (0, 0);
+    let mut duplicate_traces = Vec::new();
     for (index, inbound) in answered {
         match outcomes[index] {
             Outcome::Accepted { seq } => {
                 accepted += 1;
                 state.pipeline.submit(Job { seq, inbound, attempt: 0 });
             }
-            _ => duplicates += 1,
+            _ => {
+                duplicates += 1;
+                // A redelivery gets a trace of its own, which says what it duplicates.
+                let mut copy = inbound;
+                let original = std::mem::take(&mut copy.external_id);
+                copy.id = new_id();
+                copy.external_id = original.clone();
+                let mut trace = Recorder::arrival(&copy, pb::Channel::Whatsapp, secrets.clone());
+                duplicate_traces
+                    .push(trace.stage("received", TraceStatus::Received, now, "").payload(&copy.raw).encode());
+                duplicate_traces.push(
+                    trace
+                        .stage("ignored", TraceStatus::Ignored, now, format!("duplicate delivery of {original}"))
+                        .encode(),
+                );
+            }
+        }
+    }
+    if !duplicate_traces.is_empty() {
+        if let Err(e) = state.spool.commit(vec![Op::Trace(duplicate_traces)]).await {
+            tracing::warn!(error = %e, "could not record duplicate deliveries");
         }
     }
     let ignored = total - accepted - duplicates;
