@@ -16,7 +16,10 @@ use tokio::sync::Notify;
 const MAX_PAYLOAD: usize = 64 * 1024;
 /// Stage numbers of a resumed attempt start at attempt × this, above every earlier stage.
 const SEQ_PER_ATTEMPT: u32 = 100;
-const SHIP_BATCH: usize = 500;
+const SHIP_BATCH: usize = 2000;
+/// After shipping a partial batch, wait this long so the next report carries more stages
+/// (fewer, larger writes on the control plane); traces lag by at most this much more.
+const SHIP_LINGER: Duration = Duration::from_millis(25);
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -181,10 +184,14 @@ pub async fn ship(
             .collect();
         match client.report_traces(pb::ReportTracesRequest { node_id: node_id.clone(), events }).await {
             Ok(_) => {
+                let full = seqs.len() == SHIP_BATCH;
                 if let Err(e) = spool.commit(vec![Op::Shipped(seqs)]).await {
                     tracing::error!(error = %e, "cannot clear shipped trace stages");
                 }
                 backoff = Duration::from_millis(500);
+                if !full {
+                    tokio::time::sleep(SHIP_LINGER).await;
+                }
             }
             Err(status) => {
                 tracing::warn!(error = %status.message(), retry_in = ?backoff, "traces not shipped; kept for later");

@@ -54,8 +54,10 @@ fn scope_filter(scope: &Scope, column: &str, first_param: usize) -> (String, Vec
 /// Rows per multi-row statement of trace ingest (SQLite allows 32766 parameters per statement).
 const INGEST_ROWS: usize = 200;
 
-/// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters.
-fn values(rows: usize, columns: usize) -> String {
+/// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters; with `numbered` false,
+/// `(?, ?), (?, ?)`. SQLite resolves each named parameter with a linear scan, which makes
+/// statements with thousands of `$n` parameters quadratic; anonymous ones bind in order.
+fn values(rows: usize, columns: usize, numbered: bool) -> String {
     let mut sql = String::with_capacity(rows * columns * 5);
     for row in 0..rows {
         if row > 0 {
@@ -66,7 +68,11 @@ fn values(rows: usize, columns: usize) -> String {
             if column > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("${}", row * columns + column + 1));
+            if numbered {
+                sql.push_str(&format!("${}", row * columns + column + 1));
+            } else {
+                sql.push('?');
+            }
         }
         sql.push(')');
     }
@@ -180,8 +186,9 @@ const NODE_COLUMNS: &str = "id, address, version, applied_revision, first_seen_a
 /// `$notify`: SQL run in each config transaction to wake other control planes (Postgres only).
 /// `$snapshot_isolation`: SQL that gives a transaction one consistent view (SQLite's read
 /// transactions already have one).
+/// `$numbered_values`: whether generated multi-row parameter lists use `$n` (Postgres) or `?`.
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $backend:expr, $notify:expr, $snapshot_isolation:expr) => {
+    ($store:ident, $db:ty, $backend:expr, $notify:expr, $snapshot_isolation:expr, $numbered_values:expr) => {
         pub struct $store {
             pool: sqlx::Pool<$db>,
             options: StoreOptions,
@@ -768,7 +775,7 @@ macro_rules! sql_store {
                             "INSERT INTO traces (id, instance_id, channel, external_id, conversation_id, sender, sender_name, \
                              user_id, message_type, text, status, status_seq, error_stage, error, received_at, updated_at, \
                              agent_ms, node_id) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
-                            values(headers.len(), 18)
+                            values(headers.len(), 18, $numbered_values)
                         );
                         let mut q = sqlx::query(&sql);
                         for (event, header) in &headers {
@@ -804,7 +811,7 @@ macro_rules! sql_store {
                              display_name = CASE WHEN excluded.display_name <> '' THEN excluded.display_name ELSE users.display_name END, \
                              last_seen_at = CASE WHEN excluded.last_seen_at > users.last_seen_at THEN excluded.last_seen_at ELSE users.last_seen_at END, \
                              message_count = users.message_count + excluded.message_count",
-                            values(users.len(), 7)
+                            values(users.len(), 7, $numbered_values)
                         );
                         let mut q = sqlx::query(&sql);
                         for u in &users {
@@ -823,7 +830,7 @@ macro_rules! sql_store {
                     let sql = format!(
                         "INSERT INTO trace_stages (trace_id, seq, stage, at, duration_ms, detail, payload) VALUES {} \
                          ON CONFLICT (trace_id, seq) DO NOTHING RETURNING trace_id, seq",
-                        values(chunk.len(), 7)
+                        values(chunk.len(), 7, $numbered_values)
                     );
                     let mut q = sqlx::query(&sql);
                     for e in chunk {
@@ -847,7 +854,7 @@ macro_rules! sql_store {
                     let sql = format!(
                         "UPDATE traces SET status = v.column2, status_seq = v.column3, updated_at = v.column4 \
                          FROM (VALUES {}) AS v WHERE traces.id = v.column1 AND traces.status_seq < v.column3",
-                        values(rows.len(), 4)
+                        values(rows.len(), 4, $numbered_values)
                     );
                     let mut q = sqlx::query(&sql);
                     for e in rows {
@@ -860,7 +867,7 @@ macro_rules! sql_store {
                     let sql = format!(
                         "UPDATE traces SET error_stage = v.column2, error = v.column3 \
                          FROM (VALUES {}) AS v WHERE traces.id = v.column1 AND traces.error = ''",
-                        values(rows.len(), 3)
+                        values(rows.len(), 3, $numbered_values)
                     );
                     let mut q = sqlx::query(&sql);
                     for e in rows {
@@ -871,7 +878,7 @@ macro_rules! sql_store {
                 for rows in summary.agent.chunks(INGEST_ROWS) {
                     let sql = format!(
                         "UPDATE traces SET agent_ms = v.column2 FROM (VALUES {}) AS v WHERE traces.id = v.column1",
-                        values(rows.len(), 2)
+                        values(rows.len(), 2, $numbered_values)
                     );
                     let mut q = sqlx::query(&sql);
                     for e in rows {
@@ -976,9 +983,10 @@ sql_store!(
     sqlx::Postgres,
     Backend::Postgres,
     Some("SELECT pg_notify($1, $2)"),
-    Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+    true
 );
-sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None, None);
+sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None, None, false);
 
 impl PostgresStore {
     pub async fn connect(url: &str, options: StoreOptions) -> Result<Self> {

@@ -102,10 +102,10 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
             }
         }
     }
-    if !duplicate_traces.is_empty() {
-        if let Err(e) = state.spool.commit(vec![Op::Trace(duplicate_traces)]).await {
-            tracing::warn!(error = %e, "could not record duplicate deliveries");
-        }
+    if !duplicate_traces.is_empty()
+        && let Err(e) = state.spool.commit(vec![Op::Trace(duplicate_traces)]).await
+    {
+        tracing::warn!(error = %e, "could not record duplicate deliveries");
     }
     let ignored = total - accepted - duplicates;
     state.ingest.accepted.fetch_add(accepted as u64, Ordering::Relaxed);
