@@ -116,7 +116,8 @@ async fn load_node_token(config: &Config) -> Result<String, StartError> {
         Ok(token) if token.trim().len() >= MIN_NODE_TOKEN_LEN => Ok(token.trim().to_owned()),
         Ok(_) => Err(StartError::NodeToken(format!("{} is too short", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = random_token();
+            // Prefixed: a bare base64url token may start with '-' and read as a flag.
+            let token = format!("node_{}", random_token());
             write_private(&path, &format!("{token}\n"))
                 .await
                 .map_err(|e| StartError::NodeToken(format!("{}: {e}", path.display())))?;

@@ -124,7 +124,7 @@ impl ControlPlane {
             command.env("OMNI_BOOTSTRAP_API_KEY", key);
         }
         if let Some(token) = &options.node_token {
-            command.arg("--node-token").arg(token);
+            command.arg(format!("--node-token={token}"));
         }
         if let Some(retention) = options.change_log_retention {
             command.arg("--change-log-retention").arg(retention.to_string());
@@ -199,8 +199,8 @@ impl DataPlane {
         let log_path = data_dir.with_extension("log");
         let mut command = Command::new(binary("omni-data-plane"));
         command
-            .args(["--http-listen", "127.0.0.1:0", "--control-plane", &options.control_plane, "--node-token"])
-            .arg(&options.node_token)
+            .args(["--http-listen", "127.0.0.1:0", "--control-plane", &options.control_plane])
+            .arg(format!("--node-token={}", options.node_token))
             .arg("--data-dir")
             .arg(data_dir)
             .env_remove("OMNI_NODE_CACHE_KEY")

@@ -310,6 +310,11 @@ impl Pipeline {
                 }
                 match called {
                     Ok(answer) => {
+                        // The webhook is in the received stage already; the request is the rest.
+                        let mut request_payload = answer.request;
+                        if let Some(body) = request_payload.as_object_mut() {
+                            body.remove("channel_payload");
+                        }
                         let request = trace
                             .stage(
                                 "agent_request",
@@ -317,7 +322,7 @@ impl Pipeline {
                                 started,
                                 format!("{} attempt(s)", answer.attempts),
                             )
-                            .payload(&answer.request)
+                            .payload(&request_payload)
                             .encode();
                         let response = trace
                             .stage(
