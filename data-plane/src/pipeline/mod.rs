@@ -283,7 +283,11 @@ impl Pipeline {
 
         let channel = "whatsapp";
         let evolution = instance.evolution.clone().unwrap_or_default();
-        let answer = match self.spool.answer(&inbound.id).await.ok().flatten() {
+        // Only a resumed message can have an answer or chunk states from before; a fresh one
+        // skips the reads.
+        let resumed = job.attempt > 0;
+        let kept = if resumed { self.spool.answer(&inbound.id).await.ok().flatten() } else { None };
+        let answer = match kept {
             Some(kept) => {
                 let event = trace
                     .stage("agent_response", TraceStatus::Processing, now_ms(), "answer kept from before a restart")
@@ -352,8 +356,7 @@ impl Pipeline {
                         }
                         let keep = Op::Answer { id: inbound.id.clone(), text: fallback.clone() };
                         pending.add([access, failed], [keep]);
-                        let (ending, chunks) =
-                            self.deliver(inbound, instance, &evolution, &fallback, trace, pending).await;
+                        let (ending, chunks) = self.deliver(job, instance, &evolution, &fallback, trace, pending).await;
                         let ending = match ending.status {
                             TraceStatus::Completed => {
                                 Ending::failed("agent_request", format!("{error}; fallback text sent"))
@@ -372,19 +375,20 @@ impl Pipeline {
         if text.starts_with("AUTOMAGIK:") {
             return (Ending::ignored("the agent suppressed the answer (AUTOMAGIK: prefix)"), 0);
         }
-        self.deliver(inbound, instance, &evolution, text, trace, pending).await
+        self.deliver(job, instance, &evolution, text, trace, pending).await
     }
 
     /// Sends `text` in chunks, never sending a chunk twice.
     async fn deliver(
         &self,
-        inbound: &Inbound,
+        job: &Job,
         instance: &pb::InstanceConfig,
         evolution: &pb::NodeEvolution,
         text: &str,
         trace: &mut Recorder,
         pending: &mut Pending,
     ) -> (Ending, u32) {
+        let (inbound, resumed) = (&job.inbound, job.attempt > 0);
         let limit = instance.behavior.as_ref().map_or(4000, |b| b.split_limit).max(1) as usize;
         let chunks = split::split(text, limit);
         let count = chunks.len() as u32;
@@ -392,7 +396,8 @@ impl Pipeline {
         for (i, chunk) in chunks.iter().enumerate() {
             let index = i as u32;
             let label = format!("chunk {}/{}", i + 1, chunks.len());
-            match self.spool.send_state(&inbound.id, index).await.ok().flatten() {
+            let state = if resumed { self.spool.send_state(&inbound.id, index).await.ok().flatten() } else { None };
+            match state {
                 Some(SendState::Sent) => continue,
                 Some(SendState::Intent) => {
                     let event = trace
