@@ -4,6 +4,7 @@
 //! and retries everything else, so a 503 (spool or config unavailable) is redelivered later.
 
 use super::parse::{Event, ignore_reason, parse};
+use crate::channels::Inbound;
 use crate::http::NodeState;
 use crate::pipeline::{Job, secrets_of};
 use crate::spool::{Op, Outcome};
@@ -87,18 +88,12 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
             _ => {
                 duplicates += 1;
                 // A redelivery gets a trace of its own, which says what it duplicates.
-                let mut copy = inbound;
-                let original = std::mem::take(&mut copy.external_id);
-                copy.id = new_id();
-                copy.external_id = original.clone();
-                let mut trace = Recorder::arrival(&copy, pb::Channel::Whatsapp, secrets.clone());
+                let duplicate = Inbound { id: new_id(), ..inbound };
+                let why = format!("duplicate delivery of {}", duplicate.external_id);
+                let mut trace = Recorder::arrival(&duplicate, pb::Channel::Whatsapp, secrets.clone());
                 duplicate_traces
-                    .push(trace.stage("received", TraceStatus::Received, now, "").payload(&copy.raw).encode());
-                duplicate_traces.push(
-                    trace
-                        .stage("ignored", TraceStatus::Ignored, now, format!("duplicate delivery of {original}"))
-                        .encode(),
-                );
+                    .push(trace.stage("received", TraceStatus::Received, now, "").payload(&duplicate.raw).encode());
+                duplicate_traces.push(trace.stage("ignored", TraceStatus::Ignored, now, why).encode());
             }
         }
     }
