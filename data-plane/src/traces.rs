@@ -26,33 +26,32 @@ pub fn now_ms() -> i64 {
 }
 
 /// Builds one message's trace stages, numbering them and scrubbing the instance's secrets from
-/// anything that could carry them.
-pub struct Recorder {
-    trace_id: String,
-    instance_id: String,
-    header: Option<pb::TraceHeader>,
+/// anything that could carry them. Borrows the message and the secrets: nothing is copied until
+/// a stage is encoded.
+pub struct Recorder<'a> {
+    inbound: &'a Inbound,
+    /// Set for a message's arrival: its first stage carries the trace header.
+    channel: Option<pb::Channel>,
     next: u32,
-    secrets: Vec<String>,
+    secrets: &'a [String],
 }
 
-impl Recorder {
+impl<'a> Recorder<'a> {
     /// The recorder of a message's processing; `attempt` 0 continues the stage written when it
     /// was accepted, later attempts (after a restart) number their stages above earlier ones.
-    pub fn new(inbound: &Inbound, attempt: u32, secrets: Vec<String>) -> Recorder {
-        Recorder {
-            trace_id: inbound.id.clone(),
-            instance_id: inbound.instance_id.clone(),
-            header: None,
-            next: if attempt == 0 { 1 } else { attempt * SEQ_PER_ATTEMPT },
-            secrets: secrets.into_iter().filter(|s| s.len() >= 6).collect(),
-        }
+    pub fn new(inbound: &'a Inbound, attempt: u32, secrets: &'a [String]) -> Recorder<'a> {
+        let next = if attempt == 0 { 1 } else { attempt * SEQ_PER_ATTEMPT };
+        Recorder { inbound, channel: None, next, secrets }
     }
 
     /// The recorder of a message's arrival: its first stage carries the trace header.
-    pub fn arrival(inbound: &Inbound, channel: pb::Channel, secrets: Vec<String>) -> Recorder {
-        let mut recorder = Recorder::new(inbound, 0, secrets);
-        recorder.next = 0;
-        recorder.header = Some(pb::TraceHeader {
+    pub fn arrival(inbound: &'a Inbound, channel: pb::Channel, secrets: &'a [String]) -> Recorder<'a> {
+        Recorder { inbound, channel: Some(channel), next: 0, secrets }
+    }
+
+    fn header(&self) -> Option<pb::TraceHeader> {
+        let inbound = self.inbound;
+        self.channel.map(|channel| pb::TraceHeader {
             channel: channel as i32,
             external_id: inbound.external_id.clone(),
             conversation_id: inbound.conversation.clone(),
@@ -61,12 +60,12 @@ impl Recorder {
             message_type: inbound.message_type.clone(),
             text: inbound.text.clone(),
             received_unix_ms: inbound.received_at,
-        });
-        recorder
+        })
     }
 
     fn scrub(&self, mut text: String) -> String {
-        for secret in &self.secrets {
+        // Short values (an unset key, a test token) would redact ordinary words.
+        for secret in self.secrets.iter().filter(|s| s.len() >= 6) {
             if text.contains(secret.as_str()) {
                 text = text.replace(secret.as_str(), "[redacted]");
             }
@@ -89,7 +88,7 @@ impl Recorder {
         status: pb::TraceStatus,
         at_ms: i64,
         detail: impl Into<String>,
-    ) -> StageEvent<'_> {
+    ) -> StageEvent<'_, 'a> {
         let seq = self.next;
         self.next += 1;
         StageEvent {
@@ -107,12 +106,12 @@ impl Recorder {
 }
 
 /// A stage being described; `encode` finishes it.
-pub struct StageEvent<'a> {
-    recorder: &'a mut Recorder,
+pub struct StageEvent<'r, 'a> {
+    recorder: &'r Recorder<'a>,
     event: pb::TraceEvent,
 }
 
-impl StageEvent<'_> {
+impl StageEvent<'_, '_> {
     pub fn payload(mut self, payload: &Value) -> Self {
         self.event.payload = self.recorder.scrub(payload.to_string());
         self
@@ -135,11 +134,11 @@ impl StageEvent<'_> {
 
     pub fn encode(self) -> Vec<u8> {
         let mut event = self.event;
-        event.trace_id = self.recorder.trace_id.clone();
-        event.instance_id = self.recorder.instance_id.clone();
+        event.trace_id = self.recorder.inbound.id.clone();
+        event.instance_id = self.recorder.inbound.instance_id.clone();
         event.detail = self.recorder.scrub(event.detail);
         if event.seq == 0 {
-            event.header = self.recorder.header.clone();
+            event.header = self.recorder.header();
         }
         event.encode_to_vec()
     }
@@ -227,26 +226,28 @@ mod tests {
 
     #[test]
     fn stages_are_numbered_and_scrubbed() {
-        let mut arrival = Recorder::arrival(&inbound(), pb::Channel::Whatsapp, vec!["super-secret-key".into()]);
+        let message = inbound();
+        let secrets = ["super-secret-key".to_owned(), "short".to_owned()];
+        let mut arrival = Recorder::arrival(&message, pb::Channel::Whatsapp, &secrets);
         let first = pb::TraceEvent::decode(
             arrival
                 .stage("received", pb::TraceStatus::Received, 1000, "")
-                .payload(&serde_json::json!({"k": "super-secret-key"}))
+                .payload(&serde_json::json!({"k": "super-secret-key", "w": "short"}))
                 .encode()
                 .as_slice(),
         )
         .unwrap();
         assert_eq!(first.seq, 0);
         assert_eq!(first.header.unwrap().sender, "5511");
-        assert_eq!(first.payload, r#"{"k":"[redacted]"}"#);
+        assert_eq!(first.payload, r#"{"k":"[redacted]","w":"short"}"#);
 
-        let mut processing = Recorder::new(&inbound(), 0, vec![]);
+        let mut processing = Recorder::new(&message, 0, &[]);
         let next = pb::TraceEvent::decode(
             processing.stage("access", pb::TraceStatus::Processing, 1001, "").encode().as_slice(),
         )
         .unwrap();
         assert_eq!((next.seq, next.header.is_none()), (1, true));
-        let mut resumed = Recorder::new(&inbound(), 2, vec![]);
+        let mut resumed = Recorder::new(&message, 2, &[]);
         let later =
             pb::TraceEvent::decode(resumed.stage("access", pb::TraceStatus::Processing, 1001, "").encode().as_slice())
                 .unwrap();

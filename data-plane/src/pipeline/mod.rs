@@ -10,7 +10,7 @@
 
 pub mod split;
 
-use crate::agent::{AgentClient, Caller};
+use crate::agent::{AgentClient, AgentError, Caller};
 use crate::channels::Inbound;
 use crate::channels::evolution::send::EvolutionClient;
 use crate::config::ConfigHandle;
@@ -230,7 +230,7 @@ impl Pipeline {
             .and_then(|c| c.instances.get(&job.inbound.instance).cloned())
             .filter(|i| i.id == job.inbound.instance_id);
         let secrets = instance.as_deref().map(secrets_of).unwrap_or_default();
-        let mut trace = Recorder::new(&job.inbound, job.attempt, secrets);
+        let mut trace = Recorder::new(&job.inbound, job.attempt, &secrets);
         let mut pending = Pending::default();
         let (ending, chunks) = match instance {
             None => (Ending::ignored("the instance was deleted before the message was handled"), 0),
@@ -259,114 +259,36 @@ impl Pipeline {
         &self,
         job: &Job,
         instance: &pb::InstanceConfig,
-        trace: &mut Recorder,
+        trace: &mut Recorder<'_>,
         pending: &mut Pending,
     ) -> (Ending, u32) {
         let inbound = &job.inbound;
-        let rules: Vec<(&str, Action)> =
-            instance.rules.iter().map(|r| (r.pattern.as_str(), action_of(r.action))).collect();
-        let (rule, action) = decide(rules.iter().copied(), action_of(instance.default_access), &inbound.sender);
+        let rules = instance.rules.iter().map(|r| (r.pattern.as_str(), action_of(r.action)));
+        let (rule, action) = decide(rules, action_of(instance.default_access), &inbound.sender);
         let why = match rule {
             Some(i) => format!("rule {} ({} {})", instance.rules[i].id, action.as_str(), instance.rules[i].pattern),
             None => format!("instance default ({})", action.as_str()),
         };
         if action == Action::Block {
-            let ending = Ending {
-                stage: "denied",
-                status: TraceStatus::Denied,
-                detail: format!("blocked by {why}"),
-                error: String::new(),
-            };
-            return (ending, 0);
+            let detail = format!("blocked by {why}");
+            return (Ending { stage: "denied", status: TraceStatus::Denied, detail, error: String::new() }, 0);
         }
-        let access = trace.stage("access", TraceStatus::Processing, now_ms(), format!("allowed by {why}")).encode();
+        pending
+            .add([trace.stage("access", TraceStatus::Processing, now_ms(), format!("allowed by {why}")).encode()], []);
 
-        let channel = "whatsapp";
         let evolution = instance.evolution.clone().unwrap_or_default();
-        // Only a resumed message can have an answer or chunk states from before; a fresh one
-        // skips the reads.
-        let resumed = job.attempt > 0;
-        let kept = if resumed { self.spool.answer(&inbound.id).await.ok().flatten() } else { None };
+        // Only a resumed message can have an answer from before; a fresh one skips the read.
+        let kept = if job.attempt > 0 { self.spool.answer(&inbound.id).await.ok().flatten() } else { None };
         let answer = match kept {
             Some(kept) => {
-                let event = trace
-                    .stage("agent_response", TraceStatus::Processing, now_ms(), "answer kept from before a restart")
-                    .encode();
-                pending.add([access, event], []);
+                let note = "answer kept from before a restart";
+                pending.add([trace.stage("agent_response", TraceStatus::Processing, now_ms(), note).encode()], []);
                 kept
             }
-            None => {
-                let typing = instance.behavior.as_ref().and_then(|b| b.typing_indicator).unwrap_or(true).then(|| {
-                    let evolution_client = self.evolution.clone();
-                    let evolution = evolution.clone();
-                    let number = inbound.conversation.clone();
-                    tokio::spawn(async move { evolution_client.typing(&evolution, &number, 15_000).await })
-                });
-                let agent = instance.agent.clone().unwrap_or_default();
-                let user = user_id(&inbound.instance_id, &inbound.sender);
-                let session = session_name(&inbound.instance, &inbound.sender);
-                let started = now_ms();
-                let called =
-                    self.agent.call(&agent, inbound, &Caller { user_id: &user, session_name: &session }, channel).await;
-                let agent_ms = now_ms() - started;
-                if let Some(typing) = typing {
-                    typing.abort();
-                }
-                match called {
-                    Ok(answer) => {
-                        // The webhook is in the received stage already; the request is the rest.
-                        let mut request_payload = answer.request;
-                        if let Some(body) = request_payload.as_object_mut() {
-                            body.remove("channel_payload");
-                        }
-                        let request = trace
-                            .stage(
-                                "agent_request",
-                                TraceStatus::Processing,
-                                started,
-                                format!("{} attempt(s)", answer.attempts),
-                            )
-                            .payload(&request_payload)
-                            .encode();
-                        let response = trace
-                            .stage(
-                                "agent_response",
-                                TraceStatus::Processing,
-                                now_ms(),
-                                format!("{} characters", answer.text.chars().count()),
-                            )
-                            .payload(&answer.response)
-                            .duration(agent_ms)
-                            .agent_ms(agent_ms)
-                            .encode();
-                        let keep = Op::Answer { id: inbound.id.clone(), text: answer.text.clone() };
-                        pending.add([access, request, response], [keep]);
-                        answer.text
-                    }
-                    Err(error) => {
-                        let failed = trace
-                            .stage("agent_request", TraceStatus::Processing, started, "")
-                            .duration(agent_ms)
-                            .error(&error)
-                            .encode();
-                        let fallback = instance.behavior.as_ref().map(|b| b.fallback_text.clone()).unwrap_or_default();
-                        if fallback.trim().is_empty() {
-                            pending.add([access, failed], []);
-                            return (Ending::failed("agent_request", error), 0);
-                        }
-                        let keep = Op::Answer { id: inbound.id.clone(), text: fallback.clone() };
-                        pending.add([access, failed], [keep]);
-                        let (ending, chunks) = self.deliver(job, instance, &evolution, &fallback, trace, pending).await;
-                        let ending = match ending.status {
-                            TraceStatus::Completed => {
-                                Ending::failed("agent_request", format!("{error}; fallback text sent"))
-                            }
-                            _ => ending,
-                        };
-                        return (ending, chunks);
-                    }
-                }
-            }
+            None => match self.ask_agent(inbound, instance, &evolution, trace, pending).await {
+                Ok(text) => text,
+                Err(error) => return self.fall_back(job, instance, &evolution, error, trace, pending).await,
+            },
         };
         let text = answer.trim();
         if text.is_empty() {
@@ -378,6 +300,81 @@ impl Pipeline {
         self.deliver(job, instance, &evolution, text, trace, pending).await
     }
 
+    /// Calls the agent (with a typing indicator meanwhile) and records the exchange; the answer
+    /// is kept with the next commit so a restart does not ask again.
+    async fn ask_agent(
+        &self,
+        inbound: &Inbound,
+        instance: &pb::InstanceConfig,
+        evolution: &pb::NodeEvolution,
+        trace: &mut Recorder<'_>,
+        pending: &mut Pending,
+    ) -> Result<String, AgentError> {
+        let typing = instance.behavior.as_ref().and_then(|b| b.typing_indicator).unwrap_or(true).then(|| {
+            let (client, evolution, number) = (self.evolution.clone(), evolution.clone(), inbound.conversation.clone());
+            tokio::spawn(async move { client.typing(&evolution, &number, 15_000).await })
+        });
+        let agent = instance.agent.clone().unwrap_or_default();
+        let user = user_id(&inbound.instance_id, &inbound.sender);
+        let session = session_name(&inbound.instance, &inbound.sender);
+        let started = now_ms();
+        let called =
+            self.agent.call(&agent, inbound, &Caller { user_id: &user, session_name: &session }, "whatsapp").await;
+        let agent_ms = now_ms() - started;
+        if let Some(typing) = typing {
+            typing.abort();
+        }
+        let answer = match called {
+            Ok(answer) => answer,
+            Err(error) => {
+                let failed = trace.stage("agent_request", TraceStatus::Processing, started, "").duration(agent_ms);
+                pending.add([failed.error(&error).encode()], []);
+                return Err(error);
+            }
+        };
+        // The webhook is in the received stage already; the request is the rest.
+        let mut request_payload = answer.request;
+        if let Some(body) = request_payload.as_object_mut() {
+            body.remove("channel_payload");
+        }
+        let attempts = format!("{} attempt(s)", answer.attempts);
+        let request =
+            trace.stage("agent_request", TraceStatus::Processing, started, attempts).payload(&request_payload);
+        let request = request.encode();
+        let length = format!("{} characters", answer.text.chars().count());
+        let response = trace
+            .stage("agent_response", TraceStatus::Processing, now_ms(), length)
+            .payload(&answer.response)
+            .duration(agent_ms)
+            .agent_ms(agent_ms)
+            .encode();
+        pending.add([request, response], [Op::Answer { id: inbound.id.clone(), text: answer.text.clone() }]);
+        Ok(answer.text)
+    }
+
+    /// The agent failed: send the instance's fallback text, if it has one. Either way the
+    /// message failed at the agent.
+    async fn fall_back(
+        &self,
+        job: &Job,
+        instance: &pb::InstanceConfig,
+        evolution: &pb::NodeEvolution,
+        error: AgentError,
+        trace: &mut Recorder<'_>,
+        pending: &mut Pending,
+    ) -> (Ending, u32) {
+        let fallback = instance.behavior.as_ref().map(|b| b.fallback_text.as_str()).unwrap_or_default();
+        if fallback.trim().is_empty() {
+            return (Ending::failed("agent_request", error), 0);
+        }
+        pending.add([], [Op::Answer { id: job.inbound.id.clone(), text: fallback.to_owned() }]);
+        let (ending, chunks) = self.deliver(job, instance, evolution, fallback, trace, pending).await;
+        match ending.status {
+            TraceStatus::Completed => (Ending::failed("agent_request", format!("{error}; fallback text sent")), chunks),
+            _ => (ending, chunks),
+        }
+    }
+
     /// Sends `text` in chunks, never sending a chunk twice.
     async fn deliver(
         &self,
@@ -385,7 +382,7 @@ impl Pipeline {
         instance: &pb::InstanceConfig,
         evolution: &pb::NodeEvolution,
         text: &str,
-        trace: &mut Recorder,
+        trace: &mut Recorder<'_>,
         pending: &mut Pending,
     ) -> (Ending, u32) {
         let (inbound, resumed) = (&job.inbound, job.attempt > 0);

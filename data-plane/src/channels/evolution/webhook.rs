@@ -46,7 +46,7 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
     let mut ops = Vec::with_capacity(messages.len());
     let mut answered = Vec::new();
     for message in messages {
-        let mut trace = Recorder::arrival(&message.inbound, pb::Channel::Whatsapp, secrets.clone());
+        let mut trace = Recorder::arrival(&message.inbound, pb::Channel::Whatsapp, &secrets);
         let received = trace.stage("received", TraceStatus::Received, now, "").payload(&message.inbound.raw).encode();
         let verdict = if instance.active {
             ignore_reason(&message, behavior.reply_to_all_group_messages, behavior.max_message_age_seconds, now / 1000)
@@ -90,7 +90,7 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
                 // A redelivery gets a trace of its own, which says what it duplicates.
                 let duplicate = Inbound { id: new_id(), ..inbound };
                 let why = format!("duplicate delivery of {}", duplicate.external_id);
-                let mut trace = Recorder::arrival(&duplicate, pb::Channel::Whatsapp, secrets.clone());
+                let mut trace = Recorder::arrival(&duplicate, pb::Channel::Whatsapp, &secrets);
                 duplicate_traces
                     .push(trace.stage("received", TraceStatus::Received, now, "").payload(&duplicate.raw).encode());
                 duplicate_traces.push(trace.stage("ignored", TraceStatus::Ignored, now, why).encode());
