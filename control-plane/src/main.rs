@@ -11,7 +11,7 @@ use std::path::PathBuf;
 /// OMNI_MASTER_KEY_FILE. Without either, a SQLite deployment generates <data dir>/master.key.
 /// OMNI_BOOTSTRAP_API_KEY registers an admin API key of your choosing; without it, the first
 /// start creates one, prints it once and saves it to <data dir>/admin-api-key.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "omni-control-plane", version)]
 struct Args {
     /// Address of the gRPC API.

@@ -27,7 +27,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-#[derive(Debug, Clone)]
+/// No `Debug`: it holds the node token and the bootstrap key, which must never reach a log.
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     /// `None`: SQLite in the data dir.
@@ -60,16 +61,6 @@ pub enum MasterKeySource {
     File(PathBuf),
     /// Neither: SQLite deployments get a generated key file; Postgres ones refuse to start.
     Unset,
-}
-
-impl std::fmt::Debug for MasterKeySource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MasterKeySource::Inline(_) => f.write_str("Inline(..)"),
-            MasterKeySource::File(path) => f.debug_tuple("File").field(path).finish(),
-            MasterKeySource::Unset => f.write_str("Unset"),
-        }
-    }
 }
 
 #[derive(Debug, Error)]

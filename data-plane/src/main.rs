@@ -10,7 +10,7 @@ use std::path::PathBuf;
 ///
 /// OMNI_NODE_CACHE_KEY (base64 of 32 bytes) encrypts the config cache; without it the node
 /// generates <data dir>/cache.key.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "omni-data-plane", version)]
 struct Args {
     /// gRPC address of the control plane.

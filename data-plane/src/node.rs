@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
-#[derive(Debug, Clone)]
+/// No `Debug`: it holds the node token and the cache key, which must never reach a log.
+#[derive(Clone)]
 pub struct NodeOptions {
     pub control_plane: String,
     /// A CA certificate (PEM) to trust for an `https://` control plane.
