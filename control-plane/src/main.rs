@@ -2,6 +2,7 @@ use clap::Parser;
 use omni_control_plane::server::{self, Config, MasterKeySource, TlsFiles};
 use omni_control_plane::store::StoreOptions;
 use omni_control_plane::sync::SyncSettings;
+use omni_data_plane::daemon::{init_logging, shutdown_signal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -50,14 +51,7 @@ fn non_empty_env(name: &str) -> Option<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     let args = Args::parse();
     let master_key = match (non_empty_env("OMNI_MASTER_KEY"), non_empty_env("OMNI_MASTER_KEY_FILE")) {
         (Some(keys), _) => MasterKeySource::Inline(keys),
@@ -78,14 +72,4 @@ async fn main() -> anyhow::Result<()> {
     };
     server::run(config, shutdown_signal()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler cannot fail at startup");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

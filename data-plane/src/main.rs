@@ -1,5 +1,6 @@
 use clap::Parser;
 use omni_data_plane::config::Limits;
+use omni_data_plane::daemon::{init_logging, shutdown_signal};
 use omni_data_plane::node::{self, NodeOptions};
 use omni_data_plane::sync::SyncSettings;
 use std::net::SocketAddr;
@@ -47,14 +48,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     let args = Args::parse();
     let ca_cert_pem = match &args.ca_cert {
         Some(path) => Some(std::fs::read(path).map_err(|e| anyhow::anyhow!("--ca-cert {}: {e}", path.display()))?),
@@ -76,14 +70,4 @@ async fn main() -> anyhow::Result<()> {
     };
     node::run(options, shutdown_signal()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler cannot fail at startup");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }
