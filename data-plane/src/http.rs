@@ -77,82 +77,76 @@ async fn ready(State(state): State<Arc<NodeState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
     let config = state.config.load();
-    let sync = &state.sync;
-    let mut out = String::with_capacity(1024);
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-    };
-    metric(
-        "omni_node_config_revision",
-        "gauge",
-        "Config revision this node has applied (0: none).",
-        config.as_ref().map_or(0, |c| c.revision).to_string(),
-    );
-    metric(
-        "omni_node_instances",
-        "gauge",
-        "Instances in the applied config.",
-        config.as_ref().map_or(0, |c| c.instances.len()).to_string(),
-    );
-    metric(
-        "omni_node_sync_connected",
-        "gauge",
-        "1 while the config stream to the control plane is open.",
-        u8::from(sync.connected.load(Ordering::Relaxed)).to_string(),
-    );
-    metric(
-        "omni_node_config_acks_total",
-        "counter",
-        "Config revisions applied.",
-        sync.acks.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "omni_node_config_nacks_total",
-        "counter",
-        "Config revisions rejected.",
-        sync.nacks.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "omni_node_config_snapshots_total",
-        "counter",
-        "Full config snapshots received (resyncs).",
-        sync.snapshots.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "omni_node_sync_reconnects_total",
-        "counter",
-        "Times the config stream was reopened.",
-        sync.reconnects.load(Ordering::Relaxed).to_string(),
-    );
-    let counters: [(&str, &str, &AtomicU64); 7] = [
-        ("omni_node_messages_accepted_total", "Webhook messages accepted for an answer.", &state.ingest.accepted),
-        ("omni_node_messages_duplicate_total", "Redeliveries of messages already accepted.", &state.ingest.duplicates),
+    let (sync, ingest, handled) = (&state.sync, &state.ingest, &state.pipeline.stats);
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let (spool_depth, outbox_depth) = state.spool.depths().await.unwrap_or_default();
+    let metrics: [(&str, &str, &str, u64); 17] = [
+        (
+            "omni_node_config_revision",
+            "gauge",
+            "Config revision this node has applied (0: none).",
+            config.as_ref().map_or(0, |c| c.revision) as u64,
+        ),
+        (
+            "omni_node_instances",
+            "gauge",
+            "Instances in the applied config.",
+            config.as_ref().map_or(0, |c| c.instances.len()) as u64,
+        ),
+        (
+            "omni_node_sync_connected",
+            "gauge",
+            "1 while the config stream to the control plane is open.",
+            u64::from(sync.connected.load(Ordering::Relaxed)),
+        ),
+        ("omni_node_config_acks_total", "counter", "Config revisions applied.", load(&sync.acks)),
+        ("omni_node_config_nacks_total", "counter", "Config revisions rejected.", load(&sync.nacks)),
+        (
+            "omni_node_config_snapshots_total",
+            "counter",
+            "Full config snapshots received (resyncs).",
+            load(&sync.snapshots),
+        ),
+        ("omni_node_sync_reconnects_total", "counter", "Times the config stream was reopened.", load(&sync.reconnects)),
+        (
+            "omni_node_messages_accepted_total",
+            "counter",
+            "Webhook messages accepted for an answer.",
+            load(&ingest.accepted),
+        ),
+        (
+            "omni_node_messages_duplicate_total",
+            "counter",
+            "Redeliveries of messages already accepted.",
+            load(&ingest.duplicates),
+        ),
         (
             "omni_node_messages_ignored_at_ingest_total",
+            "counter",
             "Messages not to be answered (own, broadcast, stale, ...).",
-            &state.ingest.ignored,
+            load(&ingest.ignored),
         ),
-        ("omni_node_messages_completed_total", "Messages answered.", &state.pipeline.stats.completed),
-        ("omni_node_messages_failed_total", "Messages whose handling failed.", &state.pipeline.stats.failed),
-        ("omni_node_messages_denied_total", "Messages refused by access rules.", &state.pipeline.stats.denied),
+        ("omni_node_messages_completed_total", "counter", "Messages answered.", load(&handled.completed)),
+        ("omni_node_messages_failed_total", "counter", "Messages whose handling failed.", load(&handled.failed)),
+        ("omni_node_messages_denied_total", "counter", "Messages refused by access rules.", load(&handled.denied)),
         (
             "omni_node_messages_ignored_total",
+            "counter",
             "Messages ignored while handled (empty or suppressed answer, ...).",
-            &state.pipeline.stats.ignored,
+            load(&handled.ignored),
+        ),
+        ("omni_node_spool_depth", "gauge", "Accepted messages not finished.", spool_depth),
+        ("omni_node_trace_outbox_depth", "gauge", "Trace stages waiting to be shipped.", outbox_depth),
+        (
+            "omni_node_conversations_queued",
+            "gauge",
+            "Conversations with messages waiting or being handled.",
+            state.pipeline.active_conversations() as u64,
         ),
     ];
-    for (name, help, value) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
-    }
-    if let Ok((inbox, outbox)) = state.spool.depths().await {
-        let _ = writeln!(
-            out,
-            "# HELP omni_node_spool_depth Accepted messages not finished.\n# TYPE omni_node_spool_depth gauge\nomni_node_spool_depth {inbox}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP omni_node_trace_outbox_depth Trace stages waiting to be shipped.\n# TYPE omni_node_trace_outbox_depth gauge\nomni_node_trace_outbox_depth {outbox}"
-        );
+    let mut out = String::with_capacity(4096);
+    for (name, kind, help, value) in metrics {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -11,7 +11,7 @@ use omni_core::kinds::Channel;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -93,12 +93,11 @@ struct UserDelta {
 /// One row per (instance, sender): a multi-row upsert may not touch a row twice.
 fn users_of<'a>(headers: impl Iterator<Item = (&'a TraceEventRecord, &'a TraceHeaderRecord)>) -> Vec<UserDelta> {
     let mut users: Vec<UserDelta> = Vec::new();
-    for (event, header) in headers {
-        if header.sender.is_empty() {
-            continue;
-        }
-        match users.iter_mut().find(|u| u.instance_id == event.instance_id && u.identity == header.sender) {
-            Some(user) => {
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    for (event, header) in headers.filter(|(_, h)| !h.sender.is_empty()) {
+        match index.get(&(event.instance_id.as_str(), header.sender.as_str())) {
+            Some(&i) => {
+                let user = &mut users[i];
                 user.count += 1;
                 user.first_seen = user.first_seen.min(header.received_at);
                 if header.received_at >= user.last_seen {
@@ -108,15 +107,18 @@ fn users_of<'a>(headers: impl Iterator<Item = (&'a TraceEventRecord, &'a TraceHe
                     }
                 }
             }
-            None => users.push(UserDelta {
-                id: header.user_id.clone(),
-                instance_id: event.instance_id.clone(),
-                identity: header.sender.clone(),
-                name: header.sender_name.clone(),
-                first_seen: header.received_at,
-                last_seen: header.received_at,
-                count: 1,
-            }),
+            None => {
+                index.insert((&event.instance_id, &header.sender), users.len());
+                users.push(UserDelta {
+                    id: header.user_id.clone(),
+                    instance_id: event.instance_id.clone(),
+                    identity: header.sender.clone(),
+                    name: header.sender_name.clone(),
+                    first_seen: header.received_at,
+                    last_seen: header.received_at,
+                    count: 1,
+                });
+            }
         }
     }
     users
@@ -132,9 +134,9 @@ struct TraceUpdates<'a> {
 
 impl<'a> TraceUpdates<'a> {
     fn of(events: &[&'a TraceEventRecord]) -> TraceUpdates<'a> {
-        let mut status: std::collections::HashMap<&str, &TraceEventRecord> = std::collections::HashMap::new();
-        let mut error: std::collections::HashMap<&str, &TraceEventRecord> = std::collections::HashMap::new();
-        let mut agent: std::collections::HashMap<&str, &TraceEventRecord> = std::collections::HashMap::new();
+        let mut status: HashMap<&str, &TraceEventRecord> = HashMap::new();
+        let mut error: HashMap<&str, &TraceEventRecord> = HashMap::new();
+        let mut agent: HashMap<&str, &TraceEventRecord> = HashMap::new();
         for e in events {
             let id = e.trace_id.as_str();
             if status.get(id).is_none_or(|s| e.seq > s.seq) {
@@ -764,7 +766,10 @@ macro_rules! sql_store {
 
             async fn ingest_trace_events(&self, node_id: &str, events: &[TraceEventRecord]) -> Result<usize> {
                 let mut tx = self.pool.begin().await?;
-                let mut new_stages: HashSet<(String, i64)> = HashSet::new();
+                // Events by (trace, seq), to find the ones the database reports as new.
+                let by_stage: HashMap<(&str, i64), &TraceEventRecord> =
+                    events.iter().map(|e| ((e.trace_id.as_str(), e.seq), e)).collect();
+                let mut fresh: Vec<&TraceEventRecord> = Vec::with_capacity(events.len());
                 for chunk in events.chunks(INGEST_ROWS) {
                     // Traces first seen in this batch, and the users they reveal.
                     let headers: Vec<(&TraceEventRecord, &TraceHeaderRecord)> =
@@ -844,11 +849,10 @@ macro_rules! sql_store {
                             .bind(&e.payload);
                     }
                     for row in q.fetch_all(&mut *tx).await? {
-                        new_stages.insert((row.try_get("trace_id")?, row.try_get("seq")?));
+                        let (trace_id, seq): (String, i64) = (row.try_get("trace_id")?, row.try_get("seq")?);
+                        fresh.extend(by_stage.get(&(trace_id.as_str(), seq)).copied());
                     }
                 }
-                let fresh: Vec<&TraceEventRecord> =
-                    events.iter().filter(|e| new_stages.contains(&(e.trace_id.clone(), e.seq))).collect();
                 let summary = TraceUpdates::of(&fresh);
                 for rows in summary.status.chunks(INGEST_ROWS) {
                     let sql = format!(

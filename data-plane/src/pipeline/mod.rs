@@ -136,6 +136,11 @@ impl Pipeline {
         }
     }
 
+    /// Conversations with a queue (messages waiting or being handled).
+    pub fn active_conversations(&self) -> usize {
+        self.conversations.lock().expect("conversation map poisoned").len()
+    }
+
     /// Queues a job behind earlier messages of its conversation.
     pub fn submit(self: &Arc<Self>, job: Job) {
         let key = job.inbound.conversation_key();
