@@ -26,7 +26,7 @@ struct Args {
     data_dir: PathBuf,
     /// Secret that data-plane nodes present (default: generated into <data dir>/node-token).
     /// Give every control-plane replica the same one.
-    #[arg(long, env = "OMNI_NODE_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "OMNI_NODE_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     node_token: Option<String>,
     /// Revisions of config history kept for nodes to resume from; older nodes get a snapshot.
     #[arg(long, env = "OMNI_CHANGE_LOG_RETENTION", default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]

@@ -27,7 +27,7 @@ struct Args {
     #[arg(long, env = "OMNI_DATA_DIR", default_value = "./omni-node")]
     data_dir: PathBuf,
     /// The control plane's node token (default: read from the control plane's data dir).
-    #[arg(long, env = "OMNI_NODE_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "OMNI_NODE_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     node_token: Option<String>,
     /// Data dir of a control plane on this machine, to read its node token from.
     #[arg(long, env = "OMNI_CONTROL_PLANE_DATA_DIR", default_value = "./omni-data")]

@@ -23,7 +23,7 @@ struct Cli {
     #[arg(long, global = true, env = "OMNI_CA_CERT")]
     ca_cert: Option<std::path::PathBuf>,
     /// API key (admin, or scoped to instance patterns).
-    #[arg(long, global = true, env = "OMNI_API_KEY", hide_env_values = true)]
+    #[arg(long, global = true, env = "OMNI_API_KEY", hide_env_values = true, allow_hyphen_values = true)]
     api_key: Option<String>,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value = "table")]
