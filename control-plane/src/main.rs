@@ -1,10 +1,12 @@
 use clap::Parser;
+use omni_control_plane::retention::RetentionSettings;
 use omni_control_plane::server::{self, Config, MasterKeySource, TlsFiles};
 use omni_control_plane::store::StoreOptions;
 use omni_control_plane::sync::SyncSettings;
 use omni_data_plane::daemon::{init_logging, shutdown_signal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Omni control plane: tenant configuration, API keys and traces behind a gRPC API.
 ///
@@ -40,9 +42,27 @@ struct Args {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, env = "OMNI_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// How long traces are kept where an instance sets no retention of its own (e.g. 30d;
+    /// 0 keeps them).
+    #[arg(long, env = "OMNI_TRACE_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    trace_retention: Duration,
+    /// How often expired traces are deleted (one control plane does it for all).
+    #[arg(long, env = "OMNI_RETENTION_INTERVAL", default_value = "10m", value_parser = parse_positive_duration)]
+    retention_interval: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless set).
+    #[arg(long, env = "OMNI_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// HTTP address of the embedded data plane (webhooks, /ready, /metrics).
     #[arg(long, env = "OMNI_HTTP_LISTEN", default_value = "0.0.0.0:8882")]
     http_listen: SocketAddr,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    omni_core::duration::parse_secs(text).map(|secs| Duration::from_secs(secs as u64))
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text).and_then(|d| if d.is_zero() { Err("must be more than 0".to_owned()) } else { Ok(d) })
 }
 
 fn non_empty_env(name: &str) -> Option<String> {
@@ -69,6 +89,8 @@ async fn main() -> anyhow::Result<()> {
         sync: SyncSettings::default(),
         embedded_data_plane: args.embedded_data_plane.then_some(args.http_listen),
         tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
+        retention: RetentionSettings { default_retention: args.trace_retention, interval: args.retention_interval },
+        metrics_listen: args.metrics_listen,
     };
     server::run(config, shutdown_signal()).await?;
     Ok(())

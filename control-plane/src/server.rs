@@ -9,6 +9,8 @@ use crate::api::traces::TraceApi;
 use crate::auth::{Authenticator, Bootstrap, ensure_bootstrap_key};
 use crate::crypto::random_token;
 use crate::crypto::{CryptoError, Keyring};
+use crate::metrics::{self, Metrics};
+use crate::retention::{self, RetentionSettings};
 use crate::store::{self, Backend, StoreError, StoreOptions};
 use crate::sync::{SyncApi, SyncSettings};
 use omni_proto::v1::access_service_server::AccessServiceServer;
@@ -45,6 +47,9 @@ pub struct Config {
     pub embedded_data_plane: Option<SocketAddr>,
     /// Serve gRPC over TLS with this certificate chain and key (PEM files).
     pub tls: Option<TlsFiles>,
+    pub retention: RetentionSettings,
+    /// Serve Prometheus metrics (`/metrics`) on this address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +122,15 @@ async fn load_node_token(config: &Config) -> Result<String, StartError> {
         }
         Err(e) => Err(StartError::NodeToken(format!("{}: {e}", path.display()))),
     }
+}
+
+/// This machine's name, to tell control planes apart in leases and logs.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "control-plane".to_owned())
 }
 
 /// Writes a file only its owner can read.
@@ -210,7 +224,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
 
     let node_token: Arc<str> = load_node_token(&config).await?.into();
-    let sync = SyncApi::new(store.clone(), keyring.clone(), node_token.clone(), config.sync);
+    let metrics = Arc::new(Metrics::default());
+    let sync = SyncApi::new(store.clone(), keyring.clone(), node_token.clone(), config.sync, metrics.clone());
+    if let Some(addr) = config.metrics_listen {
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let local = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        tracing::info!(addr = %local, "metrics listening");
+        let app = metrics::router(store.clone(), metrics.clone());
+        let stop = until_stopped(stopped.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
+    let holder = format!("{}/{}", hostname(), uuid::Uuid::new_v4().simple());
+    tokio::spawn(retention::run(store.clone(), config.retention, holder, metrics, stopped.clone()));
     let ctx = ApiContext { store: store.clone(), keyring, auth: Arc::new(Authenticator::new(store.clone())) };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<InstanceServiceServer<InstanceApi>>().await;

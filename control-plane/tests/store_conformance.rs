@@ -37,6 +37,7 @@ fn spec(url: &str) -> InstanceSpec {
         },
         webhook_token: Sealed("v1.k.sealed-token".into()),
         require_webhook_token: true,
+        trace_retention_secs: 0,
     }
 }
 
@@ -415,7 +416,14 @@ async fn traces_are_stored_once_and_scoped(store: Shared) {
     assert_eq!(acme_only.iter().map(|t| t.id.as_str()).collect::<Vec<_>>().len(), 2);
     assert!(acme_only.iter().all(|t| t.instance == "acme-wa"));
     let failures = store
-        .list_traces(&Scope::Admin, &TraceQuery { status: Some("failed".into()), limit: 10, ..Default::default() })
+        .list_traces(
+            &Scope::Admin,
+            &TraceQuery {
+                filter: TraceFilter { status: Some("failed".into()), ..Default::default() },
+                limit: 10,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(failures.len(), 1);
@@ -424,23 +432,318 @@ async fn traces_are_stored_once_and_scoped(store: Shared) {
         ("agent_request", "agent timed out after 60s")
     );
 
-    let (t1, stages) = store.get_trace(&Scope::Admin, "t1").await.unwrap();
+    let (t1, stages) = store.get_trace(&Scope::Admin, "t1", false).await.unwrap();
     assert_eq!((t1.status.as_str(), t1.agent_ms, t1.node_id.as_str()), ("completed", 120, "n1"));
     assert_eq!(
         stages.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>(),
         ["received", "access", "agent_response", "completed"]
     );
-    let hidden = store.get_trace(&scoped(&["acme-*"]), "t3").await;
+    let hidden = store.get_trace(&scoped(&["acme-*"]), "t3", true).await;
     assert!(matches!(hidden, Err(StoreError::NotFound(_))), "{hidden:?}");
 
     // Two messages from one sender: one user, counted twice, keeping the name it had.
-    let users = store.list_users(&Scope::Admin, "acme-wa").await.unwrap();
+    let users = store.list_users(&Scope::Admin, &users_of("acme-wa")).await.unwrap();
     assert_eq!(users.len(), 1);
     assert_eq!(
         (users[0].identity.as_str(), users[0].display_name.as_str(), users[0].message_count),
         ("5511", "Maria", 2)
     );
-    assert!(matches!(store.list_users(&scoped(&["acme-*"]), "other-wa").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.list_users(&scoped(&["acme-*"]), &users_of("other-wa")).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+fn users_of(instance: &str) -> UserQuery {
+    UserQuery { instance: instance.into(), limit: 100, ..Default::default() }
+}
+
+/// One finished trace: received at `at`, with an agent latency and a final status.
+fn finished(
+    trace: &str,
+    instance_id: &str,
+    at: i64,
+    sender: &str,
+    agent_ms: i64,
+    status: &str,
+) -> Vec<TraceEventRecord> {
+    let received = TraceEventRecord {
+        header: Some(TraceHeaderRecord {
+            received_at: at,
+            text: format!("text of {trace}"),
+            user_id: format!("{instance_id}/{sender}"),
+            ..header(sender, "")
+        }),
+        at,
+        ..trace_event(trace, instance_id, 0, "received", "received")
+    };
+    let agent = TraceEventRecord {
+        agent_ms,
+        at: at + agent_ms,
+        ..trace_event(trace, instance_id, 1, "agent_response", "processing")
+    };
+    let end = TraceEventRecord {
+        at: at + agent_ms + 5,
+        error: if status == "failed" { "the agent answered 500".into() } else { String::new() },
+        stage: if status == "failed" { "agent_request".into() } else { status.into() },
+        ..trace_event(trace, instance_id, 2, status, status)
+    };
+    vec![received, agent, end]
+}
+
+fn ids(traces: &[TraceRecord]) -> Vec<&str> {
+    traces.iter().map(|t| t.id.as_str()).collect()
+}
+
+async fn trace_pages_and_filters(store: Shared) {
+    let acme = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let mut events = Vec::new();
+    // Five traces, two sharing a timestamp (the cursor must split ties by id).
+    for (id, at, sender) in
+        [("a", 100, "5511"), ("b", 200, "5522"), ("c", 200, "5511"), ("d", 300, "5533"), ("e", 400, "5511")]
+    {
+        events.extend(finished(id, &acme.id, at, sender, 10, "completed"));
+    }
+    store.ingest_trace_events("n1", &events).await.unwrap();
+    let page = |after: Option<TraceCursor>, filter: TraceFilter| TraceQuery { filter, after, limit: 2 };
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let traces = store.list_traces(&Scope::Admin, &page(after.clone(), TraceFilter::default())).await.unwrap();
+        if traces.is_empty() {
+            break;
+        }
+        // A trace arriving between pages (newer than all) does not shift the pages.
+        if seen.is_empty() {
+            store.ingest_trace_events("n1", &finished("z", &acme.id, 999, "5599", 10, "completed")).await.unwrap();
+        }
+        let last = traces.last().unwrap();
+        after = Some(TraceCursor { received_at: last.received_at, id: last.id.clone() });
+        seen.extend(traces.into_iter().map(|t| t.id));
+    }
+    assert_eq!(seen, ["e", "d", "c", "b", "a"]);
+
+    let query = |filter: TraceFilter| TraceQuery { filter, limit: 50, ..Default::default() };
+    let by_sender = store
+        .list_traces(&Scope::Admin, &query(TraceFilter { sender: Some("5511".into()), ..Default::default() }))
+        .await
+        .unwrap();
+    assert_eq!(ids(&by_sender), ["e", "c", "a"]);
+    let window = store
+        .list_traces(&Scope::Admin, &query(TraceFilter { since: Some(200), until: Some(400), ..Default::default() }))
+        .await
+        .unwrap();
+    assert_eq!(ids(&window), ["d", "c", "b"]);
+    let text = store
+        .list_traces(
+            &Scope::Admin,
+            &query(TraceFilter { text_contains: Some("TEXT OF D".into()), ..Default::default() }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&text), ["d"]);
+    // LIKE metacharacters in the search are literal.
+    let literal = store
+        .list_traces(
+            &Scope::Admin,
+            &query(TraceFilter { text_contains: Some("text_of%".into()), ..Default::default() }),
+        )
+        .await
+        .unwrap();
+    assert!(literal.is_empty());
+    let channel = store
+        .list_traces(&Scope::Admin, &query(TraceFilter { channel: Some("slack".into()), ..Default::default() }))
+        .await
+        .unwrap();
+    assert!(channel.is_empty());
+
+    // The tail's lookup: only the ids asked for, within scope and filter.
+    let wanted = ["a".to_owned(), "e".to_owned(), "nope".to_owned()];
+    let found = store.traces_by_ids(&Scope::Admin, &wanted, &TraceFilter::default()).await.unwrap();
+    assert_eq!(ids(&found), ["a", "e"]);
+    assert!(store.traces_by_ids(&scoped(&["other"]), &wanted, &TraceFilter::default()).await.unwrap().is_empty());
+}
+
+async fn finished_traces_are_announced(store: Shared) {
+    let acme = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let mut finished_ids = store.finished_traces();
+    let mut events = finished("t1", &acme.id, 100, "5511", 10, "completed");
+    let last = events.pop().unwrap();
+    store.ingest_trace_events("n1", &events).await.unwrap();
+    store.ingest_trace_events("n1", &[last.clone()]).await.unwrap();
+    // Resent: stored already, so not announced again.
+    store.ingest_trace_events("n1", &[last]).await.unwrap();
+    let announced =
+        tokio::time::timeout(std::time::Duration::from_secs(5), finished_ids.recv()).await.unwrap().unwrap();
+    assert_eq!(&announced[..], ["t1".to_owned()]);
+    assert!(finished_ids.try_recv().is_err(), "announced once");
+}
+
+async fn payloads_are_compressed_and_only_read_when_asked(fixture: Fixture) {
+    let store = fixture.store().await;
+    let acme = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let payload = format!("{{\"text\":\"{}\"}}", "compressible ".repeat(200));
+    let mut events = finished("t1", &acme.id, 100, "5511", 10, "completed");
+    events[1].payload = payload.clone();
+    store.ingest_trace_events("n1", &events).await.unwrap();
+    let (_, without) = store.get_trace(&Scope::Admin, "t1", false).await.unwrap();
+    assert!(without.iter().all(|s| s.payload.is_empty()));
+    let (_, with) = store.get_trace(&Scope::Admin, "t1", true).await.unwrap();
+    assert_eq!(with[1].payload, payload);
+    // Stored as LZ4: the text is not in the database, and what is stored is much smaller.
+    let stored: i64 = match store.backend() {
+        Backend::Sqlite => {
+            use sqlx::Connection;
+            let mut conn = sqlx::SqliteConnection::connect(&fixture.url).await.unwrap();
+            sqlx::query_scalar("SELECT length(payload_lz4) FROM trace_stages WHERE seq = 1")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+        }
+        Backend::Postgres => {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&fixture.url).await.unwrap();
+            let n: i32 = sqlx::query_scalar("SELECT length(payload_lz4) FROM trace_stages WHERE seq = 1")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            i64::from(n)
+        }
+    };
+    assert!(stored > 0 && stored * 5 < payload.len() as i64, "{stored} bytes stored for {}", payload.len());
+}
+
+async fn stats_are_computed_by_the_database(store: Shared) {
+    let acme = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let other = store.create_instance(&record("other-wa", Channel::Whatsapp)).await.unwrap();
+    let hour = 3_600_000;
+    let mut events = Vec::new();
+    // 100 traces with agent latencies 1..=100 ms over two hours: 90 completed, 10 failed.
+    for i in 1..=100i64 {
+        let status = if i % 10 == 0 { "failed" } else { "completed" };
+        events.extend(finished(&format!("t{i}"), &acme.id, 10 * hour + (i % 2) * hour + i, "5511", i, status));
+    }
+    events.extend(finished("x", &other.id, 10 * hour, "5522", 1000, "completed"));
+    store.ingest_trace_events("n1", &events).await.unwrap();
+
+    let filter = TraceFilter { instance: Some("acme-wa".into()), ..Default::default() };
+    let stats = store.trace_stats(&Scope::Admin, &filter).await.unwrap();
+    assert_eq!(stats.total, 100);
+    assert_eq!(stats.by_status, [("completed".to_owned(), 90), ("failed".to_owned(), 10)]);
+    assert_eq!(stats.by_error_stage, [("agent_request".to_owned(), 10)]);
+    assert_eq!(stats.by_instance, [("acme-wa".to_owned(), 100)]);
+    let agent = &stats.agent_latency;
+    assert_eq!((agent.samples, agent.p50_ms, agent.p95_ms, agent.p99_ms, agent.max_ms), (100, 50, 95, 99, 100));
+    assert_eq!(agent.avg_ms, 50); // 50.5, truncated
+    // Total: from received to the last stage, agent + 5 ms.
+    assert_eq!((stats.total_latency.p50_ms, stats.total_latency.max_ms), (55, 105));
+    assert_eq!(stats.per_hour, [(10 * hour, 50), (11 * hour, 50)]);
+
+    let everyone = store.trace_stats(&Scope::Admin, &TraceFilter::default()).await.unwrap();
+    assert_eq!(everyone.total, 101);
+    let scoped_stats = store.trace_stats(&scoped(&["other-*"]), &TraceFilter::default()).await.unwrap();
+    assert_eq!((scoped_stats.total, scoped_stats.agent_latency.max_ms), (1, 1000));
+    let empty =
+        store.trace_stats(&Scope::Admin, &TraceFilter { since: Some(99 * hour), ..Default::default() }).await.unwrap();
+    assert_eq!((empty.total, empty.agent_latency.samples, empty.agent_latency.p99_ms), (0, 0, 0));
+}
+
+async fn purges_and_retention_delete_old_traces(store: Shared) {
+    let day = 86_400_000;
+    let now = 100 * day;
+    let mut short = record("short-wa", Channel::Whatsapp);
+    short.spec.trace_retention_secs = 86_400;
+    let short = store.create_instance(&short).await.unwrap();
+    let keep = store.create_instance(&record("keep-wa", Channel::Whatsapp)).await.unwrap();
+    let gone = store.create_instance(&record("gone-wa", Channel::Whatsapp)).await.unwrap();
+    let mut events = Vec::new();
+    for (id, instance, age_days) in [
+        ("s-old", &short.id, 2),
+        ("s-new", &short.id, 0),
+        ("k-old", &keep.id, 40),
+        ("k-mid", &keep.id, 10),
+        ("g-old", &gone.id, 40),
+    ] {
+        events.extend(finished(id, instance, now - age_days * day - 1000, "5511", 10, "completed"));
+    }
+    store.ingest_trace_events("n1", &events).await.unwrap();
+    store.delete_instance(&Scope::Admin, "gone-wa").await.unwrap();
+
+    // A scoped purge reaches only its instances; a dry run deletes nothing.
+    let older_than_5d = TraceFilter { until: Some(now - 5 * day), ..Default::default() };
+    assert_eq!(store.purge_traces(&scoped(&["keep-*"]), &older_than_5d, true).await.unwrap(), 2);
+    assert_eq!(store.purge_traces(&Scope::Admin, &older_than_5d, true).await.unwrap(), 3);
+    assert_eq!(
+        store
+            .purge_traces(
+                &scoped(&["keep-*"]),
+                &TraceFilter { until: Some(now - 20 * day), ..Default::default() },
+                false
+            )
+            .await
+            .unwrap(),
+        1
+    );
+    let (_, stages) = store.get_trace(&Scope::Admin, "k-mid", false).await.unwrap();
+    assert_eq!(stages.len(), 3);
+    assert!(matches!(store.get_trace(&Scope::Admin, "k-old", false).await, Err(StoreError::NotFound(_))));
+
+    // Retention: the instance's own (1 day), else the default (30 days), also for traces of
+    // deleted instances.
+    assert_eq!(store.apply_trace_retention(30 * day, now).await.unwrap(), 2);
+    let left = store.list_traces(&Scope::Admin, &TraceQuery { limit: 50, ..Default::default() }).await.unwrap();
+    assert_eq!(ids(&left), ["s-new", "k-mid"]);
+    // An admin purge also reaches traces of deleted instances, and leaves no stages behind.
+    assert_eq!(
+        store
+            .purge_traces(&Scope::Admin, &TraceFilter { until: Some(now + day), ..Default::default() }, false)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(store.trace_stats(&Scope::Admin, &TraceFilter::default()).await.unwrap().total, 0);
+}
+
+async fn users_are_searched_and_paged(store: Shared) {
+    let acme = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let mut events = Vec::new();
+    for (i, (sender, name)) in
+        [("5511", "Maria Silva"), ("5522", "João"), ("5533", "mariana"), ("5544", "")].iter().enumerate()
+    {
+        events.push(TraceEventRecord {
+            header: Some(TraceHeaderRecord { received_at: 1000 + i as i64, ..header(sender, name) }),
+            ..trace_event(&format!("t{i}"), &acme.id, 0, "received", "received")
+        });
+    }
+    store.ingest_trace_events("n1", &events).await.unwrap();
+    let query = |search: Option<&str>, after: Option<(i64, String)>, limit| UserQuery {
+        instance: "acme-wa".into(),
+        search: search.map(str::to_owned),
+        after,
+        limit,
+    };
+    let found = store.list_users(&Scope::Admin, &query(Some("MARIA"), None, 10)).await.unwrap();
+    assert_eq!(found.iter().map(|u| u.identity.as_str()).collect::<Vec<_>>(), ["5533", "5511"]);
+    let by_number = store.list_users(&Scope::Admin, &query(Some("552"), None, 10)).await.unwrap();
+    assert_eq!(by_number.iter().map(|u| u.display_name.as_str()).collect::<Vec<_>>(), ["João"]);
+    let first = store.list_users(&Scope::Admin, &query(None, None, 3)).await.unwrap();
+    let last = first.last().unwrap();
+    let rest = store
+        .list_users(&Scope::Admin, &query(None, Some((last.last_seen_at, last.identity.clone())), 3))
+        .await
+        .unwrap();
+    let all: Vec<&str> = first.iter().chain(&rest).map(|u| u.identity.as_str()).collect();
+    assert_eq!(all, ["5544", "5533", "5522", "5511"]);
+}
+
+async fn leases_have_one_holder(store: Shared) {
+    assert!(store.try_lease("job", "a", 1000, 4000).await.unwrap());
+    assert!(!store.try_lease("job", "b", 2000, 5000).await.unwrap(), "held by a until 4000");
+    assert!(store.try_lease("job", "a", 3000, 6000).await.unwrap(), "a renews");
+    assert!(!store.try_lease("job", "b", 5000, 8000).await.unwrap());
+    assert!(store.try_lease("job", "b", 6001, 9000).await.unwrap(), "expired: b takes it");
+    assert!(!store.try_lease("job", "a", 7000, 10000).await.unwrap());
+    assert!(store.try_lease("other-job", "a", 7000, 10000).await.unwrap());
 }
 
 /// Opens stores on one fresh database of the backend under test.
@@ -548,8 +851,18 @@ conformance!(
         revisions_are_announced,
         node_registry,
         traces_are_stored_once_and_scoped,
+        trace_pages_and_filters,
+        finished_traces_are_announced,
+        stats_are_computed_by_the_database,
+        purges_and_retention_delete_old_traces,
+        users_are_searched_and_paged,
+        leases_have_one_holder,
     ],
-    fixtures: [the_change_log_is_compacted_past_its_retention, other_writers_are_announced],
+    fixtures: [
+        the_change_log_is_compacted_past_its_retention,
+        other_writers_are_announced,
+        payloads_are_compressed_and_only_read_when_asked,
+    ],
 );
 
 /// Two control planes starting together on one fresh Postgres database both come up: the

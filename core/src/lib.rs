@@ -2,5 +2,7 @@
 
 pub mod access;
 pub mod crypto;
+pub mod duration;
 pub mod kinds;
+pub mod metrics;
 pub mod names;

@@ -2,7 +2,7 @@
 
 use crate::channels::evolution::webhook::{self, TOKEN_HEADER};
 use crate::config::ConfigHandle;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{OUTCOMES, Pipeline};
 use crate::spool::Spool;
 use crate::sync::SyncStatus;
 use axum::Router;
@@ -11,8 +11,8 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
+use omni_core::metrics::{self, Exposition};
 use serde_json::json;
-use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -144,9 +144,19 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
             state.pipeline.active_conversations() as u64,
         ),
     ];
-    let mut out = String::with_capacity(4096);
+    let mut page = Exposition::new();
     for (name, kind, help, value) in metrics {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        page.single(name, kind, help, value);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    page.family("omni_node_messages_total", "counter", "Messages handled, by instance, channel and outcome.");
+    for (instance, (channel, counts)) in handled.by_instance.lock().expect("stats lock poisoned").iter() {
+        for (outcome, count) in OUTCOMES.iter().zip(counts) {
+            let labels = [("instance", instance.as_str()), ("channel", *channel), ("outcome", *outcome)];
+            page.sample("omni_node_messages_total", &labels, count);
+        }
+    }
+    page.family("omni_node_agent_latency_seconds", "histogram", "Time waiting for agents, retries included.")
+        .histogram("omni_node_agent_latency_seconds", &[], &handled.agent_latency);
+    let out = page.finish();
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], out).into_response()
 }

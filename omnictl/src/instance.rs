@@ -117,6 +117,10 @@ pub struct Settings {
     /// Require the x-omni-webhook-token header on webhooks (default true).
     #[arg(long, value_name = "BOOL")]
     require_webhook_token: Option<bool>,
+    /// Delete this instance's traces this long after they arrive (e.g. 14d; 0: the control
+    /// plane's default).
+    #[arg(long, value_name = "DURATION", value_parser = omni_core::duration::parse_secs)]
+    trace_retention: Option<i64>,
 }
 
 impl Settings {
@@ -151,6 +155,7 @@ impl Settings {
         mark(self.default_access.is_some(), "default_access");
         mark(self.active.is_some(), "active");
         mark(self.require_webhook_token.is_some(), "require_webhook_token");
+        mark(self.trace_retention.is_some(), "trace_retention_seconds");
 
         let text = |v: &Option<String>| v.clone().unwrap_or_default();
         let instance = pb::Instance {
@@ -199,6 +204,7 @@ impl Settings {
                 max_message_age_seconds: self.max_message_age.unwrap_or(0),
             }),
             require_webhook_token: self.require_webhook_token,
+            trace_retention_seconds: self.trace_retention.unwrap_or(0),
             ..Default::default()
         };
         (instance, paths)
@@ -382,6 +388,13 @@ fn print_instance(i: &pb::Instance, format: Format) {
         ("max message age", format!("{}s", behavior.max_message_age_seconds)),
         ("webhook path", i.webhook_path.clone()),
         ("webhook token required", i.require_webhook_token.unwrap_or(true).to_string()),
+        (
+            "trace retention",
+            match i.trace_retention_seconds {
+                0 => "default".to_owned(),
+                secs => omni_core::duration::format_secs(secs),
+            },
+        ),
         ("created", time(i.create_time.as_ref())),
         ("updated", time(i.update_time.as_ref())),
         ("revision", i.revision.to_string()),
@@ -413,6 +426,7 @@ pub fn instance_json(i: &pb::Instance) -> Value {
             "max_message_age_seconds": behavior.max_message_age_seconds,
         },
         "require_webhook_token": i.require_webhook_token.unwrap_or(true),
+        "trace_retention_seconds": i.trace_retention_seconds,
         "webhook_path": i.webhook_path,
         "create_time": time_json(i.create_time.as_ref()),
         "update_time": time_json(i.update_time.as_ref()),

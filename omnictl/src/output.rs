@@ -42,6 +42,14 @@ pub fn fields(pairs: &[(&str, String)]) {
     }
 }
 
+/// One line of a live stream, flushed at once so a pipe sees it as it happens.
+pub fn stream_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 pub fn json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialize"));
 }

@@ -25,6 +25,40 @@ pub async fn create_whatsapp(server: &str, api_key: &str, name: &str) -> serde_j
 }
 use std::time::{Duration, Instant};
 
+/// Reports trace stages to a control plane as a node does (`NodeSyncService.ReportTraces`), to
+/// give it traces of any age and shape.
+pub async fn report_traces(server: &str, node_token: &str, events: Vec<omni_proto::v1::TraceEvent>) {
+    use omni_proto::v1::node_sync_service_client::NodeSyncServiceClient;
+    let channel = tonic::transport::Endpoint::from_shared(server.to_owned()).unwrap().connect().await.unwrap();
+    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {node_token}").parse().unwrap();
+    let mut client = NodeSyncServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", token.clone());
+        Ok(request)
+    });
+    for batch in events.chunks(2000) {
+        let request = omni_proto::v1::ReportTracesRequest { node_id: "test-node".into(), events: batch.to_vec() };
+        client.report_traces(request).await.expect("ReportTraces");
+    }
+}
+
+/// The internal id of an instance (what nodes report traces against), read from the database.
+pub async fn instance_id(database_url: &str, name: &str) -> String {
+    use sqlx::Connection;
+    let sql = "SELECT id FROM instances WHERE name = $1";
+    if database_url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(database_url).await.unwrap();
+        sqlx::query_scalar(sql).bind(name).fetch_one(&mut conn).await.unwrap()
+    } else {
+        let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
+        sqlx::query_scalar(sql).bind(name).fetch_one(&mut conn).await.unwrap()
+    }
+}
+
+/// A free loopback port (for listeners whose address must be known before they start).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Polls `check` until it yields a value or `timeout` passes (then panics with `what`).
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where

@@ -88,6 +88,8 @@ pub struct ControlPlaneOptions {
     pub embedded_http_listen: Option<String>,
     /// Serve TLS with this certificate and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Further flags, as given.
+    pub extra_args: Vec<String>,
 }
 
 impl ControlPlane {
@@ -135,6 +137,7 @@ impl ControlPlane {
         if let Some(http) = &options.embedded_http_listen {
             command.arg("--embedded-data-plane").arg("--http-listen").arg(http);
         }
+        command.args(&options.extra_args);
         let started = spawn_listening(command, "omni-control-plane listening on ", &log_path).await?;
         let generated_admin_key =
             started.stdout_lines.iter().find_map(|l| l.trim().strip_prefix("export OMNI_API_KEY=").map(str::to_owned));
@@ -343,6 +346,52 @@ impl Outcome {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(self.ok()).unwrap_or_else(|e| panic!("omnictl printed invalid JSON ({e}): {self:?}"))
     }
+}
+
+/// A long-running `omnictl` (such as `trace tail`) whose stdout is read line by line; killed
+/// when dropped.
+pub struct OmnictlStream {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl OmnictlStream {
+    /// The next line, waiting at most `timeout` (None: stdout closed).
+    pub async fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        tokio::time::timeout(timeout, self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("omnictl printed no line within {timeout:?}"))
+            .expect("read omnictl's stdout")
+    }
+
+    /// Waits for the process to exit: its code and stderr.
+    pub async fn exit(mut self) -> (i32, String) {
+        use tokio::io::AsyncReadExt;
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("omnictl exits")
+            .expect("wait for omnictl");
+        let mut stderr = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr).await;
+        }
+        (status.code().unwrap_or(-1), stderr)
+    }
+}
+
+pub fn omnictl_stream(server: &str, api_key: &str, args: &[&str]) -> OmnictlStream {
+    let mut child = Command::new(binary("omnictl"))
+        .args(args)
+        .env("OMNI_SERVER", server)
+        .env("OMNI_API_KEY", api_key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start omnictl");
+    let stdout = child.stdout.take().expect("piped stdout");
+    OmnictlStream { child, lines: BufReader::new(stdout).lines() }
 }
 
 /// Runs `omnictl` against `server` with `api_key`.

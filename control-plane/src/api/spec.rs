@@ -14,6 +14,7 @@ pub const UPDATABLE_PATHS: &[&str] = &[
     "active",
     "default_access",
     "require_webhook_token",
+    "trace_retention_seconds",
     "agent.url",
     "agent.key",
     "agent.agent_id",
@@ -41,6 +42,7 @@ pub const MAX_AGENT_TIMEOUT_SECS: u32 = 600;
 pub const DEFAULT_MAX_MESSAGE_AGE_SECS: u32 = 300;
 const MAX_MESSAGE_AGE_SECS: u32 = 7 * 24 * 3600;
 const MAX_FALLBACK_TEXT: usize = 4096;
+const MAX_TRACE_RETENTION_SECS: i64 = 10 * 366 * 24 * 3600;
 const MAX_SHORT_FIELD: usize = 256;
 
 /// Seals and describes one instance's secrets. The associated data names the instance id and
@@ -107,6 +109,7 @@ pub fn default_spec(channel: Channel, webhook_token: Sealed) -> InstanceSpec {
         },
         webhook_token,
         require_webhook_token: true,
+        trace_retention_secs: 0,
     }
 }
 
@@ -201,6 +204,7 @@ pub fn apply(
         "active" => *active = src.active.unwrap_or(true),
         "default_access" => spec.default_access = action_from_pb(src.default_access)?.unwrap_or(Action::Allow),
         "require_webhook_token" => spec.require_webhook_token = src.require_webhook_token.unwrap_or(true),
+        "trace_retention_seconds" => spec.trace_retention_secs = src.trace_retention_seconds,
         "agent.url" => spec.agent.url = agent.url.trim().to_owned(),
         "agent.key" => spec.agent.key = secrets.seal(path, &agent.key),
         "agent.agent_id" => spec.agent.agent_id = agent.agent_id.trim().to_owned(),
@@ -293,6 +297,9 @@ pub fn normalize_and_validate(name: &str, channel: Channel, spec: &mut InstanceS
         return Err(ApiError::invalid(format!("max message age must be at most {MAX_MESSAGE_AGE_SECS} seconds")));
     }
     check_len("fallback text", &spec.behavior.fallback_text, MAX_FALLBACK_TEXT)?;
+    if !(0..=MAX_TRACE_RETENTION_SECS).contains(&spec.trace_retention_secs) {
+        return Err(ApiError::invalid("trace retention must be between 0 (the default) and 10 years"));
+    }
 
     let has_evolution = !spec.evolution.url.is_empty() || spec.evolution.key.is_some();
     let has_discord = spec.discord.token.is_some() || !spec.discord.application_id.is_empty();
@@ -417,6 +424,7 @@ pub fn instance_to_pb(record: &InstanceRecord, keyring: &Keyring) -> pb::Instanc
         slack,
         behavior: Some(behavior_to_pb(&spec.behavior)),
         require_webhook_token: Some(spec.require_webhook_token),
+        trace_retention_seconds: spec.trace_retention_secs,
         webhook_path: webhook_path(record.channel, &record.name),
         create_time: Some(timestamp(record.created_at)),
         update_time: Some(timestamp(record.updated_at)),

@@ -2,12 +2,20 @@
 
 use super::ApiContext;
 use super::error::{ApiError, ApiResult};
-use super::spec::timestamp;
-use crate::store::{TraceEventRecord, TraceHeaderRecord, TraceQuery, TraceRecord, TraceStageRecord, now_millis};
+use super::spec::{self, timestamp};
+use crate::store::{
+    LatencyStats, Scope, TraceCursor, TraceEventRecord, TraceFilter, TraceHeaderRecord, TraceQuery, TraceRecord,
+    TraceStageRecord, UserQuery, now_millis,
+};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use omni_proto::v1::{self as pb, trace_service_server::TraceService};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 const DEFAULT_LIMIT: u32 = 50;
+const DEFAULT_USER_PAGE: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 
 /// `TRACE_STATUS_COMPLETED` → `completed`, as stored.
@@ -98,39 +106,245 @@ pub struct TraceApi {
     ctx: ApiContext,
 }
 
+/// How many tails may fall behind the live feed before they skip ahead (and say so).
+const TAIL_BUFFER: usize = 256;
+
+fn page_size(requested: u32, default: u32) -> u32 {
+    match requested {
+        0 => default,
+        n => n.min(MAX_LIMIT),
+    }
+}
+
+fn millis(t: &omni_proto::Timestamp) -> i64 {
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+fn text_filter(value: &str) -> Option<String> {
+    let value = value.trim();
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+fn channel_filter(value: i32) -> ApiResult<Option<String>> {
+    Ok(match value {
+        0 => None,
+        other => Some(spec::channel_from_pb(other)?.to_string()),
+    })
+}
+
+/// The time range of a request: `since_seconds` back from now, and/or explicit bounds.
+fn time_range(
+    since_seconds: i64,
+    start: Option<&omni_proto::Timestamp>,
+    end: Option<&omni_proto::Timestamp>,
+) -> ApiResult<(Option<i64>, Option<i64>)> {
+    if since_seconds < 0 {
+        return Err(ApiError::invalid("since must not be negative"));
+    }
+    let relative = (since_seconds > 0).then(|| now_millis() - since_seconds * 1000);
+    let since = match (relative, start.map(millis)) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let until = end.map(millis);
+    if let (Some(since), Some(until)) = (since, until)
+        && until <= since
+    {
+        return Err(ApiError::invalid("the end of the time range must be after its start"));
+    }
+    Ok((since, until))
+}
+
+fn encode_cursor(received_at: i64, id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{received_at}:{id}"))
+}
+
+fn decode_cursor(token: &str) -> ApiResult<(i64, String)> {
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| {
+            let (at, id) = text.split_once(':')?;
+            Some((at.parse().ok()?, id.to_owned()))
+        })
+        .ok_or_else(|| ApiError::invalid("page_token is not one this API issued"))
+}
+
+fn latency_to_pb(l: &LatencyStats) -> pb::LatencySummary {
+    pb::LatencySummary {
+        samples: l.samples,
+        avg_ms: l.avg_ms,
+        p50_ms: l.p50_ms,
+        p95_ms: l.p95_ms,
+        p99_ms: l.p99_ms,
+        max_ms: l.max_ms,
+    }
+}
+
+fn counts_to_pb(counts: Vec<(String, i64)>) -> Vec<pb::Count> {
+    counts.into_iter().map(|(key, count)| pb::Count { key, count }).collect()
+}
+
 impl TraceApi {
     pub fn new(ctx: ApiContext) -> TraceApi {
         TraceApi { ctx }
     }
 
+    /// NOT_FOUND for an instance the caller cannot see, rather than an empty answer.
+    async fn check_instance(&self, scope: &Scope, instance: &Option<String>) -> ApiResult<()> {
+        if let Some(name) = instance {
+            self.ctx.store.get_instance(scope, name).await?;
+        }
+        Ok(())
+    }
+
     async fn list(&self, request: Request<pb::ListTracesRequest>) -> ApiResult<pb::ListTracesResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let req = request.into_inner();
-        let query = TraceQuery {
-            instance: (!req.instance.is_empty()).then_some(req.instance),
+        let (since, until) = time_range(req.since_seconds, req.start_time.as_ref(), req.end_time.as_ref())?;
+        let filter = TraceFilter {
+            instance: text_filter(&req.instance),
             status: status_name(req.status),
-            since: (req.since_seconds > 0).then(|| now_millis() - req.since_seconds * 1000),
-            limit: match req.limit {
-                0 => DEFAULT_LIMIT,
-                n => n.min(MAX_LIMIT),
-            },
+            channel: channel_filter(req.channel)?,
+            sender: text_filter(&req.sender),
+            since,
+            until,
+            text_contains: text_filter(&req.text_contains),
         };
-        let traces = self.ctx.store.list_traces(&caller.scope, &query).await?;
-        Ok(pb::ListTracesResponse { traces: traces.iter().map(|t| trace_to_pb(t, &[], false)).collect() })
+        self.check_instance(&caller.scope, &filter.instance).await?;
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            let (received_at, id) = decode_cursor(&req.page_token)?;
+            Some(TraceCursor { received_at, id })
+        };
+        let limit = page_size(req.limit, DEFAULT_LIMIT);
+        let traces = self.ctx.store.list_traces(&caller.scope, &TraceQuery { filter, after, limit }).await?;
+        let next_page_token = match traces.last() {
+            Some(last) if traces.len() as u32 == limit => encode_cursor(last.received_at, &last.id),
+            _ => String::new(),
+        };
+        Ok(pb::ListTracesResponse {
+            traces: traces.iter().map(|t| trace_to_pb(t, &[], false)).collect(),
+            next_page_token,
+        })
     }
 
     async fn get(&self, request: Request<pb::GetTraceRequest>) -> ApiResult<pb::Trace> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let req = request.get_ref();
-        let (trace, stages) = self.ctx.store.get_trace(&caller.scope, &req.id).await?;
+        let (trace, stages) = self.ctx.store.get_trace(&caller.scope, &req.id, req.include_payloads).await?;
         Ok(trace_to_pb(&trace, &stages, req.include_payloads))
     }
-}
 
-impl TraceApi {
+    async fn tail(
+        &self,
+        request: Request<pb::TailTracesRequest>,
+    ) -> ApiResult<ReceiverStream<Result<pb::Trace, Status>>> {
+        let caller = self.ctx.auth.authenticate(&request).await?;
+        let req = request.into_inner();
+        let filter = TraceFilter {
+            instance: text_filter(&req.instance),
+            status: status_name(req.status),
+            channel: channel_filter(req.channel)?,
+            sender: text_filter(&req.sender),
+            ..TraceFilter::default()
+        };
+        self.check_instance(&caller.scope, &filter.instance).await?;
+        // Subscribe before answering, so nothing finishing after the call is missed.
+        let mut finished = self.ctx.store.finished_traces();
+        let (tx, rx) = tokio::sync::mpsc::channel(TAIL_BUFFER);
+        let store = self.ctx.store.clone();
+        let scope = caller.scope;
+        tokio::spawn(async move {
+            loop {
+                let ids = tokio::select! {
+                    _ = tx.closed() => return,
+                    next = finished.recv() => match next {
+                        Ok(ids) => ids,
+                        Err(RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "a trace tail fell behind; skipping ahead");
+                            continue;
+                        }
+                        Err(RecvError::Closed) => return,
+                    },
+                };
+                let item = match store.traces_by_ids(&scope, &ids, &filter).await {
+                    Ok(traces) => traces,
+                    Err(e) => {
+                        let _ = tx.send(Err(ApiError::from(e).into())).await;
+                        return;
+                    }
+                };
+                for trace in &item {
+                    if tx.send(Ok(trace_to_pb(trace, &[], false))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    async fn stats(&self, request: Request<pb::GetTraceStatsRequest>) -> ApiResult<pb::TraceStats> {
+        let caller = self.ctx.auth.authenticate(&request).await?;
+        let req = request.into_inner();
+        let (since, until) = time_range(req.since_seconds, req.start_time.as_ref(), req.end_time.as_ref())?;
+        let filter = TraceFilter { instance: text_filter(&req.instance), since, until, ..TraceFilter::default() };
+        self.check_instance(&caller.scope, &filter.instance).await?;
+        let stats = self.ctx.store.trace_stats(&caller.scope, &filter).await?;
+        let count_of = |status: &str| stats.by_status.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+        let (completed, failed) = (count_of("completed"), count_of("failed"));
+        let success_rate =
+            if completed + failed == 0 { 0.0 } else { 100.0 * completed as f64 / (completed + failed) as f64 };
+        Ok(pb::TraceStats {
+            total: stats.total,
+            success_rate,
+            agent_latency: Some(latency_to_pb(&stats.agent_latency)),
+            total_latency: Some(latency_to_pb(&stats.total_latency)),
+            per_hour: stats
+                .per_hour
+                .iter()
+                .map(|(hour, count)| pb::HourCount { hour: Some(timestamp(*hour)), count: *count })
+                .collect(),
+            by_status: counts_to_pb(stats.by_status),
+            by_error_stage: counts_to_pb(stats.by_error_stage),
+            by_message_type: counts_to_pb(stats.by_message_type),
+            by_instance: counts_to_pb(stats.by_instance),
+        })
+    }
+
+    async fn purge(&self, request: Request<pb::PurgeTracesRequest>) -> ApiResult<pb::PurgeTracesResponse> {
+        let caller = self.ctx.auth.authenticate(&request).await?;
+        let req = request.into_inner();
+        if req.older_than_seconds <= 0 {
+            return Err(ApiError::invalid("older_than is required: traces received longer ago than it are purged"));
+        }
+        let filter = TraceFilter {
+            instance: text_filter(&req.instance),
+            until: Some(now_millis() - req.older_than_seconds * 1000),
+            ..TraceFilter::default()
+        };
+        self.check_instance(&caller.scope, &filter.instance).await?;
+        let traces = self.ctx.store.purge_traces(&caller.scope, &filter, req.dry_run).await?;
+        if !req.dry_run {
+            tracing::info!(key = caller.key_id.as_str(), traces, instance = req.instance, "traces purged");
+        }
+        Ok(pb::PurgeTracesResponse { traces, dry_run: req.dry_run })
+    }
+
     async fn users(&self, request: Request<pb::ListUsersRequest>) -> ApiResult<pb::ListUsersResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
-        let users = self.ctx.store.list_users(&caller.scope, &request.get_ref().instance).await?;
+        let req = request.into_inner();
+        let limit = page_size(req.page_size, DEFAULT_USER_PAGE);
+        let after = if req.page_token.is_empty() { None } else { Some(decode_cursor(&req.page_token)?) };
+        let query = UserQuery { instance: req.instance, search: text_filter(&req.search), after, limit };
+        let users = self.ctx.store.list_users(&caller.scope, &query).await?;
+        let next_page_token = match users.last() {
+            Some(last) if users.len() as u32 == limit => encode_cursor(last.last_seen_at, &last.identity),
+            _ => String::new(),
+        };
         Ok(pb::ListUsersResponse {
             users: users
                 .into_iter()
@@ -144,6 +358,7 @@ impl TraceApi {
                     message_count: u.message_count,
                 })
                 .collect(),
+            next_page_token,
         })
     }
 }
@@ -167,6 +382,29 @@ impl TraceService for TraceApi {
     async fn get_trace(&self, request: Request<pb::GetTraceRequest>) -> Result<Response<pb::Trace>, Status> {
         Ok(Response::new(self.get(request).await?))
     }
+
+    type TailTracesStream = ReceiverStream<Result<pb::Trace, Status>>;
+
+    async fn tail_traces(
+        &self,
+        request: Request<pb::TailTracesRequest>,
+    ) -> Result<Response<Self::TailTracesStream>, Status> {
+        Ok(Response::new(self.tail(request).await?))
+    }
+
+    async fn get_trace_stats(
+        &self,
+        request: Request<pb::GetTraceStatsRequest>,
+    ) -> Result<Response<pb::TraceStats>, Status> {
+        Ok(Response::new(self.stats(request).await?))
+    }
+
+    async fn purge_traces(
+        &self,
+        request: Request<pb::PurgeTracesRequest>,
+    ) -> Result<Response<pb::PurgeTracesResponse>, Status> {
+        Ok(Response::new(self.purge(request).await?))
+    }
 }
 
 #[cfg(test)]
@@ -178,5 +416,23 @@ mod tests {
         assert_eq!(status_name(pb::TraceStatus::Completed as i32).as_deref(), Some("completed"));
         assert_eq!(status_name(0), None);
         assert_eq!(status_from_name("ignored"), pb::TraceStatus::Ignored);
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let token = encode_cursor(1_700_000_000_123, "0b7c-id:with-colon");
+        assert_eq!(decode_cursor(&token).unwrap(), (1_700_000_000_123, "0b7c-id:with-colon".to_owned()));
+        assert!(decode_cursor("not-a-token!").is_err());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("abc:x")).is_err());
+    }
+
+    #[test]
+    fn time_ranges() {
+        let start = omni_proto::Timestamp { seconds: 100, nanos: 0 };
+        let end = omni_proto::Timestamp { seconds: 200, nanos: 0 };
+        assert_eq!(time_range(0, Some(&start), Some(&end)).unwrap(), (Some(100_000), Some(200_000)));
+        assert_eq!(time_range(0, None, None).unwrap(), (None, None));
+        assert!(time_range(0, Some(&end), Some(&start)).is_err());
+        assert!(time_range(-1, None, None).is_err());
     }
 }

@@ -15,8 +15,8 @@ macro_rules! embed {
 
 type Embedded = &'static [(i64, &'static str, &'static str)];
 
-const POSTGRES: Embedded = embed!("postgres": 1 "init", 2 "nodes", 3 "traces");
-const SQLITE: Embedded = embed!("sqlite": 1 "init", 2 "nodes", 3 "traces");
+const POSTGRES: Embedded = embed!("postgres": 1 "init", 2 "nodes", 3 "traces", 4 "operations");
+const SQLITE: Embedded = embed!("sqlite": 1 "init", 2 "nodes", 3 "traces", 4 "operations");
 
 #[derive(Debug)]
 struct Source(Embedded);

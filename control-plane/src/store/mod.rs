@@ -144,10 +144,34 @@ pub trait Store: Send + Sync + 'static {
     /// Stores reported stages; a stage already stored is skipped. A first stage creates its
     /// trace and counts a message for its sender. Returns how many events were new.
     async fn ingest_trace_events(&self, node_id: &str, events: &[TraceEventRecord]) -> Result<usize>;
-    /// Newest first.
+    /// Newest first, one page.
     async fn list_traces(&self, scope: &Scope, query: &TraceQuery) -> Result<Vec<TraceRecord>>;
-    async fn get_trace(&self, scope: &Scope, id: &str) -> Result<(TraceRecord, Vec<TraceStageRecord>)>;
-    async fn list_users(&self, scope: &Scope, instance: &str) -> Result<Vec<UserRecord>>;
+    /// Those of `ids` that match `filter` (for the live tail), oldest first.
+    async fn traces_by_ids(&self, scope: &Scope, ids: &[String], filter: &TraceFilter) -> Result<Vec<TraceRecord>>;
+    /// The trace with its stages; their payloads only when asked for.
+    async fn get_trace(&self, scope: &Scope, id: &str, payloads: bool) -> Result<(TraceRecord, Vec<TraceStageRecord>)>;
+    /// Aggregates over the traces `filter` selects, computed by the database.
+    async fn trace_stats(&self, scope: &Scope, filter: &TraceFilter) -> Result<TraceStatsRecord>;
+    /// Deletes the traces `filter` selects (its `until` is required) with their stages, or only
+    /// counts them. An admin purge without an instance also takes traces of deleted instances.
+    async fn purge_traces(&self, scope: &Scope, filter: &TraceFilter, dry_run: bool) -> Result<i64>;
+    /// Deletes traces older than their instance's retention (`default_retention_ms` where the
+    /// instance sets none, and for traces of deleted instances). Returns how many.
+    async fn apply_trace_retention(&self, default_retention_ms: i64, now: i64) -> Result<i64>;
+    /// Ids of traces that reached a final status, as batches are stored (on Postgres, by any
+    /// control plane on the database).
+    fn finished_traces(&self) -> tokio::sync::broadcast::Receiver<Arc<[String]>>;
+    async fn list_users(&self, scope: &Scope, query: &UserQuery) -> Result<Vec<UserRecord>>;
+
+    // Jobs that one control plane runs for all.
+    /// Takes or renews the lease `name` for `holder` until `expires_at`, when it is free,
+    /// expired at `now`, or already `holder`'s. Returns whether `holder` has it.
+    async fn try_lease(&self, name: &str, holder: &str, now: i64, expires_at: i64) -> Result<bool>;
+}
+
+/// Whether a trace in this status is done: no later stage changes it.
+pub fn is_final_status(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "denied" | "ignored")
 }
 
 /// Unix time in milliseconds.

@@ -66,6 +66,9 @@ pub struct InstanceSpec {
     pub behavior: BehaviorSpec,
     pub webhook_token: Sealed,
     pub require_webhook_token: bool,
+    /// Seconds traces are kept; 0 means the control plane's default.
+    #[serde(default)]
+    pub trace_retention_secs: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,12 +275,67 @@ pub struct TraceHeaderRecord {
     pub received_at: i64,
 }
 
+/// Which traces to list, count or delete. Unset filters match everything.
 #[derive(Debug, Clone, Default)]
-pub struct TraceQuery {
+pub struct TraceFilter {
     pub instance: Option<String>,
     pub status: Option<String>,
+    pub channel: Option<String>,
+    pub sender: Option<String>,
     /// Received at or after (unix ms).
     pub since: Option<i64>,
+    /// Received before (unix ms).
+    pub until: Option<i64>,
+    /// Message text containing this, case-insensitively.
+    pub text_contains: Option<String>,
+}
+
+/// Where a page of traces ends: the last trace listed, in list order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceCursor {
+    pub received_at: i64,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TraceQuery {
+    pub filter: TraceFilter,
+    /// Traces after this one in list order (newest first).
+    pub after: Option<TraceCursor>,
+    pub limit: u32,
+}
+
+/// Milliseconds over the traces that have the measure.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencyStats {
+    pub samples: i64,
+    pub avg_ms: i64,
+    pub p50_ms: i64,
+    pub p95_ms: i64,
+    pub p99_ms: i64,
+    pub max_ms: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TraceStatsRecord {
+    pub total: i64,
+    pub by_status: Vec<(String, i64)>,
+    pub by_error_stage: Vec<(String, i64)>,
+    pub by_message_type: Vec<(String, i64)>,
+    pub by_instance: Vec<(String, i64)>,
+    pub agent_latency: LatencyStats,
+    pub total_latency: LatencyStats,
+    /// (start of the hour in unix ms, messages received in it), oldest first.
+    pub per_hour: Vec<(i64, i64)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UserQuery {
+    pub instance: String,
+    /// Identity or display name containing this, case-insensitively.
+    pub search: Option<String>,
+    /// Users after this one in list order: (last seen, identity).
+    pub after: Option<(i64, String)>,
     pub limit: u32,
 }
 

@@ -79,6 +79,95 @@ fn values(rows: usize, columns: usize, numbered: bool) -> String {
     sql
 }
 
+/// `$1, $2, ...` (or `?, ?, ...`, see [`values`]) for a list of `n` parameters.
+fn placeholders(n: usize, numbered: bool) -> String {
+    let mut sql = String::with_capacity(n * 4);
+    for i in 1..=n {
+        if i > 1 {
+            sql.push_str(", ");
+        }
+        if numbered {
+            sql.push_str(&format!("${i}"));
+        } else {
+            sql.push('?');
+        }
+    }
+    sql
+}
+
+/// A `LIKE ... ESCAPE '\'` pattern matching `text` anywhere in a value.
+fn contains_pattern(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// The WHERE conditions selecting the traces (`t`, joined to instances `i`) that `scope` may
+/// see and `filter` names. String values become parameters appended to `binds`; integers are
+/// written inline. `ilike` is the backend's case-insensitive LIKE.
+fn trace_conditions(scope: &Scope, filter: &TraceFilter, ilike: &str, binds: &mut Vec<String>) -> String {
+    let (mut sql, scope_binds) = scope_filter(scope, "i.name", binds.len() + 1);
+    binds.extend(scope_binds);
+    let mut bound = |sql: &mut String, condition: &str, value: String| {
+        binds.push(value);
+        sql.push_str(&format!(" AND {condition} ${}", binds.len()));
+    };
+    if let Some(instance) = &filter.instance {
+        bound(&mut sql, "i.name =", instance.clone());
+    }
+    if let Some(status) = &filter.status {
+        bound(&mut sql, "t.status =", status.clone());
+    }
+    if let Some(channel) = &filter.channel {
+        bound(&mut sql, "t.channel =", channel.clone());
+    }
+    if let Some(sender) = &filter.sender {
+        bound(&mut sql, "t.sender =", sender.clone());
+    }
+    if let Some(text) = &filter.text_contains {
+        binds.push(contains_pattern(text));
+        sql.push_str(&format!(" AND t.text {ilike} ${} ESCAPE '\\'", binds.len()));
+    }
+    if let Some(since) = filter.since {
+        sql.push_str(&format!(" AND t.received_at >= {since}"));
+    }
+    if let Some(until) = filter.until {
+        sql.push_str(&format!(" AND t.received_at < {until}"));
+    }
+    sql
+}
+
+/// Traces deleted per transaction by purges and retention, so no lock is held for long.
+const PURGE_BATCH: usize = 2000;
+
+/// Postgres channel carrying ids of traces that reached a final status: `origin:id,id,...`.
+pub const TRACES_NOTIFY_CHANNEL: &str = "omni_traces";
+
+/// Trace ids per notification (Postgres limits a payload to 8000 bytes).
+const NOTIFY_IDS: usize = 150;
+
+fn compress_payload(payload: &str) -> Option<Vec<u8>> {
+    (!payload.is_empty()).then(|| lz4_flex::block::compress_prepend_size(payload.as_bytes()))
+}
+
+fn decompress_payload(compressed: &[u8]) -> Result<String> {
+    let bytes = lz4_flex::block::decompress_size_prepended(compressed)
+        .map_err(|e| corrupt(format!("trace payload does not decompress: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| corrupt(format!("trace payload is not UTF-8: {e}")))
+}
+
+/// Nearest-rank index of percentile `p` among `n` sorted values.
+fn rank(p: f64, n: i64) -> i64 {
+    ((p * n as f64).ceil() as i64 - 1).clamp(0, (n - 1).max(0))
+}
+
 /// A sender's messages in one ingest batch.
 struct UserDelta {
     id: String,
@@ -189,19 +278,29 @@ const NODE_COLUMNS: &str = "id, address, version, applied_revision, first_seen_a
 /// `$snapshot_isolation`: SQL that gives a transaction one consistent view (SQLite's read
 /// transactions already have one).
 /// `$numbered_values`: whether generated multi-row parameter lists use `$n` (Postgres) or `?`.
+/// `$ilike`: case-insensitive LIKE (SQLite's LIKE already is, for ASCII).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $backend:expr, $notify:expr, $snapshot_isolation:expr, $numbered_values:expr) => {
+    ($store:ident, $db:ty, $backend:expr, $notify:expr, $snapshot_isolation:expr, $numbered_values:expr, $ilike:expr) => {
         pub struct $store {
             pool: sqlx::Pool<$db>,
             options: StoreOptions,
             revision: tokio::sync::watch::Sender<i64>,
+            finished: tokio::sync::broadcast::Sender<Arc<[String]>>,
+            /// Tells this store's trace notifications from other control planes'.
+            origin: String,
         }
 
         impl $store {
             pub async fn from_pool(pool: sqlx::Pool<$db>, options: StoreOptions) -> Result<Self> {
                 migrations::migrator($backend).await?.run(&pool).await?;
                 let head: i64 = sqlx::query_scalar("SELECT revision FROM config_head WHERE id = 1").fetch_one(&pool).await?;
-                Ok(Self { pool, options, revision: tokio::sync::watch::Sender::new(head) })
+                Ok(Self {
+                    pool,
+                    options,
+                    revision: tokio::sync::watch::Sender::new(head),
+                    finished: tokio::sync::broadcast::Sender::new(1024),
+                    origin: uuid::Uuid::new_v4().simple().to_string(),
+                })
             }
 
             /// Records that `revision` is committed, for `watch_revision` subscribers.
@@ -250,6 +349,111 @@ macro_rules! sql_store {
                 tx.commit().await?;
                 self.announce(revision);
                 Ok(())
+            }
+
+            /// Runs a `SELECT k, n` query of (key, count) rows.
+            async fn counts(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                sql: &str,
+                binds: &[String],
+            ) -> Result<Vec<(String, i64)>> {
+                let mut q = sqlx::query(sql);
+                for bind in binds {
+                    q = q.bind(bind);
+                }
+                q.fetch_all(&mut *conn)
+                    .await?
+                    .iter()
+                    .map(|row| Ok((row.try_get::<String, _>("k")?, row.try_get::<i64, _>("n")?)))
+                    .collect()
+            }
+
+            /// Count, mean, maximum and percentiles of the `v` column `values` selects.
+            async fn latency(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                values: &str,
+                binds: &[String],
+            ) -> Result<LatencyStats> {
+                const PERCENTILES: [f64; 3] = [0.5, 0.95, 0.99];
+                let postgres = $backend == Backend::Postgres;
+                let sql = if postgres {
+                    format!(
+                        "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(v), 0) AS BIGINT) AS sum, COALESCE(MAX(v), 0) AS max, \
+                         COALESCE(percentile_disc(0.5) WITHIN GROUP (ORDER BY v), 0) AS p50, \
+                         COALESCE(percentile_disc(0.95) WITHIN GROUP (ORDER BY v), 0) AS p95, \
+                         COALESCE(percentile_disc(0.99) WITHIN GROUP (ORDER BY v), 0) AS p99 FROM ({values}) s"
+                    )
+                } else {
+                    format!(
+                        "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(v), 0) AS BIGINT) AS sum, COALESCE(MAX(v), 0) AS max \
+                         FROM ({values}) s"
+                    )
+                };
+                let mut q = sqlx::query(&sql);
+                for bind in binds {
+                    q = q.bind(bind);
+                }
+                let row = q.fetch_one(&mut *conn).await?;
+                let samples: i64 = row.try_get("n")?;
+                let sum: i64 = row.try_get("sum")?;
+                // The mean from the exact sum: the backends round AVG differently.
+                let mut stats = LatencyStats {
+                    samples,
+                    avg_ms: if samples > 0 { sum / samples } else { 0 },
+                    max_ms: row.try_get("max")?,
+                    ..LatencyStats::default()
+                };
+                if postgres {
+                    stats.p50_ms = row.try_get("p50")?;
+                    stats.p95_ms = row.try_get("p95")?;
+                    stats.p99_ms = row.try_get("p99")?;
+                } else if stats.samples > 0 {
+                    // SQLite has no percentile aggregate: read the value at each rank.
+                    let mut found = [0i64; 3];
+                    for (slot, p) in found.iter_mut().zip(PERCENTILES) {
+                        let sql =
+                            format!("SELECT v FROM ({values}) s ORDER BY v LIMIT 1 OFFSET {}", rank(p, stats.samples));
+                        let mut q = sqlx::query_scalar(&sql);
+                        for bind in binds {
+                            q = q.bind(bind);
+                        }
+                        *slot = q.fetch_one(&mut *conn).await?;
+                    }
+                    [stats.p50_ms, stats.p95_ms, stats.p99_ms] = found;
+                }
+                Ok(stats)
+            }
+
+            /// Deletes the traces (`t`) that `from` (a FROM ... WHERE clause) selects, with
+            /// their stages, a batch per transaction.
+            async fn delete_traces(&self, from: &str, binds: &[String]) -> Result<i64> {
+                let select = format!("SELECT t.id {from} LIMIT {PURGE_BATCH}");
+                let mut deleted = 0;
+                loop {
+                    let mut q = sqlx::query_scalar(&select);
+                    for bind in binds {
+                        q = q.bind(bind);
+                    }
+                    let ids: Vec<String> = q.fetch_all(&self.pool).await?;
+                    if ids.is_empty() {
+                        return Ok(deleted);
+                    }
+                    let list = placeholders(ids.len(), $numbered_values);
+                    let mut tx = self.pool.begin().await?;
+                    for table in ["trace_stages WHERE trace_id", "traces WHERE id"] {
+                        let sql = format!("DELETE FROM {table} IN ({list})");
+                        let mut q = sqlx::query(&sql);
+                        for id in &ids {
+                            q = q.bind(id);
+                        }
+                        q.execute(&mut *tx).await?;
+                    }
+                    tx.commit().await?;
+                    deleted += ids.len() as i64;
+                    if ids.len() < PURGE_BATCH {
+                        return Ok(deleted);
+                    }
+                }
             }
 
             fn trace_from_row(row: &<$db as sqlx::Database>::Row) -> Result<TraceRecord> {
@@ -833,9 +1037,9 @@ macro_rules! sql_store {
                     }
                     // The stages; those already stored are skipped.
                     let sql = format!(
-                        "INSERT INTO trace_stages (trace_id, seq, stage, at, duration_ms, detail, payload) VALUES {} \
-                         ON CONFLICT (trace_id, seq) DO NOTHING RETURNING trace_id, seq",
-                        values(chunk.len(), 7, $numbered_values)
+                        "INSERT INTO trace_stages (trace_id, seq, stage, at, duration_ms, detail, payload, payload_lz4) \
+                         VALUES {} ON CONFLICT (trace_id, seq) DO NOTHING RETURNING trace_id, seq",
+                        values(chunk.len(), 8, $numbered_values)
                     );
                     let mut q = sqlx::query(&sql);
                     for e in chunk {
@@ -846,7 +1050,8 @@ macro_rules! sql_store {
                             .bind(e.at)
                             .bind(e.duration_ms)
                             .bind(&e.detail)
-                            .bind(&e.payload);
+                            .bind("")
+                            .bind(compress_payload(&e.payload));
                     }
                     for row in q.fetch_all(&mut *tx).await? {
                         let (trace_id, seq): (String, i64) = (row.try_get("trace_id")?, row.try_get("seq")?);
@@ -890,27 +1095,43 @@ macro_rules! sql_store {
                     }
                     q.execute(&mut *tx).await?;
                 }
+                let finished: Vec<String> = summary
+                    .status
+                    .iter()
+                    .filter(|e| is_final_status(&e.status))
+                    .map(|e| e.trace_id.clone())
+                    .collect();
+                let notify: Option<&str> = $notify;
+                if let Some(sql) = notify {
+                    for ids in finished.chunks(NOTIFY_IDS) {
+                        let payload = format!("{}:{}", self.origin, ids.join(","));
+                        sqlx::query(sql).bind(TRACES_NOTIFY_CHANNEL).bind(payload).execute(&mut *tx).await?;
+                    }
+                }
                 tx.commit().await?;
+                if !finished.is_empty() {
+                    // No receiver (no one tailing) is fine.
+                    let _ = self.finished.send(finished.into());
+                }
                 Ok(fresh.len())
             }
 
             async fn list_traces(&self, scope: &Scope, query: &TraceQuery) -> Result<Vec<TraceRecord>> {
-                let (filter, mut binds) = scope_filter(scope, "i.name", 1);
-                let mut sql = format!(
-                    "SELECT {TRACE_COLUMNS} FROM traces t JOIN instances i ON i.id = t.instance_id WHERE {filter}"
+                let mut binds = Vec::new();
+                let mut conditions = trace_conditions(scope, &query.filter, $ilike, &mut binds);
+                if let Some(after) = &query.after {
+                    binds.push(after.id.clone());
+                    conditions.push_str(&format!(
+                        " AND (t.received_at < {r} OR (t.received_at = {r} AND t.id < ${n}))",
+                        r = after.received_at,
+                        n = binds.len()
+                    ));
+                }
+                let sql = format!(
+                    "SELECT {TRACE_COLUMNS} FROM traces t JOIN instances i ON i.id = t.instance_id WHERE {conditions} \
+                     ORDER BY t.received_at DESC, t.id DESC LIMIT {}",
+                    query.limit
                 );
-                if let Some(instance) = &query.instance {
-                    binds.push(instance.clone());
-                    sql.push_str(&format!(" AND i.name = ${}", binds.len()));
-                }
-                if let Some(status) = &query.status {
-                    binds.push(status.clone());
-                    sql.push_str(&format!(" AND t.status = ${}", binds.len()));
-                }
-                if let Some(since) = query.since {
-                    sql.push_str(&format!(" AND t.received_at >= {since}"));
-                }
-                sql.push_str(&format!(" ORDER BY t.received_at DESC, t.id DESC LIMIT {}", query.limit));
                 let mut q = sqlx::query(&sql);
                 for bind in &binds {
                     q = q.bind(bind);
@@ -919,7 +1140,40 @@ macro_rules! sql_store {
                 rows.iter().map(Self::trace_from_row).collect()
             }
 
-            async fn get_trace(&self, scope: &Scope, id: &str) -> Result<(TraceRecord, Vec<TraceStageRecord>)> {
+            async fn traces_by_ids(
+                &self,
+                scope: &Scope,
+                ids: &[String],
+                filter: &TraceFilter,
+            ) -> Result<Vec<TraceRecord>> {
+                let mut traces = Vec::with_capacity(ids.len());
+                for ids in ids.chunks(INGEST_ROWS) {
+                    let mut binds = Vec::new();
+                    let conditions = trace_conditions(scope, filter, $ilike, &mut binds);
+                    let first = binds.len() + 1;
+                    let list: Vec<String> = (first..first + ids.len()).map(|n| format!("${n}")).collect();
+                    let sql = format!(
+                        "SELECT {TRACE_COLUMNS} FROM traces t JOIN instances i ON i.id = t.instance_id \
+                         WHERE {conditions} AND t.id IN ({}) ORDER BY t.updated_at, t.id",
+                        list.join(", ")
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for bind in binds.iter().chain(ids) {
+                        q = q.bind(bind);
+                    }
+                    for row in q.fetch_all(&self.pool).await? {
+                        traces.push(Self::trace_from_row(&row)?);
+                    }
+                }
+                Ok(traces)
+            }
+
+            async fn get_trace(
+                &self,
+                scope: &Scope,
+                id: &str,
+                payloads: bool,
+            ) -> Result<(TraceRecord, Vec<TraceStageRecord>)> {
                 let (filter, binds) = scope_filter(scope, "i.name", 2);
                 let sql = format!(
                     "SELECT {TRACE_COLUMNS} FROM traces t JOIN instances i ON i.id = t.instance_id WHERE t.id = $1 AND {filter}"
@@ -932,38 +1186,170 @@ macro_rules! sql_store {
                     return Err(StoreError::NotFound(format!("trace {id:?}")));
                 };
                 let trace = Self::trace_from_row(&row)?;
-                let rows = sqlx::query(
-                    "SELECT seq, stage, at, duration_ms, detail, payload FROM trace_stages WHERE trace_id = $1 ORDER BY seq",
-                )
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?;
+                let payload_columns = if payloads { "payload, payload_lz4" } else { "'' AS payload, NULL AS payload_lz4" };
+                let sql = format!(
+                    "SELECT seq, stage, at, duration_ms, detail, {payload_columns} FROM trace_stages \
+                     WHERE trace_id = $1 ORDER BY seq"
+                );
+                let rows = sqlx::query(&sql).bind(id).fetch_all(&self.pool).await?;
                 let stages = rows
                     .iter()
                     .map(|row| {
+                        let compressed: Option<Vec<u8>> = row.try_get("payload_lz4")?;
                         Ok(TraceStageRecord {
                             seq: row.try_get("seq")?,
                             stage: row.try_get("stage")?,
                             at: row.try_get("at")?,
                             duration_ms: row.try_get("duration_ms")?,
                             detail: row.try_get("detail")?,
-                            payload: row.try_get("payload")?,
+                            payload: match compressed {
+                                Some(bytes) => decompress_payload(&bytes)?,
+                                None => row.try_get("payload")?,
+                            },
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok((trace, stages))
             }
 
-            async fn list_users(&self, scope: &Scope, instance: &str) -> Result<Vec<UserRecord>> {
-                let mut conn = self.pool.acquire().await?;
-                let record = Self::find_instance(&mut conn, scope, instance).await?;
-                let rows = sqlx::query(
-                    "SELECT id, identity, display_name, first_seen_at, last_seen_at, message_count FROM users \
-                     WHERE instance_id = $1 ORDER BY last_seen_at DESC, identity",
+            async fn trace_stats(&self, scope: &Scope, filter: &TraceFilter) -> Result<TraceStatsRecord> {
+                let mut binds = Vec::new();
+                let conditions = trace_conditions(scope, filter, $ilike, &mut binds);
+                let from = format!("FROM traces t JOIN instances i ON i.id = t.instance_id WHERE {conditions}");
+                // One consistent view for all the aggregates.
+                let mut tx = self.pool.begin().await?;
+                let isolation: Option<&str> = $snapshot_isolation;
+                if let Some(sql) = isolation {
+                    sqlx::query(sql).execute(&mut *tx).await?;
+                }
+                let grouped = |key: &str| {
+                    format!("SELECT {key} AS k, COUNT(*) AS n {from} GROUP BY {key} ORDER BY n DESC, k")
+                };
+                let by_status = Self::counts(&mut tx, &grouped("t.status"), &binds).await?;
+                let by_error_stage = Self::counts(
+                    &mut tx,
+                    &format!(
+                        "SELECT t.error_stage AS k, COUNT(*) AS n {from} AND t.status = 'failed' \
+                         GROUP BY t.error_stage ORDER BY n DESC, k"
+                    ),
+                    &binds,
                 )
-                .bind(&record.id)
-                .fetch_all(&mut *conn)
                 .await?;
+                let by_message_type = Self::counts(&mut tx, &grouped("t.message_type"), &binds).await?;
+                let by_instance = Self::counts(&mut tx, &grouped("i.name"), &binds).await?;
+                let agent_latency =
+                    Self::latency(&mut tx, &format!("SELECT t.agent_ms AS v {from} AND t.agent_ms > 0"), &binds).await?;
+                let total_latency = Self::latency(
+                    &mut tx,
+                    &format!(
+                        "SELECT t.updated_at - t.received_at AS v {from} AND t.status IN ('completed', 'failed')"
+                    ),
+                    &binds,
+                )
+                .await?;
+                let sql = format!(
+                    "SELECT (t.received_at / 3600000) * 3600000 AS hour, COUNT(*) AS n {from} GROUP BY hour ORDER BY hour"
+                );
+                let mut q = sqlx::query(&sql);
+                for bind in &binds {
+                    q = q.bind(bind);
+                }
+                let per_hour = q
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|row| Ok((row.try_get::<i64, _>("hour")?, row.try_get::<i64, _>("n")?)))
+                    .collect::<Result<Vec<_>>>()?;
+                tx.commit().await?;
+                Ok(TraceStatsRecord {
+                    total: by_status.iter().map(|(_, n)| n).sum(),
+                    by_status,
+                    by_error_stage,
+                    by_message_type,
+                    by_instance,
+                    agent_latency,
+                    total_latency,
+                    per_hour,
+                })
+            }
+
+            async fn purge_traces(&self, scope: &Scope, filter: &TraceFilter, dry_run: bool) -> Result<i64> {
+                if filter.until.is_none() {
+                    return Err(corrupt("a purge needs a time before which traces go"));
+                }
+                let mut binds = Vec::new();
+                let conditions = trace_conditions(scope, filter, $ilike, &mut binds);
+                // A left join, so that an admin purge also reaches traces of deleted instances.
+                let from = format!("FROM traces t LEFT JOIN instances i ON i.id = t.instance_id WHERE {conditions}");
+                if dry_run {
+                    let sql = format!("SELECT COUNT(*) {from}");
+                    let mut q = sqlx::query_scalar(&sql);
+                    for bind in &binds {
+                        q = q.bind(bind);
+                    }
+                    return Ok(q.fetch_one(&self.pool).await?);
+                }
+                self.delete_traces(&from, &binds).await
+            }
+
+            async fn apply_trace_retention(&self, default_retention_ms: i64, now: i64) -> Result<i64> {
+                let rows = sqlx::query("SELECT id, spec FROM instances").fetch_all(&self.pool).await?;
+                let mut deleted = 0;
+                for row in &rows {
+                    let id: String = row.try_get("id")?;
+                    let spec: String = row.try_get("spec")?;
+                    let own = serde_json::from_str::<InstanceSpec>(&spec)
+                        .map_err(|e| corrupt(format!("instance {id} spec: {e}")))?
+                        .trace_retention_secs
+                        * 1000;
+                    let retention = if own > 0 { own } else { default_retention_ms };
+                    if retention <= 0 {
+                        continue;
+                    }
+                    let from = format!("FROM traces t WHERE t.instance_id = $1 AND t.received_at < {}", now - retention);
+                    deleted += self.delete_traces(&from, &[id]).await?;
+                }
+                if default_retention_ms > 0 {
+                    let from = format!(
+                        "FROM traces t WHERE t.received_at < {} AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = t.instance_id)",
+                        now - default_retention_ms
+                    );
+                    deleted += self.delete_traces(&from, &[]).await?;
+                }
+                Ok(deleted)
+            }
+
+            fn finished_traces(&self) -> tokio::sync::broadcast::Receiver<Arc<[String]>> {
+                self.finished.subscribe()
+            }
+
+            async fn list_users(&self, scope: &Scope, query: &UserQuery) -> Result<Vec<UserRecord>> {
+                let mut conn = self.pool.acquire().await?;
+                let record = Self::find_instance(&mut conn, scope, &query.instance).await?;
+                let mut binds = vec![record.id.clone()];
+                let mut sql = "SELECT id, identity, display_name, first_seen_at, last_seen_at, message_count FROM users \
+                     WHERE instance_id = $1"
+                    .to_owned();
+                if let Some(search) = &query.search {
+                    binds.push(contains_pattern(search));
+                    sql.push_str(&format!(
+                        " AND (identity {like} $2 ESCAPE '\\' OR display_name {like} $2 ESCAPE '\\')",
+                        like = $ilike
+                    ));
+                }
+                if let Some((last_seen, identity)) = &query.after {
+                    binds.push(identity.clone());
+                    sql.push_str(&format!(
+                        " AND (last_seen_at < {last_seen} OR (last_seen_at = {last_seen} AND identity > ${}))",
+                        binds.len()
+                    ));
+                }
+                sql.push_str(&format!(" ORDER BY last_seen_at DESC, identity LIMIT {}", query.limit));
+                let mut q = sqlx::query(&sql);
+                for bind in &binds {
+                    q = q.bind(bind);
+                }
+                let rows = q.fetch_all(&mut *conn).await?;
                 rows.iter()
                     .map(|row| {
                         Ok(UserRecord {
@@ -978,6 +1364,21 @@ macro_rules! sql_store {
                     })
                     .collect()
             }
+
+            async fn try_lease(&self, name: &str, holder: &str, now: i64, expires_at: i64) -> Result<bool> {
+                let held = sqlx::query(
+                    "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+                     WHERE leases.holder = excluded.holder OR leases.expires_at < $4 RETURNING holder",
+                )
+                .bind(name)
+                .bind(holder)
+                .bind(expires_at)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(held.is_some())
+            }
         }
     };
 }
@@ -988,9 +1389,10 @@ sql_store!(
     Backend::Postgres,
     Some("SELECT pg_notify($1, $2)"),
     Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"),
-    true
+    true,
+    "ILIKE"
 );
-sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None, None, false);
+sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None, None, false, "LIKE");
 
 impl PostgresStore {
     pub async fn connect(url: &str, options: StoreOptions) -> Result<Self> {
@@ -1008,9 +1410,11 @@ impl PostgresStore {
     /// Follows commits made through other control planes on the same database.
     async fn listen_for_other_control_planes(&self) -> Result<()> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener.listen(CONFIG_NOTIFY_CHANNEL).await?;
+        listener.listen_all([CONFIG_NOTIFY_CHANNEL, TRACES_NOTIFY_CHANNEL]).await?;
         let pool = self.pool.clone();
         let revision = self.revision.clone();
+        let finished = self.finished.clone();
+        let origin = format!("{}:", self.origin);
         tokio::spawn(async move {
             let announce = |seen: i64| {
                 revision.send_if_modified(|current| {
@@ -1023,6 +1427,14 @@ impl PostgresStore {
             };
             loop {
                 match listener.try_recv().await {
+                    Ok(Some(notification)) if notification.channel() == TRACES_NOTIFY_CHANNEL => {
+                        // This store published its own batches when it committed them.
+                        if let Some((_, ids)) = notification.payload().split_once(':')
+                            && !notification.payload().starts_with(&origin)
+                        {
+                            let _ = finished.send(ids.split(',').map(str::to_owned).collect());
+                        }
+                    }
                     Ok(Some(notification)) => {
                         if let Ok(seen) = notification.payload().parse::<i64>() {
                             announce(seen);

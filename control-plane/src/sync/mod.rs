@@ -9,9 +9,11 @@
 mod convert;
 
 use crate::crypto::{Keyring, constant_time_eq};
+use crate::metrics::Metrics;
 use crate::store::{ChangeOp, ConfigChange, InstanceConfig, KIND_INSTANCE, NodeRecord, Store, now_millis};
 use omni_proto::v1::{self as pb, node_sync_service_server::NodeSyncService, watch_request, watch_response};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -50,11 +52,18 @@ pub struct SyncApi {
     keyring: Arc<Keyring>,
     node_token: Arc<str>,
     settings: SyncSettings,
+    metrics: Arc<Metrics>,
 }
 
 impl SyncApi {
-    pub fn new(store: Arc<dyn Store>, keyring: Arc<Keyring>, node_token: Arc<str>, settings: SyncSettings) -> SyncApi {
-        SyncApi { store, keyring, node_token, settings }
+    pub fn new(
+        store: Arc<dyn Store>,
+        keyring: Arc<Keyring>,
+        node_token: Arc<str>,
+        settings: SyncSettings,
+        metrics: Arc<Metrics>,
+    ) -> SyncApi {
+        SyncApi { store, keyring, node_token, settings, metrics }
     }
 
     fn check_node_token<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -90,7 +99,15 @@ impl NodeSyncService for SyncApi {
         }
         let accepted = report.events.len() as u32;
         let events = report.events.into_iter().map(crate::api::traces::event_from_pb).collect::<Result<Vec<_>, _>>()?;
-        self.store.ingest_trace_events(&report.node_id, &events).await.map_err(crate::api::error::ApiError::from)?;
+        let started = Instant::now();
+        let stored = self
+            .store
+            .ingest_trace_events(&report.node_id, &events)
+            .await
+            .map_err(crate::api::error::ApiError::from)?;
+        self.metrics.trace_report_latency.observe(started.elapsed());
+        self.metrics.trace_reports.fetch_add(1, Ordering::Relaxed);
+        self.metrics.trace_events.fetch_add(stored as u64, Ordering::Relaxed);
         Ok(Response::new(pb::ReportTracesResponse { accepted }))
     }
 

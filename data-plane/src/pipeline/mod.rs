@@ -17,6 +17,7 @@ use crate::config::ConfigHandle;
 use crate::spool::{Op, Outcome, SendState, Spool};
 use crate::traces::{Recorder, now_ms};
 use omni_core::access::{Action, decide};
+use omni_core::metrics::Histogram;
 use omni_core::names::{session_name, user_id};
 use omni_proto::v1::{self as pb, TraceStatus};
 use serde_json::json;
@@ -35,12 +36,40 @@ pub struct Job {
     pub attempt: u32,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PipelineStats {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub denied: AtomicU64,
     pub ignored: AtomicU64,
+    /// Finished messages per instance: its channel and counts by [`OUTCOMES`].
+    pub by_instance: Mutex<HashMap<String, (&'static str, [u64; 4])>>,
+    /// Time waiting for agents, retries included.
+    pub agent_latency: Histogram,
+}
+
+/// How a handled message ended, in the order of [`PipelineStats::by_instance`] counts.
+pub const OUTCOMES: [&str; 4] = ["completed", "failed", "denied", "ignored"];
+
+impl PipelineStats {
+    fn finished(&self, instance: &str, channel: &'static str, status: TraceStatus) {
+        let (counter, outcome) = match status {
+            TraceStatus::Completed => (&self.completed, 0),
+            TraceStatus::Denied => (&self.denied, 2),
+            TraceStatus::Ignored => (&self.ignored, 3),
+            _ => (&self.failed, 1),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut by_instance = self.by_instance.lock().expect("stats lock poisoned");
+        match by_instance.get_mut(instance) {
+            Some((_, counts)) => counts[outcome] += 1,
+            None => {
+                let mut counts = [0; 4];
+                counts[outcome] = 1;
+                by_instance.insert(instance.to_owned(), (channel, counts));
+            }
+        }
+    }
 }
 
 pub struct Pipeline {
@@ -95,6 +124,15 @@ impl Ending {
 
 fn action_of(value: i32) -> Action {
     if value == pb::AccessAction::Block as i32 { Action::Block } else { Action::Allow }
+}
+
+fn channel_name(instance: &pb::InstanceConfig) -> &'static str {
+    match pb::Channel::try_from(instance.channel) {
+        Ok(pb::Channel::Whatsapp) => "whatsapp",
+        Ok(pb::Channel::Slack) => "slack",
+        Ok(pb::Channel::Discord) => "discord",
+        _ => "unknown",
+    }
 }
 
 /// The instance's secrets, to be kept out of trace payloads whatever carries them.
@@ -235,6 +273,7 @@ impl Pipeline {
             .and_then(|c| c.instances.get(&job.inbound.instance).cloned())
             .filter(|i| i.id == job.inbound.instance_id);
         let secrets = instance.as_deref().map(secrets_of).unwrap_or_default();
+        let channel = instance.as_deref().map_or("unknown", channel_name);
         let mut trace = Recorder::new(&job.inbound, job.attempt, &secrets);
         let mut pending = Pending::default();
         let (ending, chunks) = match instance {
@@ -242,13 +281,7 @@ impl Pipeline {
             Some(instance) if !instance.active => (Ending::ignored("the instance is inactive"), 0),
             Some(instance) => self.handle(&job, &instance, &mut trace, &mut pending).await,
         };
-        let counter = match ending.status {
-            TraceStatus::Completed => &self.stats.completed,
-            TraceStatus::Denied => &self.stats.denied,
-            TraceStatus::Ignored => &self.stats.ignored,
-            _ => &self.stats.failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.stats.finished(&job.inbound.instance, channel, ending.status);
         let total = now_ms() - job.inbound.received_at;
         let last = trace.stage(ending.stage, ending.status, now_ms(), ending.detail).duration(total);
         let last = if ending.error.is_empty() { last } else { last.error(ending.error) };
@@ -326,6 +359,7 @@ impl Pipeline {
         let called =
             self.agent.call(&agent, inbound, &Caller { user_id: &user, session_name: &session }, "whatsapp").await;
         let agent_ms = now_ms() - started;
+        self.stats.agent_latency.observe(Duration::from_millis(agent_ms.max(0) as u64));
         if let Some(typing) = typing {
             typing.abort();
         }
