@@ -570,7 +570,7 @@ async fn finished_traces_are_announced(store: Shared) {
     let mut events = finished("t1", &acme.id, 100, "5511", 10, "completed");
     let last = events.pop().unwrap();
     store.ingest_trace_events("n1", &events).await.unwrap();
-    store.ingest_trace_events("n1", &[last.clone()]).await.unwrap();
+    store.ingest_trace_events("n1", std::slice::from_ref(&last)).await.unwrap();
     // Resent: stored already, so not announced again.
     store.ingest_trace_events("n1", &[last]).await.unwrap();
     let announced =

@@ -1,6 +1,7 @@
 //! Test harness: isolated Postgres databases, the real Omni binaries as child processes, and
 //! waiting for conditions with a deadline.
 
+pub mod evolution;
 pub mod fakes;
 pub mod postgres;
 pub mod process;

@@ -1,6 +1,7 @@
 //! The core job on WhatsApp, through the real binaries: Evolution webhook → node → tenant's
 //! agent → reply through the tenant's Evolution server, with traces in the control plane.
 
+use omni_tests::evolution::{fixture, text};
 use omni_tests::fakes::{FakeAgent, FakeEvolution};
 use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, http_post, omnictl};
 use omni_tests::wait_for;
@@ -106,40 +107,6 @@ async fn start_node(dir: &Path, cp: &ControlPlane, options: DataPlaneOptions) ->
     let node = DataPlane::start(&dir.join("node"), &options).await;
     node.wait_for_revision(0).await;
     node
-}
-
-/// A fixture with its message timestamps set to now (they would be stale otherwise).
-fn fixture(name: &str) -> Value {
-    let path = format!("{}/fixtures/evolution/{name}", env!("CARGO_MANIFEST_DIR"));
-    let mut body: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    fn refresh(data: &mut Value, now: u64) {
-        if let Some(messages) = data.get_mut("messages").and_then(Value::as_array_mut) {
-            messages.iter_mut().for_each(|m| m["messageTimestamp"] = json!(now));
-        } else if data.get("key").is_some() {
-            data["messageTimestamp"] = json!(now);
-        }
-    }
-    match body["data"].clone() {
-        Value::String(encoded) => {
-            use base64::Engine as _;
-            let engine = base64::engine::general_purpose::STANDARD;
-            let mut inner: Value = serde_json::from_slice(&engine.decode(encoded).unwrap()).unwrap();
-            refresh(&mut inner["data"], now);
-            body["data"] = json!(engine.encode(serde_json::to_vec(&inner).unwrap()));
-        }
-        _ => refresh(&mut body["data"], now),
-    }
-    body
-}
-
-/// A text DM from `phone` with message id `id`.
-fn text(phone: &str, id: &str, words: &str) -> Value {
-    let mut body = fixture("text_dm.json");
-    body["data"]["key"]["remoteJid"] = json!(format!("{phone}@s.whatsapp.net"));
-    body["data"]["key"]["id"] = json!(id);
-    body["data"]["message"] = json!({ "conversation": words });
-    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
