@@ -5,6 +5,7 @@
 
 mod stats;
 mod sync;
+mod traces;
 mod whatsapp;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ struct Cli {
 enum Bench {
     /// Config propagation to nodes, snapshot time and size, node memory and startup from cache.
     Sync(sync::Options),
+    /// Traces at scale on Postgres: ingest rate, then query latencies with them stored.
+    Traces(traces::Options),
     /// WhatsApp webhooks: ingest rate against bare axum, end-to-end latency, CPU per message.
     Whatsapp(whatsapp::Options),
     /// (internal) the bare axum server the whatsapp benchmark compares against.
@@ -31,6 +34,7 @@ enum Bench {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Sync(options) => sync::run(options).await,
+        Bench::Traces(options) => traces::run(options).await,
         Bench::Whatsapp(options) => whatsapp::run(options).await,
         Bench::BaselineServer => whatsapp::baseline_server().await,
     }

@@ -8,6 +8,7 @@ use crate::http::{NodeState, router};
 use crate::pipeline::Pipeline;
 use crate::spool::{Op, Spool};
 use crate::sync::{SyncClient, SyncSettings, SyncStatus};
+use axum::serve::ListenerExt;
 use omni_core::crypto::Keyring;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -185,6 +186,10 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
     });
     tracing::info!(%node_id, addr = %local, control_plane = %options.control_plane, "node listening");
     println!("omni-data-plane listening on {local}");
+    // Replies go out in one piece, without Nagle's algorithm waiting for an ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let served = axum::serve(listener, router(state, options.max_body_bytes)).with_graceful_shutdown(shutdown).await;
     sync_task.abort();
     for task in background {

@@ -55,6 +55,11 @@ pub async fn instance_id(database_url: &str, name: &str) -> String {
     }
 }
 
+/// Unix time in milliseconds.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
 /// A free loopback port (for listeners whose address must be known before they start).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
