@@ -736,6 +736,27 @@ async fn users_are_searched_and_paged(store: Shared) {
     assert_eq!(all, ["5544", "5533", "5522", "5511"]);
 }
 
+/// A trace reported stage by stage, out of order and with a resend, ends as one reported whole.
+async fn stages_in_pieces_add_up(store: Shared) {
+    let acme = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let whole = finished("whole", &acme.id, 100, "5511", 40, "failed");
+    store.ingest_trace_events("n1", &whole).await.unwrap();
+    let pieces = finished("pieces", &acme.id, 100, "5511", 40, "failed");
+    for batch in [&pieces[0..1], &pieces[2..3], &pieces[1..2], &pieces[0..2]] {
+        store.ingest_trace_events("n1", batch).await.unwrap();
+    }
+    let (a, _) = store.get_trace(&Scope::Admin, "whole", false).await.unwrap();
+    let (b, stages) = store.get_trace(&Scope::Admin, "pieces", false).await.unwrap();
+    assert_eq!(stages.len(), 3);
+    for t in [&a, &b] {
+        assert_eq!(
+            (t.status.as_str(), t.error_stage.as_str(), t.error.as_str(), t.agent_ms, t.updated_at),
+            ("failed", "agent_request", "the agent answered 500", 40, 145),
+            "{t:?}"
+        );
+    }
+}
+
 async fn leases_have_one_holder(store: Shared) {
     assert!(store.try_lease("job", "a", 1000, 4000).await.unwrap());
     assert!(!store.try_lease("job", "b", 2000, 5000).await.unwrap(), "held by a until 4000");
@@ -857,6 +878,7 @@ conformance!(
         purges_and_retention_delete_old_traces,
         users_are_searched_and_paged,
         leases_have_one_holder,
+        stages_in_pieces_add_up,
     ],
     fixtures: [
         the_change_log_is_compacted_past_its_retention,

@@ -1,8 +1,8 @@
 -- Stage payloads are stored LZ4-compressed; rows written before this keep theirs in `payload`.
 ALTER TABLE trace_stages ADD COLUMN payload_lz4 BLOB;
 
--- Filters of `trace list` that narrow within an instance, newest first.
-CREATE INDEX traces_by_instance_status_time ON traces (instance_id, status, received_at DESC);
+-- A sender's traces within an instance, newest first. Status is deliberately not indexed: it
+-- changes as stages arrive, and leaving it out of every index keeps those updates cheap.
 CREATE INDEX traces_by_instance_sender_time ON traces (instance_id, sender, received_at DESC);
 
 CREATE INDEX users_by_instance_last_seen ON users (instance_id, last_seen_at DESC, identity);

@@ -213,37 +213,36 @@ fn users_of<'a>(headers: impl Iterator<Item = (&'a TraceEventRecord, &'a TraceHe
     users
 }
 
-/// What newly stored stages change in their traces: the latest status, the first error and
-/// the agent's latency, one entry per trace.
-struct TraceUpdates<'a> {
-    status: Vec<&'a TraceEventRecord>,
-    error: Vec<&'a TraceEventRecord>,
-    agent: Vec<&'a TraceEventRecord>,
+/// What a batch's stages say about one trace: its latest status, its first error and the
+/// agent's latency.
+#[derive(Clone, Copy)]
+struct TraceState<'a> {
+    latest: &'a TraceEventRecord,
+    first_error: Option<&'a TraceEventRecord>,
+    agent_ms: i64,
 }
 
-impl<'a> TraceUpdates<'a> {
-    fn of(events: &[&'a TraceEventRecord]) -> TraceUpdates<'a> {
-        let mut status: HashMap<&str, &TraceEventRecord> = HashMap::new();
-        let mut error: HashMap<&str, &TraceEventRecord> = HashMap::new();
-        let mut agent: HashMap<&str, &TraceEventRecord> = HashMap::new();
-        for e in events {
-            let id = e.trace_id.as_str();
-            if status.get(id).is_none_or(|s| e.seq > s.seq) {
-                status.insert(id, e);
-            }
-            if !e.error.is_empty() && error.get(id).is_none_or(|s| e.seq < s.seq) {
-                error.insert(id, e);
-            }
-            if e.agent_ms > 0 && agent.get(id).is_none_or(|s| e.agent_ms > s.agent_ms) {
-                agent.insert(id, e);
-            }
-        }
-        TraceUpdates {
-            status: status.into_values().collect(),
-            error: error.into_values().collect(),
-            agent: agent.into_values().collect(),
-        }
+impl<'a> TraceState<'a> {
+    fn error(&self) -> (&'a str, &'a str) {
+        self.first_error.map_or(("", ""), |e| (e.stage.as_str(), e.error.as_str()))
     }
+}
+
+fn trace_states<'a>(events: impl Iterator<Item = &'a TraceEventRecord>) -> HashMap<&'a str, TraceState<'a>> {
+    let mut states: HashMap<&str, TraceState> = HashMap::new();
+    for e in events {
+        let state =
+            states.entry(e.trace_id.as_str()).or_insert(TraceState { latest: e, first_error: None, agent_ms: 0 });
+        if e.seq > state.latest.seq {
+            state.latest = e;
+        }
+        // The first failure names the stage; later stages only report its consequences.
+        if !e.error.is_empty() && state.first_error.is_none_or(|f| e.seq < f.seq) {
+            state.first_error = Some(e);
+        }
+        state.agent_ms = state.agent_ms.max(e.agent_ms);
+    }
+    states
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -974,11 +973,15 @@ macro_rules! sql_store {
                 let by_stage: HashMap<(&str, i64), &TraceEventRecord> =
                     events.iter().map(|e| ((e.trace_id.as_str(), e.seq), e)).collect();
                 let mut fresh: Vec<&TraceEventRecord> = Vec::with_capacity(events.len());
+                // A trace first seen here is inserted with what the whole batch says about it,
+                // so that a trace reported in one piece is written once.
+                let batch = trace_states(events.iter());
+                let mut created: HashSet<String> = HashSet::new();
                 for chunk in events.chunks(INGEST_ROWS) {
                     // Traces first seen in this batch, and the users they reveal.
                     let headers: Vec<(&TraceEventRecord, &TraceHeaderRecord)> =
                         chunk.iter().filter_map(|e| e.header.as_ref().map(|h| (e, h))).collect();
-                    let mut created: HashSet<String> = HashSet::new();
+                    let mut inserted: HashSet<String> = HashSet::new();
                     if !headers.is_empty() {
                         let sql = format!(
                             "INSERT INTO traces (id, instance_id, channel, external_id, conversation_id, sender, sender_name, \
@@ -988,6 +991,8 @@ macro_rules! sql_store {
                         );
                         let mut q = sqlx::query(&sql);
                         for (event, header) in &headers {
+                            let state = batch[event.trace_id.as_str()];
+                            let (error_stage, error) = state.error();
                             q = q
                                 .bind(&event.trace_id)
                                 .bind(&event.instance_id)
@@ -999,20 +1004,21 @@ macro_rules! sql_store {
                                 .bind(&header.user_id)
                                 .bind(&header.message_type)
                                 .bind(&header.text)
-                                .bind(&event.status)
-                                .bind(-1_i64)
-                                .bind("")
-                                .bind("")
+                                .bind(&state.latest.status)
+                                .bind(state.latest.seq)
+                                .bind(error_stage)
+                                .bind(error)
                                 .bind(header.received_at)
-                                .bind(event.at)
-                                .bind(0_i64)
+                                .bind(state.latest.at)
+                                .bind(state.agent_ms)
                                 .bind(node_id);
                         }
                         for row in q.fetch_all(&mut *tx).await? {
-                            created.insert(row.try_get("id")?);
+                            inserted.insert(row.try_get("id")?);
                         }
                     }
-                    let users = users_of(headers.iter().filter(|(e, _)| created.contains(&e.trace_id)).copied());
+                    let users = users_of(headers.iter().filter(|(e, _)| inserted.contains(&e.trace_id)).copied());
+                    created.extend(inserted);
                     if !users.is_empty() {
                         let sql = format!(
                             "INSERT INTO users (id, instance_id, identity, display_name, first_seen_at, last_seen_at, message_count) \
@@ -1058,48 +1064,41 @@ macro_rules! sql_store {
                         fresh.extend(by_stage.get(&(trace_id.as_str(), seq)).copied());
                     }
                 }
-                let summary = TraceUpdates::of(&fresh);
-                for rows in summary.status.chunks(INGEST_ROWS) {
+                // Traces stored before: one update each with what their new stages change.
+                let updates = trace_states(fresh.iter().copied().filter(|e| !created.contains(&e.trace_id)));
+                let updates: Vec<&TraceState> = updates.values().collect();
+                for rows in updates.chunks(INGEST_ROWS) {
                     let sql = format!(
-                        "UPDATE traces SET status = v.column2, status_seq = v.column3, updated_at = v.column4 \
-                         FROM (VALUES {}) AS v WHERE traces.id = v.column1 AND traces.status_seq < v.column3",
-                        values(rows.len(), 4, $numbered_values)
+                        "UPDATE traces SET \
+                         status = CASE WHEN v.column3 > traces.status_seq THEN v.column2 ELSE traces.status END, \
+                         updated_at = CASE WHEN v.column3 > traces.status_seq THEN v.column4 ELSE traces.updated_at END, \
+                         status_seq = CASE WHEN v.column3 > traces.status_seq THEN v.column3 ELSE traces.status_seq END, \
+                         error_stage = CASE WHEN traces.error = '' AND v.column6 <> '' THEN v.column5 ELSE traces.error_stage END, \
+                         error = CASE WHEN traces.error = '' AND v.column6 <> '' THEN v.column6 ELSE traces.error END, \
+                         agent_ms = CASE WHEN v.column7 > traces.agent_ms THEN v.column7 ELSE traces.agent_ms END \
+                         FROM (VALUES {}) AS v WHERE traces.id = v.column1",
+                        values(rows.len(), 7, $numbered_values)
                     );
                     let mut q = sqlx::query(&sql);
-                    for e in rows {
-                        q = q.bind(&e.trace_id).bind(&e.status).bind(e.seq).bind(e.at);
+                    for state in rows {
+                        let (error_stage, error) = state.error();
+                        let latest = state.latest;
+                        q = q
+                            .bind(&latest.trace_id)
+                            .bind(&latest.status)
+                            .bind(latest.seq)
+                            .bind(latest.at)
+                            .bind(error_stage)
+                            .bind(error)
+                            .bind(state.agent_ms);
                     }
                     q.execute(&mut *tx).await?;
                 }
-                // The first failure names the stage; later stages only report its consequences.
-                for rows in summary.error.chunks(INGEST_ROWS) {
-                    let sql = format!(
-                        "UPDATE traces SET error_stage = v.column2, error = v.column3 \
-                         FROM (VALUES {}) AS v WHERE traces.id = v.column1 AND traces.error = ''",
-                        values(rows.len(), 3, $numbered_values)
-                    );
-                    let mut q = sqlx::query(&sql);
-                    for e in rows {
-                        q = q.bind(&e.trace_id).bind(&e.stage).bind(&e.error);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-                for rows in summary.agent.chunks(INGEST_ROWS) {
-                    let sql = format!(
-                        "UPDATE traces SET agent_ms = v.column2 FROM (VALUES {}) AS v WHERE traces.id = v.column1",
-                        values(rows.len(), 2, $numbered_values)
-                    );
-                    let mut q = sqlx::query(&sql);
-                    for e in rows {
-                        q = q.bind(&e.trace_id).bind(e.agent_ms);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-                let finished: Vec<String> = summary
-                    .status
-                    .iter()
-                    .filter(|e| is_final_status(&e.status))
-                    .map(|e| e.trace_id.clone())
+                // Traces that reached a final status with a stage stored now.
+                let finished: Vec<String> = trace_states(fresh.iter().copied())
+                    .into_values()
+                    .filter(|s| is_final_status(&s.latest.status))
+                    .map(|s| s.latest.trace_id.clone())
                     .collect();
                 let notify: Option<&str> = $notify;
                 if let Some(sql) = notify {
