@@ -105,8 +105,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let nodes: Vec<_> = (0..options.nodes).map(|i| spawn_node(&cp, format!("bench-node-{i}"))).collect();
     let handles: Vec<_> = nodes.iter().map(|(h, _)| h.clone()).collect();
     all_applied(&handles, 0).await;
-    let created =
-        api.create_instance(pb::CreateInstanceRequest { instance: Some(whatsapp("bench-wa".into())) }).await?;
+    let created = api
+        .create_instance(pb::CreateInstanceRequest {
+            instance: Some(whatsapp("bench-wa".into())),
+            ..Default::default()
+        })
+        .await?;
     all_applied(&handles, created.into_inner().instance.unwrap_or_default().revision).await;
 
     let mut commit = Vec::with_capacity(options.changes);
@@ -159,9 +163,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
         let mut api = api.clone();
         pending.spawn(async move {
-            api.create_instance(pb::CreateInstanceRequest { instance: Some(whatsapp(format!("seed-{i:06}"))) })
-                .await
-                .map(drop)
+            api.create_instance(pb::CreateInstanceRequest {
+                instance: Some(whatsapp(format!("seed-{i:06}"))),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
         });
     }
     while let Some(done) = pending.join_next().await {

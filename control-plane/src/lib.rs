@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod evolution;
 pub use omni_core::crypto;
 pub mod metrics;
 pub mod retention;

@@ -243,7 +243,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     let holder = format!("{}/{}", hostname(), uuid::Uuid::new_v4().simple());
     tokio::spawn(retention::run(store.clone(), config.retention, holder, metrics, stopped.clone()));
-    let ctx = ApiContext { store: store.clone(), keyring, auth: Arc::new(Authenticator::new(store.clone())) };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ctx = ApiContext {
+        store: store.clone(),
+        keyring,
+        auth: Arc::new(Authenticator::new(store.clone())),
+        http: crate::evolution::client(),
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<InstanceServiceServer<InstanceApi>>().await;
     health.set_serving::<AccessServiceServer<AccessApi>>().await;

@@ -25,6 +25,7 @@ fn spec(url: &str) -> InstanceSpec {
             url: "http://127.0.0.1:8080".into(),
             key: Some(Sealed("v1.k.sealed-evo".into())),
             instance_name: "evo".into(),
+            instance_token: None,
         },
         discord: Default::default(),
         slack: Default::default(),
@@ -757,6 +758,27 @@ async fn stages_in_pieces_add_up(store: Shared) {
     }
 }
 
+async fn connection_events_keep_the_latest(store: Shared) {
+    let event = |kind: &str, state: &str, at: i64| InstanceEventRecord {
+        instance_id: "i1".into(),
+        kind: kind.into(),
+        state: state.into(),
+        status_reason: if state == "open" { 200 } else { 401 },
+        wuid: "5511@s.whatsapp.net".into(),
+        profile_name: "Acme".into(),
+        at,
+    };
+    assert_eq!(store.instance_connection("i1").await.unwrap(), None);
+    store.record_instance_events(&[event("qrcode", "", 50)]).await.unwrap();
+    store.record_instance_events(&[event("connection", "open", 200), event("connection", "close", 100)]).await.unwrap();
+    store.record_instance_events(&[event("qrcode", "", 40)]).await.unwrap();
+    let now = store.instance_connection("i1").await.unwrap().unwrap();
+    assert_eq!(
+        (now.state.as_str(), now.status_reason, now.connection_at, now.qr_at, now.profile_name.as_str()),
+        ("open", 200, 200, 50, "Acme")
+    );
+}
+
 async fn leases_have_one_holder(store: Shared) {
     assert!(store.try_lease("job", "a", 1000, 4000).await.unwrap());
     assert!(!store.try_lease("job", "b", 2000, 5000).await.unwrap(), "held by a until 4000");
@@ -879,6 +901,7 @@ conformance!(
         users_are_searched_and_paged,
         leases_have_one_holder,
         stages_in_pieces_add_up,
+        connection_events_keep_the_latest,
     ],
     fixtures: [
         the_change_log_is_compacted_past_its_retention,

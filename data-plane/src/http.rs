@@ -2,6 +2,7 @@
 
 use crate::channels::evolution::webhook::{self, TOKEN_HEADER};
 use crate::config::ConfigHandle;
+use crate::connection_events::ConnectionEvents;
 use crate::pipeline::{OUTCOMES, Pipeline};
 use crate::spool::Spool;
 use crate::sync::SyncStatus;
@@ -24,6 +25,7 @@ pub struct NodeState {
     pub spool: Spool,
     pub pipeline: Arc<Pipeline>,
     pub ingest: IngestStats,
+    pub connection_events: ConnectionEvents,
 }
 
 /// What webhooks brought in.

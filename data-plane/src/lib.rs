@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cache;
 pub mod channels;
 pub mod config;
+pub mod connection_events;
 pub mod daemon;
 pub mod http;
 pub mod node;

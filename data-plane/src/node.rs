@@ -4,6 +4,7 @@ use crate::agent::AgentClient;
 use crate::cache::{ConfigCache, write_behind};
 use crate::channels::evolution::send::EvolutionClient;
 use crate::config::{ConfigHandle, Limits};
+use crate::connection_events::ConnectionEvents;
 use crate::http::{NodeState, router};
 use crate::pipeline::Pipeline;
 use crate::spool::{Op, Spool};
@@ -162,6 +163,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         EvolutionClient::new(http),
         options.tenant_concurrency,
     ));
+    let (connection_events, connection_rx) = ConnectionEvents::new();
     let background = vec![
         tokio::spawn(resume_when_configured(pipeline.clone(), config.clone())),
         tokio::spawn(crate::traces::ship(
@@ -172,6 +174,12 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
             pipeline.trace_wake.clone(),
         )),
         tokio::spawn(forget_old_deliveries(spool.clone())),
+        tokio::spawn(crate::connection_events::report(
+            connection_rx,
+            endpoint.connect_lazy(),
+            token.clone(),
+            node_id.clone(),
+        )),
     ];
     let (stop_cache, cache_stopped) = tokio::sync::watch::channel(false);
     let cache_task = tokio::spawn(write_behind(cache, config.clone(), cache_stopped));
@@ -183,6 +191,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         spool: spool.clone(),
         pipeline,
         ingest: Default::default(),
+        connection_events,
     });
     tracing::info!(%node_id, addr = %local, control_plane = %options.control_plane, "node listening");
     println!("omni-data-plane listening on {local}");

@@ -14,6 +14,13 @@ pub enum InstanceCommand {
         name: String,
         #[arg(long, value_enum)]
         channel: ChannelArg,
+        /// WhatsApp: create the instance on the Evolution server too (--evolution-key is then its
+        /// global key), or point an existing one's webhook at this hub.
+        #[arg(long, requires = "public_url")]
+        provision: bool,
+        /// The hub's public base URL, as Evolution reaches it (with --provision).
+        #[arg(long, value_name = "URL")]
+        public_url: Option<String>,
         #[command(flatten)]
         settings: Settings,
     },
@@ -31,7 +38,21 @@ pub enum InstanceCommand {
         settings: Settings,
     },
     /// Delete an instance and its access rules.
-    Delete { name: String },
+    Delete {
+        name: String,
+        /// WhatsApp: delete the instance on the Evolution server too.
+        #[arg(long)]
+        deprovision: bool,
+    },
+    /// WhatsApp: the connection state Evolution reports, and the last connection.update.
+    Status { name: String },
+    /// WhatsApp: the QR code to link the phone, drawn in the terminal.
+    Qr {
+        name: String,
+        /// Also write Evolution's PNG of the QR code to this file.
+        #[arg(long, value_name = "FILE")]
+        png: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -214,7 +235,7 @@ impl Settings {
 pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> anyhow::Result<()> {
     let mut api = client.instances();
     match command {
-        InstanceCommand::Create { name, channel, settings } => {
+        InstanceCommand::Create { name, channel, provision, public_url, settings } => {
             let (mut instance, _) = settings.to_message(&name);
             instance.channel = match channel {
                 ChannelArg::Whatsapp => pb::Channel::Whatsapp,
@@ -222,7 +243,11 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
                 ChannelArg::Slack => pb::Channel::Slack,
             } as i32;
             let created = api
-                .create_instance(pb::CreateInstanceRequest { instance: Some(instance) })
+                .create_instance(pb::CreateInstanceRequest {
+                    instance: Some(instance),
+                    provision,
+                    public_url: public_url.unwrap_or_default(),
+                })
                 .await
                 .map_err(|s| client.error(s))?
                 .into_inner();
@@ -306,15 +331,104 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
                 .into_inner();
             print_instance(&updated, format);
         }
-        InstanceCommand::Delete { name } => {
-            api.delete_instance(pb::DeleteInstanceRequest { name: name.clone() }).await.map_err(|s| client.error(s))?;
+        InstanceCommand::Delete { name, deprovision } => {
+            api.delete_instance(pb::DeleteInstanceRequest { name: name.clone(), deprovision })
+                .await
+                .map_err(|s| client.error(s))?;
             match format {
                 Format::Json => output::json(&json!({ "deleted": name })),
                 Format::Table => println!("deleted instance {name}"),
             }
         }
+        InstanceCommand::Status { name } => {
+            let status = api
+                .get_instance_status(pb::GetInstanceStatusRequest { name })
+                .await
+                .map_err(|s| client.error(s))?
+                .into_inner();
+            print_status(&status, format);
+        }
+        InstanceCommand::Qr { name, png } => {
+            let qr = api
+                .get_instance_qr(pb::GetInstanceQrRequest { name: name.clone() })
+                .await
+                .map_err(|s| client.error(s))?
+                .into_inner();
+            if let Some(path) = &png
+                && !qr.already_connected
+            {
+                use base64::Engine as _;
+                let encoded = qr.png_base64.rsplit_once(',').map_or(qr.png_base64.as_str(), |(_, data)| data);
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .map_err(|e| anyhow::anyhow!("Evolution's PNG is not base64: {e}"))?;
+                std::fs::write(path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            }
+            match format {
+                Format::Json => output::json(&json!({
+                    "already_connected": qr.already_connected,
+                    "code": qr.code,
+                    "pairing_code": qr.pairing_code,
+                    "png_file": png.filter(|_| !qr.already_connected).map(|p| p.display().to_string()),
+                })),
+                Format::Table if qr.already_connected => println!("{name} is already connected: no QR code to scan"),
+                Format::Table => {
+                    let code = qrcode::QrCode::new(qr.code.as_bytes())
+                        .map_err(|e| anyhow::anyhow!("cannot draw the QR code: {e}"))?;
+                    let drawn = code
+                        .render::<qrcode::render::unicode::Dense1x2>()
+                        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                        .build();
+                    println!("{drawn}");
+                    println!("scan it in WhatsApp: Settings > Linked devices > Link a device");
+                    if !qr.pairing_code.is_empty() {
+                        println!("or link with the code {}", qr.pairing_code);
+                    }
+                    if let Some(path) = png {
+                        println!("PNG written to {}", path.display());
+                    }
+                }
+            }
+        }
     }
     Ok(())
+}
+
+fn print_status(status: &pb::InstanceStatus, format: Format) {
+    let last = status.last_connection.as_ref();
+    if format == Format::Json {
+        output::json(&json!({
+            "name": status.name,
+            "state": status.state,
+            "state_error": status.state_error,
+            "last_connection": last.map(|c| json!({
+                "state": c.state, "status_reason": c.status_reason, "wuid": c.wuid,
+                "profile_name": c.profile_name, "time": time_json(c.time.as_ref()),
+            })),
+            "last_qr_time": time_json(status.last_qr_time.as_ref()),
+        }));
+        return;
+    }
+    let state =
+        if status.state.is_empty() { format!("unknown ({})", status.state_error) } else { status.state.clone() };
+    let mut rows = vec![("instance", status.name.clone()), ("state", state)];
+    match last {
+        Some(c) => {
+            rows.push((
+                "last update",
+                format!("{} (reason {}) at {}", c.state, c.status_reason, time(c.time.as_ref())),
+            ));
+            if !c.wuid.is_empty() {
+                rows.push(("phone", format!("{} {}", c.wuid, c.profile_name).trim_end().to_owned()));
+            }
+        }
+        None => rows.push(("last update", "none received".to_owned())),
+    }
+    if status.last_qr_time.is_some() {
+        rows.push(("last QR code", time(status.last_qr_time.as_ref())));
+    }
+    output::fields(&rows);
 }
 
 fn channel_name(value: i32) -> String {

@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::post;
+use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -91,34 +91,116 @@ async fn agent_handler(
     (StatusCode::from_u16(status).unwrap(), Json(answer)).into_response()
 }
 
-/// An Evolution API server: `POST /message/sendText/{instance}` and
-/// `POST /chat/sendPresence/{instance}`, each checking the instance's `apikey`.
+/// An instance on the fake Evolution server, as provisioning left it.
+#[derive(Debug, Clone, Default)]
+pub struct EvolutionInstance {
+    /// The instance's own token (its `apikey`).
+    pub token: String,
+    /// The nested `webhook` object last set.
+    pub webhook: Value,
+    /// What connectionState reports: `connecting` until told otherwise.
+    pub state: String,
+    /// When set, `GET /instance/connect` answers `{"error": true, "message": ...}`.
+    pub connect_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Evolution {
+    /// Instance name → the key it accepts (besides the global key).
+    keys: HashMap<String, String>,
+    global_key: Option<String>,
+    instances: HashMap<String, EvolutionInstance>,
+    sent: Vec<Received>,
+    /// Every lifecycle request (create, fetch, webhook/set, delete, state, connect), accepted or not.
+    lifecycle: Vec<Received>,
+}
+
+impl Evolution {
+    fn authorized(&self, instance: Option<&str>, headers: &HeaderMap) -> bool {
+        let given = headers.get("apikey").and_then(|v| v.to_str().ok());
+        let global = self.global_key.is_some() && given == self.global_key.as_deref();
+        let own = instance.and_then(|i| self.keys.get(i)).is_some_and(|k| given == Some(k.as_str()));
+        global || own
+    }
+}
+
+fn evolution_error(status: StatusCode, message: Value) -> Response {
+    let error = status.canonical_reason().unwrap_or("Error");
+    (status, Json(json!({"status": status.as_u16(), "error": error, "response": {"message": message}}))).into_response()
+}
+
+/// An Evolution API server: `POST /message/sendText/{instance}`,
+/// `POST /chat/sendPresence/{instance}` and the instance lifecycle (`/instance/create`,
+/// `fetchInstances`, `/webhook/set`, `/instance/delete`, `connectionState`, `connect`), each
+/// checking the `apikey` header (the instance's key or the global key) and, for webhooks, the
+/// nested body shape of Evolution 2.2+.
 #[derive(Clone)]
 pub struct FakeEvolution {
     pub url: String,
-    keys: Arc<Mutex<HashMap<String, String>>>,
-    sent: Arc<Mutex<Vec<Received>>>,
+    state: Arc<Mutex<Evolution>>,
 }
 
 impl FakeEvolution {
     pub async fn start() -> FakeEvolution {
-        let keys = Arc::new(Mutex::new(HashMap::new()));
-        let sent = Arc::new(Mutex::new(Vec::new()));
+        let state = Arc::new(Mutex::new(Evolution::default()));
         let router = Router::new()
             .route("/message/sendText/{instance}", post(send_text))
             .route("/chat/sendPresence/{instance}", post(presence))
-            .with_state((keys.clone(), sent.clone()));
-        FakeEvolution { url: serve(router).await, keys, sent }
+            .route("/instance/create", post(create_instance))
+            .route("/instance/fetchInstances", get(fetch_instances))
+            .route("/webhook/set/{instance}", post(set_webhook))
+            .route("/instance/delete/{instance}", delete(delete_instance))
+            .route("/instance/connectionState/{instance}", get(connection_state))
+            .route("/instance/connect/{instance}", get(connect))
+            .with_state(state.clone());
+        FakeEvolution { url: serve(router).await, state }
     }
 
     /// Accepts `key` for Evolution instance `instance`.
     pub fn instance(&self, instance: &str, key: &str) {
-        self.keys.lock().unwrap().insert(instance.to_owned(), key.to_owned());
+        self.state.lock().unwrap().keys.insert(instance.to_owned(), key.to_owned());
+    }
+
+    /// The server's global key (`AUTHENTICATION_API_KEY`), good for every route.
+    pub fn global_key(&self, key: &str) {
+        self.state.lock().unwrap().global_key = Some(key.to_owned());
+    }
+
+    /// An instance that exists on the server already (as if created in its manager).
+    pub fn existing(&self, name: &str, token: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.keys.insert(name.to_owned(), token.to_owned());
+        state.instances.insert(
+            name.to_owned(),
+            EvolutionInstance { token: token.to_owned(), state: "close".into(), ..Default::default() },
+        );
+    }
+
+    pub fn provisioned(&self, name: &str) -> Option<EvolutionInstance> {
+        self.state.lock().unwrap().instances.get(name).cloned()
+    }
+
+    pub fn set_state(&self, name: &str, connection: &str) {
+        if let Some(i) = self.state.lock().unwrap().instances.get_mut(name) {
+            i.state = connection.to_owned();
+        }
+    }
+
+    pub fn fail_connect(&self, name: &str, message: &str) {
+        if let Some(i) = self.state.lock().unwrap().instances.get_mut(name) {
+            i.connect_error = Some(message.to_owned());
+        }
+    }
+
+    /// Lifecycle requests received, accepted or not.
+    pub fn lifecycle(&self) -> Vec<Received> {
+        self.state.lock().unwrap().lifecycle.clone()
     }
 
     /// Every accepted sendText, in arrival order.
     pub fn texts(&self) -> Vec<Received> {
-        self.sent.lock().unwrap().iter().filter(|r| r.path.starts_with("/message/sendText/")).cloned().collect()
+        let state = self.state.lock().unwrap();
+        state.sent.iter().filter(|r| r.path.starts_with("/message/sendText/")).cloned().collect()
     }
 
     /// (number, text) of every accepted sendText.
@@ -135,55 +217,197 @@ impl FakeEvolution {
     }
 
     pub fn presences(&self) -> usize {
-        self.sent.lock().unwrap().iter().filter(|r| r.path.starts_with("/chat/sendPresence/")).count()
+        self.state.lock().unwrap().sent.iter().filter(|r| r.path.starts_with("/chat/sendPresence/")).count()
     }
 }
 
-type EvolutionState = (Arc<Mutex<HashMap<String, String>>>, Arc<Mutex<Vec<Received>>>);
-
-fn authorized(keys: &Mutex<HashMap<String, String>>, instance: &str, headers: &HeaderMap) -> bool {
-    let expected = keys.lock().unwrap().get(instance).cloned();
-    expected.is_some_and(|key| headers.get("apikey").and_then(|v| v.to_str().ok()) == Some(key.as_str()))
-}
+type EvolutionState = Arc<Mutex<Evolution>>;
 
 async fn send_text(
-    State((keys, sent)): State<EvolutionState>,
+    State(state): State<EvolutionState>,
     Path(instance): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !authorized(&keys, &instance, &headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"status": 401, "error": "Unauthorized", "response": {"message": "Unauthorized"}})),
-        )
-            .into_response();
+    let mut state = state.lock().unwrap();
+    if !state.authorized(Some(&instance), &headers) {
+        return evolution_error(StatusCode::UNAUTHORIZED, json!("Unauthorized"));
     }
     let request = received(format!("/message/sendText/{instance}"), &headers, &body);
     if request.body["text"].as_str().is_none_or(|t| t.trim().is_empty()) {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"status": 400, "error": "Bad Request", "response": {"message": ["Text is required"]}})),
-        )
-            .into_response();
+        return evolution_error(StatusCode::BAD_REQUEST, json!(["Text is required"]));
     }
-    let mut sent = sent.lock().unwrap();
-    let id = format!("3EB0{:016X}", sent.len());
+    let id = format!("3EB0{:016X}", state.sent.len());
     let number = request.body["number"].clone();
-    sent.push(request);
+    state.sent.push(request);
     (StatusCode::CREATED, Json(json!({"key": {"remoteJid": number, "fromMe": true, "id": id}, "status": "PENDING"})))
         .into_response()
 }
 
 async fn presence(
-    State((keys, sent)): State<EvolutionState>,
+    State(state): State<EvolutionState>,
     Path(instance): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !authorized(&keys, &instance, &headers) {
+    let mut state = state.lock().unwrap();
+    if !state.authorized(Some(&instance), &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    sent.lock().unwrap().push(received(format!("/chat/sendPresence/{instance}"), &headers, &body));
+    state.sent.push(received(format!("/chat/sendPresence/{instance}"), &headers, &body));
     (StatusCode::CREATED, Json(json!({"presence": "composing"}))).into_response()
+}
+
+/// The nested `webhook` object of Evolution 2.2+, or why the body is not one.
+fn nested_webhook(body: &Value) -> Result<Value, String> {
+    if body.get("webhookUrl").is_some() || body.get("webhook_by_events").is_some() {
+        return Err("flat webhook fields are ignored by this Evolution version".into());
+    }
+    let webhook = body.get("webhook").filter(|w| w.is_object()).ok_or("webhook must be an object")?;
+    if !webhook["url"].as_str().is_some_and(|u| u.starts_with("http")) {
+        return Err("webhook.url is required".into());
+    }
+    if webhook["enabled"] != true || !webhook["events"].is_array() || !webhook["headers"].is_object() {
+        return Err("webhook needs enabled, events and headers".into());
+    }
+    Ok(webhook.clone())
+}
+
+async fn create_instance(State(state): State<EvolutionState>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut state = state.lock().unwrap();
+    let request = received("/instance/create".into(), &headers, &body);
+    state.lifecycle.push(request.clone());
+    if !state.authorized(None, &headers) {
+        return evolution_error(StatusCode::UNAUTHORIZED, json!("Unauthorized"));
+    }
+    let name = request.body["instanceName"].as_str().unwrap_or_default().to_owned();
+    if name.is_empty() || request.body["integration"] != "WHATSAPP-BAILEYS" {
+        return evolution_error(StatusCode::BAD_REQUEST, json!(["instanceName and integration are required"]));
+    }
+    let webhook = match nested_webhook(&request.body) {
+        Ok(webhook) => webhook,
+        Err(e) => return evolution_error(StatusCode::BAD_REQUEST, json!([e])),
+    };
+    if state.instances.contains_key(&name) {
+        return evolution_error(StatusCode::FORBIDDEN, json!([format!("This name \"{name}\" is already in use.")]));
+    }
+    let token = format!("token-of-{name}-0123456789");
+    state.keys.insert(name.clone(), token.clone());
+    state.instances.insert(
+        name.clone(),
+        EvolutionInstance { token: token.clone(), webhook, state: "connecting".into(), connect_error: None },
+    );
+    let answer = json!({
+        "instance": {"instanceName": name, "instanceId": "f1e2", "integration": "WHATSAPP-BAILEYS", "status": "connecting"},
+        "hash": token,
+        "qrcode": {"code": "2@fake", "base64": "data:image/png;base64,iVBORw0KGgo=", "count": 1},
+    });
+    (StatusCode::CREATED, Json(answer)).into_response()
+}
+
+async fn fetch_instances(
+    State(state): State<EvolutionState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let mut state = state.lock().unwrap();
+    let query = query.unwrap_or_default();
+    state.lifecycle.push(received(format!("/instance/fetchInstances?{query}"), &headers, &Bytes::new()));
+    if !state.authorized(None, &headers) {
+        return evolution_error(StatusCode::UNAUTHORIZED, json!("Unauthorized"));
+    }
+    let wanted = query.strip_prefix("instanceName=").map(str::to_owned);
+    let found: Vec<Value> = state
+        .instances
+        .iter()
+        .filter(|(name, _)| wanted.as_ref().is_none_or(|w| w == *name))
+        .map(|(name, i)| json!({"name": name, "connectionStatus": i.state, "token": i.token}))
+        .collect();
+    Json(Value::Array(found)).into_response()
+}
+
+async fn set_webhook(
+    State(state): State<EvolutionState>,
+    Path(instance): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = state.lock().unwrap();
+    let request = received(format!("/webhook/set/{instance}"), &headers, &body);
+    state.lifecycle.push(request.clone());
+    if !state.authorized(Some(&instance), &headers) {
+        return evolution_error(StatusCode::UNAUTHORIZED, json!("Unauthorized"));
+    }
+    let webhook = match nested_webhook(&request.body) {
+        Ok(webhook) => webhook,
+        Err(e) => return evolution_error(StatusCode::BAD_REQUEST, json!([e])),
+    };
+    match state.instances.get_mut(&instance) {
+        Some(i) => {
+            i.webhook = webhook.clone();
+            (StatusCode::CREATED, Json(json!({"id": "w1", "url": webhook["url"], "enabled": true}))).into_response()
+        }
+        None => evolution_error(StatusCode::NOT_FOUND, json!([format!("The \"{instance}\" instance does not exist")])),
+    }
+}
+
+/// Answers for an instance that must exist, after checking the key.
+fn with_instance(
+    state: &EvolutionState,
+    action: &str,
+    instance: &str,
+    headers: &HeaderMap,
+    answer: impl FnOnce(&mut Evolution) -> Response,
+) -> Response {
+    let mut state = state.lock().unwrap();
+    state.lifecycle.push(received(format!("/instance/{action}/{instance}"), headers, &Bytes::new()));
+    if !state.authorized(Some(instance), headers) {
+        return evolution_error(StatusCode::UNAUTHORIZED, json!("Unauthorized"));
+    }
+    if !state.instances.contains_key(instance) {
+        return evolution_error(StatusCode::NOT_FOUND, json!([format!("The \"{instance}\" instance does not exist")]));
+    }
+    answer(&mut state)
+}
+
+async fn delete_instance(
+    State(state): State<EvolutionState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    with_instance(&state, "delete", &name, &headers, |s| {
+        s.instances.remove(&name);
+        s.keys.remove(&name);
+        Json(json!({"status": "SUCCESS", "error": false, "response": {"message": "Instance deleted"}})).into_response()
+    })
+}
+
+async fn connection_state(
+    State(state): State<EvolutionState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    with_instance(&state, "connectionState", &name, &headers, |s| {
+        let current = s.instances[&name].state.clone();
+        Json(json!({"instance": {"instanceName": name, "state": current}})).into_response()
+    })
+}
+
+async fn connect(State(state): State<EvolutionState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    with_instance(&state, "connect", &name, &headers, |s| {
+        let instance = &s.instances[&name];
+        if let Some(message) = &instance.connect_error {
+            return Json(json!({"error": true, "message": message})).into_response();
+        }
+        if instance.state == "open" {
+            return Json(json!({"instance": {"instanceName": name, "state": "open"}})).into_response();
+        }
+        Json(json!({
+            "pairingCode": "WZYEH1YY",
+            "code": format!("2@{name}-qr-payload,abc,def=="),
+            "base64": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==",
+            "count": 1,
+        }))
+        .into_response()
+    })
 }

@@ -1,6 +1,7 @@
 //! The one place where control-plane errors become gRPC status codes.
 
 use crate::crypto::CryptoError;
+use crate::evolution::EvolutionError;
 use crate::store::StoreError;
 use thiserror::Error;
 use tonic::Status;
@@ -25,6 +26,8 @@ pub enum ApiError {
     Store(StoreError),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Evolution(#[from] EvolutionError),
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -64,6 +67,8 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %e, "store error");
                 Status::internal("internal error (see the control plane's log)")
             }
+            ApiError::Evolution(e @ EvolutionError::Unreachable { .. }) => Status::unavailable(e.to_string()),
+            ApiError::Evolution(e) => Status::failed_precondition(e.to_string()),
             ApiError::Crypto(e) => {
                 tracing::error!(error = %e, "secret could not be opened");
                 Status::internal("a stored secret could not be decrypted: is the right master key configured?")

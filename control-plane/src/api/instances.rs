@@ -4,9 +4,11 @@ use super::ApiContext;
 use super::error::{ApiError, ApiResult};
 use super::spec::{self, Secrets};
 use crate::crypto::random_token;
-use crate::store::{InstanceRecord, ListInstances, StoreError, now_millis};
+use crate::evolution::{Connect, Evolution, EvolutionError, Webhook};
+use crate::store::{InstanceRecord, ListInstances, Scope, StoreError, now_millis};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use omni_core::kinds::Channel;
 use omni_core::names::validate_instance_name;
 use omni_proto::v1::{self as pb, instance_service_server::InstanceService};
 use tonic::{Request, Response, Status};
@@ -27,7 +29,9 @@ impl InstanceApi {
 
     async fn create(&self, request: Request<pb::CreateInstanceRequest>) -> ApiResult<pb::CreateInstanceResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
-        let src = request.into_inner().instance.ok_or_else(|| ApiError::invalid("instance is required"))?;
+        let req = request.into_inner();
+        let (provision, public_url) = (req.provision, req.public_url.trim().trim_end_matches('/').to_owned());
+        let src = req.instance.ok_or_else(|| ApiError::invalid("instance is required"))?;
         validate_instance_name(&src.name).map_err(|e| ApiError::invalid(e.to_string()))?;
         // Checked before the database is touched, so the answer says nothing about other tenants.
         if !caller.scope.covers(&src.name) {
@@ -47,11 +51,21 @@ impl InstanceApi {
             spec::apply(path, &src, channel, &mut active, &mut spec, &secrets)?;
         }
         spec::normalize_and_validate(&src.name, channel, &mut spec)?;
+        if provision {
+            if channel != Channel::Whatsapp {
+                return Err(ApiError::invalid("--provision is for WhatsApp instances (Evolution)"));
+            }
+            spec::validate_http_url("public url", &public_url)?;
+        }
         let now = now_millis();
         let record =
             InstanceRecord { id, name: src.name, channel, active, spec, created_at: now, updated_at: now, revision: 0 };
-        let created = self.ctx.store.create_instance(&record).await?;
-        tracing::info!(instance = %created.name, channel = %channel, revision = created.revision, key_id = %caller.key_id, "instance created");
+        let created = if provision {
+            self.create_provisioned(record, &public_url).await?
+        } else {
+            self.ctx.store.create_instance(&record).await?
+        };
+        tracing::info!(instance = %created.name, channel = %channel, revision = created.revision, provisioned = provision, key_id = %caller.key_id, "instance created");
         Ok(pb::CreateInstanceResponse {
             instance: Some(spec::instance_to_pb(&created, &self.ctx.keyring)),
             webhook_token,
@@ -122,10 +136,100 @@ impl InstanceApi {
 
     async fn delete(&self, request: Request<pb::DeleteInstanceRequest>) -> ApiResult<pb::DeleteInstanceResponse> {
         let caller = self.ctx.auth.authenticate(&request).await?;
-        let name = &request.get_ref().name;
-        self.ctx.store.delete_instance(&caller.scope, name).await?;
-        tracing::info!(instance = %name, key_id = %caller.key_id, "instance deleted");
+        let req = request.get_ref();
+        if req.deprovision {
+            // Evolution first: if it refuses, the instance stays here and can be retried.
+            let record = self.ctx.store.get_instance(&caller.scope, &req.name).await?;
+            let (evolution, name) = self.evolution_of(&record)?;
+            match evolution.delete(&name).await {
+                Ok(()) | Err(EvolutionError::Refused { status: 404, .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.ctx.store.delete_instance(&caller.scope, &req.name).await?;
+        tracing::info!(instance = %req.name, deprovisioned = req.deprovision, key_id = %caller.key_id, "instance deleted");
         Ok(pb::DeleteInstanceResponse {})
+    }
+
+    /// Creates the instance on its Evolution server (or rewires an existing one there), then
+    /// here. If the second step fails, an instance created by the first is deleted again.
+    async fn create_provisioned(&self, mut record: InstanceRecord, public_url: &str) -> ApiResult<InstanceRecord> {
+        // Taken names fail before Evolution is touched.
+        if self.ctx.store.get_instance(&Scope::Admin, &record.name).await.is_ok() {
+            return Err(ApiError::AlreadyExists(format!("instance {:?}", record.name)));
+        }
+        let secrets = Secrets { keyring: &self.ctx.keyring, instance_id: &record.id };
+        let token = secrets.open("webhook_token", &record.spec.webhook_token)?;
+        let url = format!("{public_url}{}", spec::webhook_path(record.channel, &record.name));
+        let webhook = Webhook { url: &url, token: &token };
+        let (evolution, name) = self.evolution_of(&record)?;
+        let created_there = if evolution.exists(&name).await? {
+            evolution.set_webhook(&name, &webhook).await?;
+            false
+        } else {
+            let instance_token = evolution.create(&name, &webhook).await?;
+            record.spec.evolution.instance_token = secrets.seal("evolution.instance_token", &instance_token);
+            true
+        };
+        match self.ctx.store.create_instance(&record).await {
+            Ok(created) => Ok(created),
+            Err(e) => {
+                if created_there && let Err(undo) = evolution.delete(&name).await {
+                    tracing::error!(instance = %record.name, error = %undo, "could not delete the Evolution instance created for a failed create");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A client of the instance's Evolution server with its key, and the instance's name there.
+    fn evolution_of<'a>(&'a self, record: &InstanceRecord) -> ApiResult<(Evolution<'a>, String)> {
+        if record.channel != Channel::Whatsapp {
+            return Err(ApiError::invalid(format!("{} is a {} instance, not WhatsApp", record.name, record.channel)));
+        }
+        let secrets = Secrets { keyring: &self.ctx.keyring, instance_id: &record.id };
+        let key = match &record.spec.evolution.key {
+            Some(sealed) => secrets.open("evolution.key", sealed)?,
+            None => return Err(ApiError::invalid("the instance has no Evolution key")),
+        };
+        let evolution = Evolution::new(&self.ctx.http, &record.spec.evolution.url, key);
+        Ok((evolution, record.spec.evolution.instance_name.clone()))
+    }
+
+    async fn status(&self, request: Request<pb::GetInstanceStatusRequest>) -> ApiResult<pb::InstanceStatus> {
+        let caller = self.ctx.auth.authenticate(&request).await?;
+        let record = self.ctx.store.get_instance(&caller.scope, &request.get_ref().name).await?;
+        let (evolution, name) = self.evolution_of(&record)?;
+        let (state, state_error) = match evolution.connection_state(&name).await {
+            Ok(state) => (state, String::new()),
+            Err(e) => (String::new(), e.to_string()),
+        };
+        let last = self.ctx.store.instance_connection(&record.id).await?.unwrap_or_default();
+        Ok(pb::InstanceStatus {
+            name: record.name,
+            state,
+            state_error,
+            last_connection: (last.connection_at > 0).then(|| pb::ConnectionEvent {
+                state: last.state,
+                status_reason: last.status_reason as i32,
+                wuid: last.wuid,
+                profile_name: last.profile_name,
+                time: Some(spec::timestamp(last.connection_at)),
+            }),
+            last_qr_time: (last.qr_at > 0).then(|| spec::timestamp(last.qr_at)),
+        })
+    }
+
+    async fn qr(&self, request: Request<pb::GetInstanceQrRequest>) -> ApiResult<pb::InstanceQr> {
+        let caller = self.ctx.auth.authenticate(&request).await?;
+        let record = self.ctx.store.get_instance(&caller.scope, &request.get_ref().name).await?;
+        let (evolution, name) = self.evolution_of(&record)?;
+        Ok(match evolution.connect(&name).await? {
+            Connect::AlreadyConnected => pb::InstanceQr { already_connected: true, ..Default::default() },
+            Connect::Qr { code, png_base64, pairing_code } => {
+                pb::InstanceQr { already_connected: false, code, png_base64, pairing_code }
+            }
+        })
     }
 }
 
@@ -170,5 +274,19 @@ impl InstanceService for InstanceApi {
         request: Request<pb::DeleteInstanceRequest>,
     ) -> Result<Response<pb::DeleteInstanceResponse>, Status> {
         Ok(Response::new(self.delete(request).await?))
+    }
+
+    async fn get_instance_status(
+        &self,
+        request: Request<pb::GetInstanceStatusRequest>,
+    ) -> Result<Response<pb::InstanceStatus>, Status> {
+        Ok(Response::new(self.status(request).await?))
+    }
+
+    async fn get_instance_qr(
+        &self,
+        request: Request<pb::GetInstanceQrRequest>,
+    ) -> Result<Response<pb::InstanceQr>, Status> {
+        Ok(Response::new(self.qr(request).await?))
     }
 }

@@ -13,10 +13,12 @@ use crate::crypto::Keyring;
 use crate::store::Store;
 use std::sync::Arc;
 
-/// What every service needs: the store, the master keys and the authenticator.
+/// What every service needs: the store, the master keys, the authenticator, and an HTTP
+/// client for the channels' admin APIs (Evolution).
 #[derive(Clone)]
 pub struct ApiContext {
     pub store: Arc<dyn Store>,
     pub keyring: Arc<Keyring>,
     pub auth: Arc<Authenticator>,
+    pub http: reqwest::Client,
 }

@@ -15,8 +15,8 @@ macro_rules! embed {
 
 type Embedded = &'static [(i64, &'static str, &'static str)];
 
-const POSTGRES: Embedded = embed!("postgres": 1 "init", 2 "nodes", 3 "traces", 4 "operations");
-const SQLITE: Embedded = embed!("sqlite": 1 "init", 2 "nodes", 3 "traces", 4 "operations");
+const POSTGRES: Embedded = embed!("postgres": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections");
+const SQLITE: Embedded = embed!("sqlite": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections");
 
 #[derive(Debug)]
 struct Source(Embedded);

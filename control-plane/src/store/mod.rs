@@ -163,6 +163,11 @@ pub trait Store: Send + Sync + 'static {
     fn finished_traces(&self) -> tokio::sync::broadcast::Receiver<Arc<[String]>>;
     async fn list_users(&self, scope: &Scope, query: &UserQuery) -> Result<Vec<UserRecord>>;
 
+    // Channel connection state, as nodes report it.
+    /// Keeps the latest connection event and the latest QR event of each instance.
+    async fn record_instance_events(&self, events: &[InstanceEventRecord]) -> Result<()>;
+    async fn instance_connection(&self, instance_id: &str) -> Result<Option<ConnectionRecord>>;
+
     // Jobs that one control plane runs for all.
     /// Takes or renews the lease `name` for `holder` until `expires_at`, when it is free,
     /// expired at `now`, or already `holder`'s. Returns whether `holder` has it.

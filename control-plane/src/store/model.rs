@@ -86,6 +86,9 @@ pub struct EvolutionSpec {
     pub url: String,
     pub key: Option<Sealed>,
     pub instance_name: String,
+    /// The instance's own token, as Evolution issued it when the hub provisioned the instance.
+    #[serde(default)]
+    pub instance_token: Option<Sealed>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -348,4 +351,30 @@ pub struct UserRecord {
     pub first_seen_at: i64,
     pub last_seen_at: i64,
     pub message_count: i64,
+}
+
+/// A channel connection event a node reported.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct InstanceEventRecord {
+    pub instance_id: String,
+    /// `connection` or `qrcode`.
+    pub kind: String,
+    pub state: String,
+    pub status_reason: i64,
+    pub wuid: String,
+    pub profile_name: String,
+    pub at: i64,
+}
+
+/// The latest connection events of an instance.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ConnectionRecord {
+    pub state: String,
+    pub status_reason: i64,
+    pub wuid: String,
+    pub profile_name: String,
+    /// When the last connection.update arrived (0: never).
+    pub connection_at: i64,
+    /// When the last qrcode.updated arrived (0: never).
+    pub qr_at: i64,
 }

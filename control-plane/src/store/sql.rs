@@ -1364,6 +1364,54 @@ macro_rules! sql_store {
                     .collect()
             }
 
+            async fn record_instance_events(&self, events: &[InstanceEventRecord]) -> Result<()> {
+                let mut tx = self.pool.begin().await?;
+                for e in events {
+                    let sql = if e.kind == "qrcode" {
+                        "INSERT INTO instance_connections \
+                         (instance_id, state, status_reason, wuid, profile_name, connection_at, qr_at) \
+                         VALUES ($1, '', 0, '', '', 0, $2) ON CONFLICT (instance_id) DO UPDATE SET \
+                         qr_at = CASE WHEN excluded.qr_at > instance_connections.qr_at \
+                         THEN excluded.qr_at ELSE instance_connections.qr_at END"
+                    } else {
+                        "INSERT INTO instance_connections \
+                         (instance_id, state, status_reason, wuid, profile_name, connection_at, qr_at) \
+                         VALUES ($1, $3, $4, $5, $6, $2, 0) ON CONFLICT (instance_id) DO UPDATE SET \
+                         state = excluded.state, status_reason = excluded.status_reason, wuid = excluded.wuid, \
+                         profile_name = excluded.profile_name, connection_at = excluded.connection_at \
+                         WHERE excluded.connection_at >= instance_connections.connection_at"
+                    };
+                    let mut q = sqlx::query(sql).bind(&e.instance_id).bind(e.at);
+                    if e.kind != "qrcode" {
+                        q = q.bind(&e.state).bind(e.status_reason).bind(&e.wuid).bind(&e.profile_name);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn instance_connection(&self, instance_id: &str) -> Result<Option<ConnectionRecord>> {
+                let row = sqlx::query(
+                    "SELECT state, status_reason, wuid, profile_name, connection_at, qr_at \
+                     FROM instance_connections WHERE instance_id = $1",
+                )
+                .bind(instance_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|row| {
+                    Ok(ConnectionRecord {
+                        state: row.try_get("state")?,
+                        status_reason: row.try_get("status_reason")?,
+                        wuid: row.try_get("wuid")?,
+                        profile_name: row.try_get("profile_name")?,
+                        connection_at: row.try_get("connection_at")?,
+                        qr_at: row.try_get("qr_at")?,
+                    })
+                })
+                .transpose()
+            }
+
             async fn try_lease(&self, name: &str, holder: &str, now: i64, expires_at: i64) -> Result<bool> {
                 let held = sqlx::query(
                     "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \

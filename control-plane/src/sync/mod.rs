@@ -10,7 +10,9 @@ mod convert;
 
 use crate::crypto::{Keyring, constant_time_eq};
 use crate::metrics::Metrics;
-use crate::store::{ChangeOp, ConfigChange, InstanceConfig, KIND_INSTANCE, NodeRecord, Store, now_millis};
+use crate::store::{
+    ChangeOp, ConfigChange, InstanceConfig, InstanceEventRecord, KIND_INSTANCE, NodeRecord, Store, now_millis,
+};
 use omni_proto::v1::{self as pb, node_sync_service_server::NodeSyncService, watch_request, watch_response};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -109,6 +111,33 @@ impl NodeSyncService for SyncApi {
         self.metrics.trace_reports.fetch_add(1, Ordering::Relaxed);
         self.metrics.trace_events.fetch_add(stored as u64, Ordering::Relaxed);
         Ok(Response::new(pb::ReportTracesResponse { accepted }))
+    }
+
+    async fn report_instance_events(
+        &self,
+        request: Request<pb::ReportInstanceEventsRequest>,
+    ) -> Result<Response<pb::ReportInstanceEventsResponse>, Status> {
+        self.check_node_token(&request)?;
+        let report = request.into_inner();
+        if report.events.len() > MAX_TRACE_EVENTS {
+            return Err(Status::invalid_argument(format!("at most {MAX_TRACE_EVENTS} events per report")));
+        }
+        let events: Vec<InstanceEventRecord> = report
+            .events
+            .into_iter()
+            .filter(|e| !e.instance_id.is_empty() && matches!(e.kind.as_str(), "connection" | "qrcode"))
+            .map(|e| InstanceEventRecord {
+                instance_id: e.instance_id,
+                kind: e.kind,
+                state: e.state,
+                status_reason: i64::from(e.status_reason),
+                wuid: e.wuid,
+                profile_name: e.profile_name,
+                at: e.time_unix_ms,
+            })
+            .collect();
+        self.store.record_instance_events(&events).await.map_err(crate::api::error::ApiError::from)?;
+        Ok(Response::new(pb::ReportInstanceEventsResponse {}))
     }
 
     async fn watch(

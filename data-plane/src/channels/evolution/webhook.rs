@@ -5,6 +5,7 @@
 
 use super::parse::{Event, ignore_reason, parse};
 use crate::channels::Inbound;
+use crate::connection_events;
 use crate::http::NodeState;
 use crate::pipeline::{Job, secrets_of};
 use crate::spool::{Op, Outcome};
@@ -37,7 +38,14 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
     };
     let messages = match event {
         Event::Messages { messages, .. } => messages,
-        Event::ConnectionUpdate(_) | Event::QrCodeUpdated(_) => return (StatusCode::OK, json!({ "status": "noted" })),
+        Event::ConnectionUpdate(data) => {
+            state.connection_events.report(connection_events::from_evolution(&instance.id, "connection", &data, now));
+            return (StatusCode::OK, json!({ "status": "noted" }));
+        }
+        Event::QrCodeUpdated(data) => {
+            state.connection_events.report(connection_events::from_evolution(&instance.id, "qrcode", &data, now));
+            return (StatusCode::OK, json!({ "status": "noted" }));
+        }
         Event::Other(name) => return (StatusCode::OK, json!({ "status": "ignored", "event": name })),
     };
 
