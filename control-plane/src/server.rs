@@ -4,6 +4,7 @@ use crate::api::ApiContext;
 use crate::api::access::AccessApi;
 use crate::api::api_keys::ApiKeyApi;
 use crate::api::instances::InstanceApi;
+use crate::api::messages::{MAX_MEDIA_BYTES, MessageApi};
 use crate::api::nodes::NodeApi;
 use crate::api::traces::TraceApi;
 use crate::auth::{Authenticator, Bootstrap, ensure_bootstrap_key};
@@ -12,10 +13,12 @@ use crate::crypto::{CryptoError, Keyring};
 use crate::metrics::{self, Metrics};
 use crate::retention::{self, RetentionSettings};
 use crate::store::{self, Backend, StoreError, StoreOptions};
+use crate::sync::dispatch::Dispatcher;
 use crate::sync::{SyncApi, SyncSettings};
 use omni_proto::v1::access_service_server::AccessServiceServer;
 use omni_proto::v1::api_key_service_server::ApiKeyServiceServer;
 use omni_proto::v1::instance_service_server::InstanceServiceServer;
+use omni_proto::v1::message_service_server::MessageServiceServer;
 use omni_proto::v1::node_service_server::NodeServiceServer;
 use omni_proto::v1::node_sync_service_server::NodeSyncServiceServer;
 use omni_proto::v1::trace_service_server::TraceServiceServer;
@@ -92,6 +95,9 @@ pub enum StartError {
     #[error("TLS: {0}")]
     Tls(String),
 }
+
+/// Send requests carry media of up to MAX_MEDIA_BYTES, and so do the commands to nodes.
+const MAX_SEND_REQUEST_BYTES: usize = MAX_MEDIA_BYTES + 1024 * 1024;
 
 const MASTER_KEY_FILE: &str = "master.key";
 const ADMIN_KEY_FILE: &str = "admin-api-key";
@@ -225,7 +231,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
 
     let node_token: Arc<str> = load_node_token(&config).await?.into();
     let metrics = Arc::new(Metrics::default());
-    let sync = SyncApi::new(store.clone(), keyring.clone(), node_token.clone(), config.sync, metrics.clone());
+    let dispatcher = Arc::new(Dispatcher::default());
+    let sync = SyncApi::new(
+        store.clone(),
+        keyring.clone(),
+        node_token.clone(),
+        config.sync,
+        metrics.clone(),
+        dispatcher.clone(),
+    );
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let local = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
@@ -256,6 +270,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     health.set_serving::<ApiKeyServiceServer<ApiKeyApi>>().await;
     health.set_serving::<NodeServiceServer<NodeApi>>().await;
     health.set_serving::<TraceServiceServer<TraceApi>>().await;
+    health.set_serving::<MessageServiceServer<MessageApi>>().await;
     health.set_serving::<NodeSyncServiceServer<SyncApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(omni_proto::FILE_DESCRIPTOR_SET)
@@ -316,8 +331,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .add_service(AccessServiceServer::new(AccessApi::new(ctx.clone())))
         .add_service(ApiKeyServiceServer::new(ApiKeyApi::new(ctx.clone())))
         .add_service(NodeServiceServer::new(NodeApi::new(ctx.clone())))
-        .add_service(TraceServiceServer::new(TraceApi::new(ctx)))
-        .add_service(NodeSyncServiceServer::new(sync))
+        .add_service(TraceServiceServer::new(TraceApi::new(ctx.clone())))
+        .add_service(
+            MessageServiceServer::new(MessageApi::new(ctx, dispatcher))
+                .max_decoding_message_size(MAX_SEND_REQUEST_BYTES),
+        )
+        .add_service(NodeSyncServiceServer::new(sync).max_encoding_message_size(MAX_SEND_REQUEST_BYTES))
         // An incoming stream of our own does not inherit the server's nodelay setting; without
         // it, Nagle's algorithm holds multi-frame responses back by a delayed ACK (~40 ms).
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), until_stopped(stopped))

@@ -10,6 +10,7 @@ pub mod connection_events;
 pub mod daemon;
 pub mod http;
 pub mod node;
+pub mod outbound;
 pub mod pipeline;
 pub mod spool;
 pub mod sync;

@@ -3,6 +3,7 @@
 //! exponential backoff when the stream breaks or goes silent.
 
 use crate::config::{ApplyError, Config, ConfigHandle, Limits};
+use crate::outbound::Command;
 use omni_proto::v1::{self as pb, node_sync_service_client::NodeSyncServiceClient, watch_request, watch_response};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,7 +79,12 @@ pub struct SyncClient {
     pub limits: Limits,
     pub status: Arc<SyncStatus>,
     pub settings: SyncSettings,
+    /// Where messages to send (MessageService) go; `None` refuses them.
+    pub commands: Option<mpsc::Sender<Command>>,
 }
+
+/// Send commands carry media of up to 12 MiB.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// A delay drawn uniformly from [d/2, d], so restarted nodes do not reconnect in lockstep.
 fn jittered(d: Duration) -> Duration {
@@ -108,7 +114,8 @@ impl SyncClient {
 
     async fn session(&self) -> Result<(), SessionError> {
         let channel = self.endpoint.connect().await?;
-        let mut client = NodeSyncServiceClient::with_interceptor(channel, self.token.clone());
+        let mut client = NodeSyncServiceClient::with_interceptor(channel, self.token.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let (outbound, rx) = mpsc::channel(16);
         let hello = pb::NodeHello {
             node_id: self.node_id.clone(),
@@ -153,6 +160,29 @@ impl SyncClient {
         };
         let (revision, applied) = match kind {
             watch_response::Kind::Progress(_) => return Ok(()),
+            watch_response::Kind::Send(send) => {
+                let refused = |error: &str| pb::SendResult {
+                    id: send.id.clone(),
+                    ok: false,
+                    error: error.to_owned(),
+                    ..Default::default()
+                };
+                match &self.commands {
+                    Some(commands) => {
+                        let id = send.id.clone();
+                        if commands.try_send(Command { send, reply: outbound.clone() }).is_err() {
+                            let result = pb::SendResult {
+                                id,
+                                error: "this node is too busy to send".into(),
+                                ..Default::default()
+                            };
+                            send_result(outbound, result).await;
+                        }
+                    }
+                    None => send_result(outbound, refused("this node does not send messages")).await,
+                }
+                return Ok(());
+            }
             watch_response::Kind::Snapshot(chunk) => {
                 let (revision, instances) = snapshot.get_or_insert_with(|| (chunk.revision, Vec::new()));
                 if *revision != chunk.revision {
@@ -193,6 +223,10 @@ impl SyncClient {
         }
         Ok(())
     }
+}
+
+async fn send_result(outbound: &mpsc::Sender<pb::WatchRequest>, result: pb::SendResult) {
+    send(outbound, watch_request::Kind::SendResult(result)).await;
 }
 
 async fn send(outbound: &mpsc::Sender<pb::WatchRequest>, kind: watch_request::Kind) {

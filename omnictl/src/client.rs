@@ -3,6 +3,7 @@
 use omni_proto::v1::access_service_client::AccessServiceClient;
 use omni_proto::v1::api_key_service_client::ApiKeyServiceClient;
 use omni_proto::v1::instance_service_client::InstanceServiceClient;
+use omni_proto::v1::message_service_client::MessageServiceClient;
 use omni_proto::v1::node_service_client::NodeServiceClient;
 use omni_proto::v1::trace_service_client::TraceServiceClient;
 use std::time::Duration;
@@ -75,6 +76,11 @@ impl Client {
 
     pub fn traces(&self) -> TraceServiceClient<Authed> {
         TraceServiceClient::with_interceptor(self.channel.clone(), self.key.clone())
+    }
+
+    pub fn messages(&self) -> MessageServiceClient<Authed> {
+        MessageServiceClient::with_interceptor(self.channel.clone(), self.key.clone())
+            .max_encoding_message_size(16 * 1024 * 1024)
     }
 
     /// Turns a failed call into one readable line.

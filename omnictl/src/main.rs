@@ -7,6 +7,7 @@ mod client;
 mod instance;
 mod node;
 mod output;
+mod send;
 mod trace;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +53,9 @@ enum Command {
     /// The people who wrote to an instance.
     #[command(subcommand)]
     User(trace::UserCommand),
+    /// Send a message the hub initiates (a node sends it, traced like replies).
+    #[command(subcommand)]
+    Send(send::SendCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -66,6 +70,7 @@ async fn main() -> ExitCode {
             Command::Node(command) => node::run(command, &client, cli.output).await,
             Command::Trace(command) => trace::run(command, &client, cli.output).await,
             Command::User(command) => trace::run_users(command, &client, cli.output).await,
+            Command::Send(command) => send::run(command, &client, cli.output).await,
         }
     }
     .await;

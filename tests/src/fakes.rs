@@ -146,6 +146,7 @@ impl FakeEvolution {
         let router = Router::new()
             .route("/message/sendText/{instance}", post(send_text))
             .route("/chat/sendPresence/{instance}", post(presence))
+            .route("/message/sendMedia/{instance}", post(send_media))
             .route("/instance/create", post(create_instance))
             .route("/instance/fetchInstances", get(fetch_instances))
             .route("/webhook/set/{instance}", post(set_webhook))
@@ -216,6 +217,12 @@ impl FakeEvolution {
             .collect()
     }
 
+    /// Every accepted sendMedia, in arrival order.
+    pub fn media(&self) -> Vec<Received> {
+        let state = self.state.lock().unwrap();
+        state.sent.iter().filter(|r| r.path.starts_with("/message/sendMedia/")).cloned().collect()
+    }
+
     pub fn presences(&self) -> usize {
         self.state.lock().unwrap().sent.iter().filter(|r| r.path.starts_with("/chat/sendPresence/")).count()
     }
@@ -237,8 +244,50 @@ async fn send_text(
     if request.body["text"].as_str().is_none_or(|t| t.trim().is_empty()) {
         return evolution_error(StatusCode::BAD_REQUEST, json!(["Text is required"]));
     }
+    if let Some(refused) = not_on_whatsapp(&request.body) {
+        return refused;
+    }
     let id = format!("3EB0{:016X}", state.sent.len());
     let number = request.body["number"].clone();
+    state.sent.push(request);
+    (StatusCode::CREATED, Json(json!({"key": {"remoteJid": number, "fromMe": true, "id": id}, "status": "PENDING"})))
+        .into_response()
+}
+
+/// Numbers starting with 000 are not on WhatsApp, as Evolution answers for them.
+fn not_on_whatsapp(body: &Value) -> Option<Response> {
+    let number = body["number"].as_str().unwrap_or_default();
+    number.starts_with("000").then(|| {
+        evolution_error(
+            StatusCode::BAD_REQUEST,
+            json!([{"jid": format!("{number}@s.whatsapp.net"), "exists": false, "number": number}]),
+        )
+    })
+}
+
+async fn send_media(
+    State(state): State<EvolutionState>,
+    Path(instance): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = state.lock().unwrap();
+    if !state.authorized(Some(&instance), &headers) {
+        return evolution_error(StatusCode::UNAUTHORIZED, json!("Unauthorized"));
+    }
+    let request = received(format!("/message/sendMedia/{instance}"), &headers, &body);
+    let b = &request.body;
+    if b["number"].as_str().is_none()
+        || b["mediatype"].as_str().is_none()
+        || b["media"].as_str().is_none_or(str::is_empty)
+    {
+        return evolution_error(StatusCode::BAD_REQUEST, json!(["number, mediatype and media are required"]));
+    }
+    if let Some(refused) = not_on_whatsapp(b) {
+        return refused;
+    }
+    let id = format!("3EB0{:016X}", state.sent.len());
+    let number = b["number"].clone();
     state.sent.push(request);
     (StatusCode::CREATED, Json(json!({"key": {"remoteJid": number, "fromMe": true, "id": id}, "status": "PENDING"})))
         .into_response()

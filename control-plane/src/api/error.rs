@@ -3,6 +3,7 @@
 use crate::crypto::CryptoError;
 use crate::evolution::EvolutionError;
 use crate::store::StoreError;
+use crate::sync::dispatch::DispatchError;
 use thiserror::Error;
 use tonic::Status;
 
@@ -22,6 +23,11 @@ pub enum ApiError {
     Aborted(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// An action that may or may not have happened (a send whose result never came back).
+    #[error("{0}")]
+    OutcomeUnknown(String),
     #[error(transparent)]
     Store(StoreError),
     #[error(transparent)]
@@ -52,6 +58,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<DispatchError> for ApiError {
+    fn from(error: DispatchError) -> ApiError {
+        match error {
+            DispatchError::NoNode => ApiError::Unavailable(error.to_string()),
+            DispatchError::Timeout(..) | DispatchError::Lost(_) => ApiError::OutcomeUnknown(error.to_string()),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Status {
         match error {
@@ -62,6 +77,8 @@ impl From<ApiError> for Status {
             ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::Aborted(m) => Status::aborted(format!("{m}; retry")),
             ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ApiError::OutcomeUnknown(m) => Status::deadline_exceeded(m),
             // Internal details go to the log, not to the caller.
             ApiError::Store(e) => {
                 tracing::error!(error = %e, "store error");

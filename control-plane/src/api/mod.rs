@@ -4,6 +4,7 @@ pub mod access;
 pub mod api_keys;
 pub mod error;
 pub mod instances;
+pub mod messages;
 pub mod nodes;
 pub mod spec;
 pub mod traces;

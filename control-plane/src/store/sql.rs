@@ -183,7 +183,8 @@ struct UserDelta {
 fn users_of<'a>(headers: impl Iterator<Item = (&'a TraceEventRecord, &'a TraceHeaderRecord)>) -> Vec<UserDelta> {
     let mut users: Vec<UserDelta> = Vec::new();
     let mut index: HashMap<(&str, &str), usize> = HashMap::new();
-    for (event, header) in headers.filter(|(_, h)| !h.sender.is_empty()) {
+    // Messages the hub sent (the API's sends) say nothing about who wrote to it.
+    for (event, header) in headers.filter(|(_, h)| !h.sender.is_empty() && !h.message_type.starts_with("outbound")) {
         match index.get(&(event.instance_id.as_str(), header.sender.as_str())) {
             Some(&i) => {
                 let user = &mut users[i];

@@ -7,6 +7,7 @@
 //! as a snapshot rather than as a delta the node cannot stand on.
 
 mod convert;
+pub mod dispatch;
 
 use crate::crypto::{Keyring, constant_time_eq};
 use crate::metrics::Metrics;
@@ -15,13 +16,14 @@ use crate::store::{
 };
 use omni_proto::v1::{self as pb, node_sync_service_server::NodeSyncService, watch_request, watch_response};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use convert::instance_config_to_pb;
+use dispatch::Dispatcher;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SyncSettings {
@@ -55,6 +57,7 @@ pub struct SyncApi {
     node_token: Arc<str>,
     settings: SyncSettings,
     metrics: Arc<Metrics>,
+    dispatcher: Arc<Dispatcher>,
 }
 
 impl SyncApi {
@@ -64,8 +67,9 @@ impl SyncApi {
         node_token: Arc<str>,
         settings: SyncSettings,
         metrics: Arc<Metrics>,
+        dispatcher: Arc<Dispatcher>,
     ) -> SyncApi {
-        SyncApi { store, keyring, node_token, settings, metrics }
+        SyncApi { store, keyring, node_token, settings, metrics, dispatcher }
     }
 
     fn check_node_token<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -176,7 +180,11 @@ impl NodeSyncService for SyncApi {
         tracing::info!(node_id = %node.id, address = %node.address, resume_revision = hello.resume_revision, "node connected");
 
         let (tx, rx) = mpsc::channel(4);
+        let registration = self.dispatcher.register(&node.id, hello.resume_revision);
         let session = Session {
+            dispatcher: self.dispatcher.clone(),
+            commands: registration.commands,
+            applied: registration.applied,
             node_id: node.id,
             store: self.store.clone(),
             keyring: self.keyring.clone(),
@@ -211,6 +219,11 @@ impl From<crate::api::error::ApiError> for End {
 }
 
 struct Session {
+    dispatcher: Arc<Dispatcher>,
+    /// Messages to send that the dispatcher picked this node for.
+    commands: mpsc::Receiver<pb::SendCommand>,
+    /// The revision the node last reported applied.
+    applied: Arc<AtomicI64>,
     node_id: String,
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
@@ -224,6 +237,7 @@ struct Session {
 impl Session {
     async fn run(mut self, resume: i64, mut inbound: Streaming<pb::WatchRequest>) {
         let end = self.serve(resume, &mut inbound).await;
+        self.dispatcher.unregister(&self.node_id, &self.applied);
         if let Err(End::Error(status)) = end {
             tracing::warn!(node_id = %self.node_id, error = %status.message(), "config stream failed");
             let _ = self.tx.send(Err(status)).await;
@@ -256,6 +270,9 @@ impl Session {
                     }
                     self.forward_new(true).await?;
                 }
+                Some(command) = self.commands.recv() => {
+                    self.send(watch_response::Kind::Send(command)).await?;
+                }
                 message = inbound.message() => {
                     match message {
                         Ok(Some(message)) => {
@@ -272,13 +289,20 @@ impl Session {
     async fn handle(&mut self, message: pb::WatchRequest) -> Result<(), End> {
         let now = now_millis();
         match message.kind {
-            Some(watch_request::Kind::Ack(ack)) => self.store.node_acked(&self.node_id, ack.revision, now).await?,
+            Some(watch_request::Kind::Ack(ack)) => {
+                self.applied.store(ack.revision, Ordering::Relaxed);
+                self.store.node_acked(&self.node_id, ack.revision, now).await?
+            }
+            Some(watch_request::Kind::SendResult(result)) => self.dispatcher.complete(result),
             Some(watch_request::Kind::Nack(nack)) => {
                 tracing::warn!(node_id = %self.node_id, revision = nack.revision, error = %nack.error, "node rejected config");
                 self.store.node_nacked(&self.node_id, &nack.error, now).await?;
                 self.needs_snapshot = true;
             }
-            Some(watch_request::Kind::Heartbeat(_)) => self.store.node_seen(&self.node_id, now).await?,
+            Some(watch_request::Kind::Heartbeat(beat)) => {
+                self.applied.store(beat.applied_revision, Ordering::Relaxed);
+                self.store.node_seen(&self.node_id, now).await?
+            }
             Some(watch_request::Kind::Hello(_)) | None => {
                 return Err(End::Error(Status::invalid_argument("unexpected message on an open config stream")));
             }

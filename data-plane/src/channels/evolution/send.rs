@@ -1,4 +1,5 @@
-//! Replies through a tenant's Evolution server: `sendText` per chunk and a typing presence.
+//! Sending through a tenant's Evolution server: `sendText` per chunk, `sendMedia`, and a typing
+//! presence.
 
 use crate::agent::root_cause;
 use omni_proto::v1 as pb;
@@ -47,28 +48,62 @@ impl EvolutionClient {
         number: &str,
         text: &str,
     ) -> Result<String, SendError> {
+        self.post_message(evolution, "message/sendText", &json!({ "number": number, "text": text })).await
+    }
+
+    /// Sends one file (a URL Evolution fetches, or the bytes, base64) with an optional caption.
+    /// Returns Evolution's message id.
+    pub async fn send_media(
+        &self,
+        evolution: &pb::NodeEvolution,
+        number: &str,
+        media: &pb::OutboundMedia,
+        caption: &str,
+    ) -> Result<String, SendError> {
+        use base64::Engine as _;
+        let source = if media.url.is_empty() {
+            base64::engine::general_purpose::STANDARD.encode(&media.data)
+        } else {
+            media.url.clone()
+        };
+        let mut body = json!({ "number": number, "mediatype": media.media_type, "media": source });
+        for (key, value) in [("mimetype", &media.mime_type), ("fileName", &media.file_name)] {
+            if !value.is_empty() {
+                body[key] = json!(value);
+            }
+        }
+        if !caption.is_empty() {
+            body["caption"] = json!(caption);
+        }
+        self.post_message(evolution, "message/sendMedia", &body).await
+    }
+
+    async fn post_message(
+        &self,
+        evolution: &pb::NodeEvolution,
+        action: &str,
+        body: &Value,
+    ) -> Result<String, SendError> {
         let response = self
             .http
-            .post(endpoint(evolution, "message/sendText"))
+            .post(endpoint(evolution, action))
             .header("apikey", &evolution.key)
             .timeout(SEND_TIMEOUT)
-            .json(&json!({ "number": number, "text": text }))
+            .json(body)
             .send()
             .await
             .map_err(|e| {
                 if e.is_connect() { SendError::NotSent(root_cause(&e)) } else { SendError::Unknown(root_cause(&e)) }
             })?;
         let status = response.status();
-        let body = response.text().await.unwrap_or_default();
+        let answer = response.text().await.unwrap_or_default();
         if !status.is_success() {
-            return Err(SendError::Refused { status: status.as_u16(), body: body.chars().take(300).collect() });
+            return Err(SendError::Refused { status: status.as_u16(), body: answer.chars().take(300).collect() });
         }
-        let parsed: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let parsed: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
         Ok(parsed.pointer("/key/id").and_then(Value::as_str).unwrap_or_default().to_owned())
     }
 
-    /// Shows "typing…" to `number` for up to `for_ms`. Evolution holds the response that long,
-    /// so callers run this in the background and may drop it at any time.
     pub async fn typing(&self, evolution: &pb::NodeEvolution, number: &str, for_ms: u64) {
         let result = self
             .http
