@@ -3,6 +3,7 @@
 pub mod access;
 pub mod crypto;
 pub mod duration;
+pub mod errors;
 pub mod kinds;
 pub mod metrics;
 pub mod names;

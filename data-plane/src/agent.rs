@@ -2,6 +2,7 @@
 //! the instance's time budget, and one answer text out.
 
 use crate::channels::Inbound;
+use omni_core::errors::root_cause;
 use omni_proto::v1::{self as pb, AgentProtocol};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -194,14 +195,6 @@ impl AgentClient {
             }
         }
     }
-}
-
-pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
 }
 
 #[cfg(test)]

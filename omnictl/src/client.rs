@@ -1,5 +1,6 @@
 //! The gRPC connection: endpoint, API key on every call, and readable errors.
 
+use omni_core::errors::root_cause;
 use omni_proto::v1::access_service_client::AccessServiceClient;
 use omni_proto::v1::api_key_service_client::ApiKeyServiceClient;
 use omni_proto::v1::instance_service_client::InstanceServiceClient;
@@ -94,12 +95,4 @@ impl Client {
             _ => message.to_owned(),
         })
     }
-}
-
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
 }

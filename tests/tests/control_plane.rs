@@ -143,6 +143,8 @@ async fn quickstart(backend: Backend) {
             "30",
             "--agent-url",
             "http://127.0.0.1:9001",
+            "--agent-key",
+            omni_tests::AGENT_KEY,
             "-o",
             "json",
         ])
@@ -150,7 +152,7 @@ async fn quickstart(backend: Backend) {
         .json();
     assert_eq!(updated["agent"]["timeout_seconds"], 30);
     assert_eq!(updated["agent"]["url"], "http://127.0.0.1:9001");
-    assert_eq!(updated["agent"]["key"]["set"], true, "untouched settings stay");
+    assert_eq!(updated["agent"]["key"]["set"], true);
     assert_eq!(updated["evolution"]["url"], "http://127.0.0.1:8080");
     assert_eq!(updated["revision"].as_i64().unwrap(), revision + 1);
 
@@ -374,8 +376,29 @@ async fn invalid_requests_are_refused(backend: Backend) {
         hub.ctl(&["apikey", "create", "--instances", "ACME*"]).await.failed(),
         "error: instance pattern \"ACME*\" must be an instance name, optionally ending in '*'"
     );
+    // A stored key never follows its settings to a new place, and URLs carry no credentials.
+    assert_eq!(
+        hub.ctl(&["instance", "update", "acme-wa", "--agent-url", "http://elsewhere.example:9000"]).await.failed(),
+        "error: changing the agent URL needs the agent key again (--agent-key)"
+    );
+    assert_eq!(
+        hub.ctl(&["instance", "update", "acme-wa", "--evolution-instance", "someone-else"]).await.failed(),
+        "error: changing the Evolution URL or instance needs the Evolution key again (--evolution-key)"
+    );
+    let with_password = hub.ctl(&["instance", "update", "acme-wa", "--agent-url", "http://u:hunter2@a:1"]).await;
+    assert!(with_password.failed().contains("must not carry credentials"), "{with_password:?}");
+    assert!(!with_password.stderr.contains("hunter2"));
+    assert_eq!(
+        hub.ctl(&["instance", "update", "acme-wa", "--evolution-instance", "../instance/delete/x"]).await.failed(),
+        "error: evolution instance name may only hold letters, digits, '-', '_' and '.' (not first)"
+    );
     let got = hub.ctl(&["instance", "get", "acme-wa", "-o", "json"]).await.json();
     assert_eq!(got["revision"], 1, "failed updates change nothing");
+    #[rustfmt::skip]
+    let moved = hub.ctl(&[
+        "instance", "update", "acme-wa", "--agent-url", "http://elsewhere.example:9000", "--agent-key", "new-agent-key-0000",
+    ]).await;
+    assert!(moved.ok().contains("elsewhere.example"), "{moved:?}");
 
     let no_key = omnictl(&hub.cp.url(), "", &["instance", "list"]).await;
     assert_eq!(no_key.failed(), "error: no API key: set OMNI_API_KEY or pass --api-key");

@@ -88,13 +88,17 @@ async fn a_provisioned_instance_is_wired_linked_and_removed_through_evolution() 
     let create = hub.evolution.lifecycle().into_iter().find(|r| r.path == "/instance/create").unwrap();
     assert_eq!(create.headers["apikey"], GLOBAL_KEY);
     // The instance token Evolution issued is kept, encrypted.
-    assert!(!hub.database_dump().contains(&there.token), "the instance token is stored in plaintext");
+    let dump = hub.database_dump();
+    assert!(dump.contains("acme-wa"), "the dump holds the instance");
+    assert!(!dump.contains(&there.token), "the instance token is stored in plaintext");
 
     // Messages to it are answered as usual.
     hub.node.wait_for_revision(created["instance"]["revision"].as_i64().unwrap()).await;
     assert_eq!(hub.webhook("acme-wa", &token, &fixture("text_dm.json")).await, 200);
     wait_for("the reply", Duration::from_secs(10), || async { (!hub.evolution.replies().is_empty()).then_some(()) })
         .await;
+    // Calls about the instance itself use its own token, not the server's global key.
+    assert_eq!(hub.evolution.texts()[0].headers["apikey"], there.token);
 
     // Status: Evolution's live state, then the connection.update and qrcode.updated it sent.
     let status = hub.status("acme-wa").await;
@@ -108,6 +112,8 @@ async fn a_provisioned_instance_is_wired_linked_and_removed_through_evolution() 
     })
     .await;
     assert_eq!(status["state"], "open");
+    let state_call = hub.evolution.lifecycle().into_iter().find(|r| r.path.contains("connectionState")).unwrap();
+    assert_eq!(state_call.headers["apikey"], there.token);
     let last = &status["last_connection"];
     assert_eq!((last["state"].as_str(), last["status_reason"].as_i64()), (Some("open"), Some(200)));
     assert_eq!(last["wuid"], "5511888888888@s.whatsapp.net");

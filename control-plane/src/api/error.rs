@@ -84,7 +84,11 @@ impl From<ApiError> for Status {
                 tracing::error!(error = %e, "store error");
                 Status::internal("internal error (see the control plane's log)")
             }
+            // Unreachable, overloaded or failing: worth retrying later.
             ApiError::Evolution(e @ EvolutionError::Unreachable { .. }) => Status::unavailable(e.to_string()),
+            ApiError::Evolution(e @ EvolutionError::Refused { status: 429 | 500.., .. }) => {
+                Status::unavailable(e.to_string())
+            }
             ApiError::Evolution(e) => Status::failed_precondition(e.to_string()),
             ApiError::Crypto(e) => {
                 tracing::error!(error = %e, "secret could not be opened");

@@ -122,6 +122,13 @@ impl InstanceApi {
                 spec::apply(path, &src, current.channel, &mut active, &mut spec, &secrets)?;
             }
             spec::normalize_and_validate(&current.name, current.channel, &mut spec)?;
+            spec::check_keys_follow_targets(&current.spec, &spec, &paths)?;
+            if spec.evolution.url != current.spec.evolution.url
+                || spec.evolution.instance_name != current.spec.evolution.instance_name
+            {
+                // The token belongs to the instance it came from.
+                spec.evolution.instance_token = None;
+            }
             match self.ctx.store.update_instance(&caller.scope, &current.name, current.revision, active, &spec).await {
                 Ok(updated) => {
                     tracing::info!(instance = %updated.name, revision = updated.revision, fields = ?paths, key_id = %caller.key_id, "instance updated");
@@ -140,7 +147,7 @@ impl InstanceApi {
         if req.deprovision {
             // Evolution first: if it refuses, the instance stays here and can be retried.
             let record = self.ctx.store.get_instance(&caller.scope, &req.name).await?;
-            let (evolution, name) = self.evolution_of(&record)?;
+            let (evolution, name) = self.evolution_of(&record, false)?;
             match evolution.delete(&name).await {
                 Ok(()) | Err(EvolutionError::Refused { status: 404, .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -155,14 +162,16 @@ impl InstanceApi {
     /// here. If the second step fails, an instance created by the first is deleted again.
     async fn create_provisioned(&self, mut record: InstanceRecord, public_url: &str) -> ApiResult<InstanceRecord> {
         // Taken names fail before Evolution is touched.
-        if self.ctx.store.get_instance(&Scope::Admin, &record.name).await.is_ok() {
-            return Err(ApiError::AlreadyExists(format!("instance {:?}", record.name)));
+        match self.ctx.store.get_instance(&Scope::Admin, &record.name).await {
+            Err(StoreError::NotFound(_)) => {}
+            Ok(_) => return Err(ApiError::AlreadyExists(format!("instance {:?}", record.name))),
+            Err(e) => return Err(e.into()),
         }
         let secrets = Secrets { keyring: &self.ctx.keyring, instance_id: &record.id };
         let token = secrets.open("webhook_token", &record.spec.webhook_token)?;
         let url = format!("{public_url}{}", spec::webhook_path(record.channel, &record.name));
         let webhook = Webhook { url: &url, token: &token };
-        let (evolution, name) = self.evolution_of(&record)?;
+        let (evolution, name) = self.evolution_of(&record, true)?;
         let created_there = if evolution.exists(&name).await? {
             evolution.set_webhook(&name, &webhook).await?;
             false
@@ -182,15 +191,21 @@ impl InstanceApi {
         }
     }
 
-    /// A client of the instance's Evolution server with its key, and the instance's name there.
-    fn evolution_of<'a>(&'a self, record: &InstanceRecord) -> ApiResult<(Evolution<'a>, String)> {
+    /// A client of the instance's Evolution server, and the instance's name there. With `server`
+    /// the configured key is used (the server's global key, to create instances); otherwise the
+    /// instance's own token when the hub has one.
+    fn evolution_of<'a>(&'a self, record: &InstanceRecord, server: bool) -> ApiResult<(Evolution<'a>, String)> {
         if record.channel != Channel::Whatsapp {
             return Err(ApiError::invalid(format!("{} is a {} instance, not WhatsApp", record.name, record.channel)));
         }
         let secrets = Secrets { keyring: &self.ctx.keyring, instance_id: &record.id };
-        let key = match &record.spec.evolution.key {
-            Some(sealed) => secrets.open("evolution.key", sealed)?,
-            None => return Err(ApiError::invalid("the instance has no Evolution key")),
+        let key = match (server, &record.spec.evolution.key) {
+            (true, Some(sealed)) => Some(secrets.open("evolution.key", sealed)?),
+            (true, None) => None,
+            (false, _) => spec::evolution_instance_key(&secrets, &record.spec.evolution)?,
+        };
+        let Some(key) = key else {
+            return Err(ApiError::invalid("the instance has no Evolution key"));
         };
         let evolution = Evolution::new(&self.ctx.http, &record.spec.evolution.url, key);
         Ok((evolution, record.spec.evolution.instance_name.clone()))
@@ -199,7 +214,7 @@ impl InstanceApi {
     async fn status(&self, request: Request<pb::GetInstanceStatusRequest>) -> ApiResult<pb::InstanceStatus> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let record = self.ctx.store.get_instance(&caller.scope, &request.get_ref().name).await?;
-        let (evolution, name) = self.evolution_of(&record)?;
+        let (evolution, name) = self.evolution_of(&record, false)?;
         let (state, state_error) = match evolution.connection_state(&name).await {
             Ok(state) => (state, String::new()),
             Err(e) => (String::new(), e.to_string()),
@@ -223,7 +238,7 @@ impl InstanceApi {
     async fn qr(&self, request: Request<pb::GetInstanceQrRequest>) -> ApiResult<pb::InstanceQr> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let record = self.ctx.store.get_instance(&caller.scope, &request.get_ref().name).await?;
-        let (evolution, name) = self.evolution_of(&record)?;
+        let (evolution, name) = self.evolution_of(&record, false)?;
         Ok(match evolution.connect(&name).await? {
             Connect::AlreadyConnected => pb::InstanceQr { already_connected: true, ..Default::default() },
             Connect::Qr { code, png_base64, pairing_code } => {

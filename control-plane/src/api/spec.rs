@@ -4,7 +4,7 @@
 
 use super::error::{ApiError, ApiResult};
 use crate::crypto::Keyring;
-use crate::store::{AgentSpec, BehaviorSpec, InstanceRecord, InstanceSpec, Sealed};
+use crate::store::{AgentSpec, BehaviorSpec, EvolutionSpec, InstanceRecord, InstanceSpec, Sealed};
 use omni_core::access::Action;
 use omni_core::kinds::{AgentProtocol, Channel};
 use omni_proto::v1 as pb;
@@ -82,6 +82,17 @@ impl Secrets<'_> {
             }
         };
         Some(pb::SecretStatus { set: true, last4 })
+    }
+}
+
+/// The key for calls about the instance itself (sends, state, QR, deletion): the token
+/// Evolution issued it when the hub provisioned it, else the configured key (which may be the
+/// server's global key).
+pub fn evolution_instance_key(secrets: &Secrets<'_>, evolution: &EvolutionSpec) -> ApiResult<Option<String>> {
+    match (&evolution.instance_token, &evolution.key) {
+        (Some(token), _) => secrets.open("evolution.instance_token", token).map(Some),
+        (None, Some(key)) => secrets.open("evolution.key", key).map(Some),
+        (None, None) => Ok(None),
     }
 }
 
@@ -258,6 +269,13 @@ pub fn validate_http_url(field: &str, value: &str) -> ApiResult<()> {
     }
     let uri: http::Uri =
         value.parse().map_err(|_| ApiError::invalid(format!("{field} {value:?} is not a valid URL")))?;
+    // Credentials in a URL would be shown wherever the URL is (answers, errors, logs); the
+    // value is not quoted back for the same reason.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ApiError::invalid(format!(
+            "{field} must not carry credentials (user:password@); use the key setting"
+        )));
+    }
     let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
     let host_ok = uri.host().is_some_and(|h| !h.is_empty());
     if !scheme_ok || !host_ok || uri.query().is_some() {
@@ -271,6 +289,24 @@ pub fn validate_http_url(field: &str, value: &str) -> ApiResult<()> {
 fn check_len(field: &str, value: &str, max: usize) -> ApiResult<()> {
     if value.chars().count() > max {
         return Err(ApiError::invalid(format!("{field} is longer than {max} characters")));
+    }
+    Ok(())
+}
+
+/// A stored key goes only where it went before: an update that points the agent or Evolution
+/// settings somewhere else (URL, or Evolution instance) must give the key again, or the key
+/// of whoever set it up would be sent to the new place.
+pub fn check_keys_follow_targets(before: &InstanceSpec, after: &InstanceSpec, paths: &[&str]) -> ApiResult<()> {
+    let given = |path: &str| paths.contains(&path);
+    if after.agent.key.is_some() && before.agent.url != after.agent.url && !given("agent.key") {
+        return Err(ApiError::invalid("changing the agent URL needs the agent key again (--agent-key)"));
+    }
+    let evolution_moved =
+        before.evolution.url != after.evolution.url || before.evolution.instance_name != after.evolution.instance_name;
+    if after.evolution.key.is_some() && evolution_moved && !given("evolution.key") {
+        return Err(ApiError::invalid(
+            "changing the Evolution URL or instance needs the Evolution key again (--evolution-key)",
+        ));
     }
     Ok(())
 }
@@ -322,6 +358,14 @@ pub fn normalize_and_validate(name: &str, channel: Channel, spec: &mut InstanceS
                 spec.evolution.instance_name = name.to_owned();
             }
             check_len("evolution instance name", &spec.evolution.instance_name, MAX_SHORT_FIELD)?;
+            // It goes into Evolution's URL paths as is.
+            let name_ok =
+                spec.evolution.instance_name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !name_ok || spec.evolution.instance_name.starts_with('.') {
+                return Err(ApiError::invalid(
+                    "evolution instance name may only hold letters, digits, '-', '_' and '.' (not first)",
+                ));
+            }
         }
         Channel::Discord => {
             if spec.discord.token.is_none() {

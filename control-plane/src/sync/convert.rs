@@ -1,7 +1,7 @@
 //! Stored instance configs → what nodes receive (secrets opened for the authenticated stream).
 
 use crate::api::error::ApiResult;
-use crate::api::spec::{Secrets, action_to_pb, behavior_to_pb, channel_to_pb, protocol_to_pb};
+use crate::api::spec::{Secrets, action_to_pb, behavior_to_pb, channel_to_pb, evolution_instance_key, protocol_to_pb};
 use crate::crypto::Keyring;
 use crate::store::{InstanceConfig, Sealed};
 use omni_proto::v1 as pb;
@@ -30,7 +30,7 @@ pub fn instance_config_to_pb(config: &InstanceConfig, keyring: &Keyring) -> ApiR
         }),
         evolution: Some(pb::NodeEvolution {
             url: spec.evolution.url.clone(),
-            key: open("evolution.key", &spec.evolution.key)?,
+            key: evolution_instance_key(&secrets, &spec.evolution)?.unwrap_or_default(),
             instance_name: spec.evolution.instance_name.clone(),
         }),
         discord: Some(pb::NodeDiscord {

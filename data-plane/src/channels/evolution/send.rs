@@ -1,7 +1,7 @@
 //! Sending through a tenant's Evolution server: `sendText` per chunk, `sendMedia`, and a typing
 //! presence.
 
-use crate::agent::root_cause;
+use omni_core::errors::root_cause;
 use omni_proto::v1 as pb;
 use serde_json::{Value, json};
 use std::time::Duration;
