@@ -73,7 +73,7 @@ fn spawn_node(cp: &ControlPlane, id: String) -> (Arc<ConfigHandle>, tokio::task:
         limits: Limits::default(),
         status: Arc::new(SyncStatus::default()),
         settings: SyncSettings::default(),
-        commands: None,
+        sends: None,
     };
     (handle, tokio::spawn(client.run()))
 }

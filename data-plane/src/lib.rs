@@ -10,7 +10,6 @@ pub mod connection_events;
 pub mod daemon;
 pub mod http;
 pub mod node;
-pub mod outbound;
 pub mod pipeline;
 pub mod spool;
 pub mod sync;

@@ -6,10 +6,9 @@ use crate::channels::evolution::send::EvolutionClient;
 use crate::config::{ConfigHandle, Limits};
 use crate::connection_events::ConnectionEvents;
 use crate::http::{NodeState, router};
-use crate::outbound::Outbound;
 use crate::pipeline::Pipeline;
 use crate::spool::{Op, Spool};
-use crate::sync::{SyncClient, SyncSettings, SyncStatus};
+use crate::sync::{Sends, SyncClient, SyncSettings, SyncStatus};
 use axum::serve::ListenerExt;
 use omni_core::crypto::Keyring;
 use std::future::Future;
@@ -138,6 +137,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
 
     let status = Arc::new(SyncStatus::default());
     let (commands, commands_rx) = tokio::sync::mpsc::channel(256);
+    let (results_tx, results) = tokio::sync::mpsc::channel(256);
     let client = SyncClient {
         endpoint: endpoint.clone(),
         token: token.clone(),
@@ -147,7 +147,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         limits: options.limits,
         status: status.clone(),
         settings: options.sync.clone(),
-        commands: Some(commands),
+        sends: Some(Sends { commands, results: tokio::sync::Mutex::new(results) }),
     };
     let sync_task = tokio::spawn(client.run());
 
@@ -163,15 +163,9 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         spool.clone(),
         config.clone(),
         AgentClient::new(http.clone()),
-        EvolutionClient::new(http.clone()),
+        EvolutionClient::new(http),
         options.tenant_concurrency,
     ));
-    let outbound = Arc::new(Outbound {
-        config: config.clone(),
-        evolution: EvolutionClient::new(http),
-        spool: spool.clone(),
-        trace_wake: pipeline.trace_wake.clone(),
-    });
     let (connection_events, connection_rx) = ConnectionEvents::new();
     let background = vec![
         tokio::spawn(resume_when_configured(pipeline.clone(), config.clone())),
@@ -183,7 +177,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
             pipeline.trace_wake.clone(),
         )),
         tokio::spawn(forget_old_deliveries(spool.clone())),
-        tokio::spawn(crate::outbound::run(outbound, commands_rx)),
+        tokio::spawn(crate::pipeline::outbound::run(pipeline.clone(), commands_rx, results_tx)),
         tokio::spawn(crate::connection_events::report(
             connection_rx,
             endpoint.connect_lazy(),

@@ -3,7 +3,6 @@
 //! exponential backoff when the stream breaks or goes silent.
 
 use crate::config::{ApplyError, Config, ConfigHandle, Limits};
-use crate::outbound::Command;
 use omni_proto::v1::{self as pb, node_sync_service_client::NodeSyncServiceClient, watch_request, watch_response};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,8 +78,14 @@ pub struct SyncClient {
     pub limits: Limits,
     pub status: Arc<SyncStatus>,
     pub settings: SyncSettings,
-    /// Where messages to send (MessageService) go; `None` refuses them.
-    pub commands: Option<mpsc::Sender<Command>>,
+    /// Messages to send (MessageService) go to `commands`, and their results come back on
+    /// `results`, to be reported on whichever stream is open by then. `None` refuses them.
+    pub sends: Option<Sends>,
+}
+
+pub struct Sends {
+    pub commands: mpsc::Sender<pb::SendCommand>,
+    pub results: tokio::sync::Mutex<mpsc::Receiver<pb::SendResult>>,
 }
 
 /// Send commands carry media of up to 12 MiB.
@@ -133,8 +138,16 @@ impl SyncClient {
         heartbeat.tick().await;
         // A snapshot in chunks: its revision and the instances so far.
         let mut snapshot: Option<(i64, Vec<pb::InstanceConfig>)> = None;
+        // One session at a time reports send results; the others have ended.
+        let mut results = match &self.sends {
+            Some(sends) => Some(sends.results.lock().await),
+            None => None,
+        };
         loop {
             tokio::select! {
+                Some(result) = next_result(&mut results) => {
+                    send(&outbound, watch_request::Kind::SendResult(result)).await;
+                }
                 message = tokio::time::timeout(self.settings.silence_timeout, inbound.message()) => {
                     let Some(message) = message.map_err(|_| SessionError::Silent(self.settings.silence_timeout))?? else {
                         return Ok(());
@@ -160,26 +173,15 @@ impl SyncClient {
         };
         let (revision, applied) = match kind {
             watch_response::Kind::Progress(_) => return Ok(()),
-            watch_response::Kind::Send(send) => {
-                let refused = |error: &str| pb::SendResult {
-                    id: send.id.clone(),
-                    ok: false,
-                    error: error.to_owned(),
-                    ..Default::default()
+            watch_response::Kind::Send(command) => {
+                let id = command.id.clone();
+                let refusal = match &self.sends {
+                    Some(sends) => sends.commands.try_send(command).err().map(|_| "this node is too busy to send"),
+                    None => Some("this node does not send messages"),
                 };
-                match &self.commands {
-                    Some(commands) => {
-                        let id = send.id.clone();
-                        if commands.try_send(Command { send, reply: outbound.clone() }).is_err() {
-                            let result = pb::SendResult {
-                                id,
-                                error: "this node is too busy to send".into(),
-                                ..Default::default()
-                            };
-                            send_result(outbound, result).await;
-                        }
-                    }
-                    None => send_result(outbound, refused("this node does not send messages")).await,
+                if let Some(error) = refusal {
+                    let result = pb::SendResult { id, error: error.to_owned(), ..Default::default() };
+                    send(outbound, watch_request::Kind::SendResult(result)).await;
                 }
                 return Ok(());
             }
@@ -225,8 +227,13 @@ impl SyncClient {
     }
 }
 
-async fn send_result(outbound: &mpsc::Sender<pb::WatchRequest>, result: pb::SendResult) {
-    send(outbound, watch_request::Kind::SendResult(result)).await;
+async fn next_result(
+    results: &mut Option<tokio::sync::MutexGuard<'_, mpsc::Receiver<pb::SendResult>>>,
+) -> Option<pb::SendResult> {
+    match results {
+        Some(results) => results.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn send(outbound: &mpsc::Sender<pb::WatchRequest>, kind: watch_request::Kind) {

@@ -62,7 +62,7 @@ impl From<DispatchError> for ApiError {
     fn from(error: DispatchError) -> ApiError {
         match error {
             DispatchError::NoNode => ApiError::Unavailable(error.to_string()),
-            DispatchError::Timeout(..) | DispatchError::Lost(_) => ApiError::OutcomeUnknown(error.to_string()),
+            DispatchError::Timeout(..) => ApiError::OutcomeUnknown(error.to_string()),
         }
     }
 }

@@ -13,10 +13,10 @@ use tokio::sync::{mpsc, oneshot};
 pub enum DispatchError {
     #[error("no data-plane node with the instance's current config is connected")]
     NoNode,
+    /// Results survive a node's reconnection (it reports them on its next stream), so only
+    /// time tells that one is not coming.
     #[error("node {0} did not report the outcome within {1:?}; the message may have been sent")]
     Timeout(String, Duration),
-    #[error("node {0} went away before reporting the outcome; the message may have been sent")]
-    Lost(String),
 }
 
 /// One connected node's session, as the dispatcher sees it.
@@ -81,13 +81,16 @@ impl Dispatcher {
         let id = command.id.clone();
         self.pending.lock().expect("dispatcher lock").insert(id.clone(), tx);
         let _forget = Forget { dispatcher: self, id: &id };
-        if commands.send(command).await.is_err() {
-            // The session ended between the pick and the send: nothing left the control plane.
-            return Err(DispatchError::NoNode);
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(result)) => Ok((node_id, result)),
-            Ok(Err(_)) => Err(DispatchError::Lost(node_id)),
+        let delivered = async {
+            if commands.send(command).await.is_err() {
+                // The session ended between the pick and the send: nothing left the control plane.
+                return Err(DispatchError::NoNode);
+            }
+            // The sender lives in `pending` until answered or forgotten.
+            Ok(rx.await.expect("pending entries are removed only by their waiter"))
+        };
+        match tokio::time::timeout(timeout, delivered).await {
+            Ok(result) => result.map(|result| (node_id, result)),
             Err(_) => Err(DispatchError::Timeout(node_id, timeout)),
         }
     }

@@ -8,6 +8,7 @@
 //! durable, and the result after; a chunk with an intent but no result was perhaps delivered,
 //! and is never sent again.
 
+pub mod outbound;
 pub mod split;
 
 use crate::agent::{AgentClient, AgentError, Caller};
@@ -124,6 +125,11 @@ impl Ending {
 
 fn action_of(value: i32) -> Action {
     if value == pb::AccessAction::Block as i32 { Action::Block } else { Action::Allow }
+}
+
+/// The longest reply chunk the instance allows.
+fn split_limit(instance: &pb::InstanceConfig) -> usize {
+    instance.behavior.as_ref().map_or(4000, |b| b.split_limit) as usize
 }
 
 fn channel_name(instance: &pb::InstanceConfig) -> &'static str {
@@ -425,8 +431,7 @@ impl Pipeline {
         pending: &mut Pending,
     ) -> (Ending, u32) {
         let (inbound, resumed) = (&job.inbound, job.attempt > 0);
-        let limit = instance.behavior.as_ref().map_or(4000, |b| b.split_limit).max(1) as usize;
-        let chunks = split::split(text, limit);
+        let chunks = split::split(text, split_limit(instance));
         let count = chunks.len() as u32;
         let mut problem: Option<Ending> = None;
         for (i, chunk) in chunks.iter().enumerate() {
@@ -457,16 +462,7 @@ impl Pipeline {
                 return (Ending::failed("send_chunk", "could not record the send intent"), count);
             }
             let started = now_ms();
-            let mut attempt = 0;
-            let sent = loop {
-                attempt += 1;
-                match self.evolution.send_text(evolution, &inbound.conversation, chunk).await {
-                    Err(e) if e.retryable() && attempt < 3 => {
-                        tokio::time::sleep(Duration::from_millis(300 * attempt)).await
-                    }
-                    other => break other,
-                }
-            };
+            let sent = self.evolution.send_text(evolution, &inbound.conversation, chunk).await;
             let payload = json!({ "number": inbound.conversation, "text": chunk });
             let (state, event) = match &sent {
                 Ok(message_id) => (

@@ -78,7 +78,26 @@ impl EvolutionClient {
         self.post_message(evolution, "message/sendMedia", &body).await
     }
 
+    /// Posts a message, trying again (three times in all) only when the request never left.
     async fn post_message(
+        &self,
+        evolution: &pb::NodeEvolution,
+        action: &str,
+        body: &Value,
+    ) -> Result<String, SendError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.post_message_once(evolution, action, body).await {
+                Err(e) if e.retryable() && attempt < 3 => {
+                    tokio::time::sleep(Duration::from_millis(300 * attempt)).await
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn post_message_once(
         &self,
         evolution: &pb::NodeEvolution,
         action: &str,
@@ -95,15 +114,25 @@ impl EvolutionClient {
             .map_err(|e| {
                 if e.is_connect() { SendError::NotSent(root_cause(&e)) } else { SendError::Unknown(root_cause(&e)) }
             })?;
-        let status = response.status();
+        let status = response.status().as_u16();
         let answer = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Err(SendError::Refused { status: status.as_u16(), body: answer.chars().take(300).collect() });
+        if (200..300).contains(&status) {
+            let parsed: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
+            return Ok(parsed.pointer("/key/id").and_then(Value::as_str).unwrap_or_default().to_owned());
         }
-        let parsed: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
-        Ok(parsed.pointer("/key/id").and_then(Value::as_str).unwrap_or_default().to_owned())
+        let mut quoted: String = answer.chars().take(300).collect();
+        if !evolution.key.is_empty() {
+            // Evolution may echo the key; the error goes to traces and to API callers.
+            quoted = quoted.replace(&evolution.key, "[redacted]");
+        }
+        Err(match status {
+            // A gateway in front of Evolution gave up waiting: the message may have gone out.
+            502 | 504 => SendError::Unknown(format!("HTTP {status}: {quoted}")),
+            _ => SendError::Refused { status, body: quoted },
+        })
     }
 
+    /// Shows "typing" in the conversation for `for_ms` (best effort).
     pub async fn typing(&self, evolution: &pb::NodeEvolution, number: &str, for_ms: u64) {
         let result = self
             .http

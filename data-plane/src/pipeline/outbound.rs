@@ -1,41 +1,38 @@
 //! Messages the control plane asks this node to send (`MessageService`): split like replies,
-//! sent through the instance's channel, and traced like any message (the trace's stages go to
-//! the spool's outbox and on to the control plane). A send is at most once: a chunk whose
-//! outcome is unknown is reported as such, never retried.
+//! sent through the instance's channel under the tenant's concurrency cap, and traced like any
+//! message (the trace's stages go to the spool's outbox and on to the control plane). A send is
+//! at most once: a chunk whose outcome is unknown is reported as such, never retried.
 
+use super::{Pipeline, secrets_of, split, split_limit};
 use crate::channels::Inbound;
-use crate::channels::evolution::send::{EvolutionClient, SendError};
-use crate::config::ConfigHandle;
-use crate::pipeline::{secrets_of, split};
-use crate::spool::{Op, Spool};
+use crate::channels::evolution::send::SendError;
+use crate::spool::Op;
 use crate::traces::{Recorder, now_ms};
-use omni_proto::v1::{self as pb, TraceStatus, watch_request};
+use omni_proto::v1::{self as pb, TraceStatus};
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
-/// A command from the control plane, and the stream its result goes back on.
-pub struct Command {
-    pub send: pb::SendCommand,
-    pub reply: mpsc::Sender<pb::WatchRequest>,
-}
+/// Sends under way at once, across tenants (each also holds one of its tenant's permits).
+const MAX_IN_FLIGHT: usize = 64;
 
-pub struct Outbound {
-    pub config: Arc<ConfigHandle>,
-    pub evolution: EvolutionClient,
-    pub spool: Spool,
-    pub trace_wake: Arc<Notify>,
-}
-
-/// Runs commands as they arrive, each in its own task, until the channel closes.
-pub async fn run(outbound: Arc<Outbound>, mut commands: mpsc::Receiver<Command>) {
-    while let Some(Command { send, reply }) = commands.recv().await {
-        let outbound = outbound.clone();
+/// Runs commands as they arrive, each in its own task, until the channel closes. Results go to
+/// `results`, which the config stream drains, whichever session is open when they are ready.
+pub async fn run(
+    pipeline: Arc<Pipeline>,
+    mut commands: mpsc::Receiver<pb::SendCommand>,
+    results: mpsc::Sender<pb::SendResult>,
+) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(command) = commands.recv().await {
+        let slot = in_flight.clone().acquire_owned().await.expect("never closed");
+        let (pipeline, results) = (pipeline.clone(), results.clone());
         tokio::spawn(async move {
-            let result = outbound.execute(send).await;
-            // A closed stream loses the result; the control plane reports the outcome unknown.
-            let _ = reply.send(pb::WatchRequest { kind: Some(watch_request::Kind::SendResult(result)) }).await;
+            let permits = pipeline.tenant_permits(&command.instance);
+            let _tenant = permits.acquire_owned().await.expect("tenant semaphores are never closed");
+            let result = pipeline.send_on_request(command).await;
+            drop(slot);
+            let _ = results.send(result).await;
         });
     }
 }
@@ -44,8 +41,8 @@ fn failure(id: &str, error: impl Into<String>, outcome_unknown: bool) -> pb::Sen
     pb::SendResult { id: id.to_owned(), ok: false, error: error.into(), outcome_unknown, message_ids: Vec::new() }
 }
 
-impl Outbound {
-    async fn execute(&self, command: pb::SendCommand) -> pb::SendResult {
+impl Pipeline {
+    async fn send_on_request(&self, command: pb::SendCommand) -> pb::SendResult {
         let instance = self
             .config
             .load()
@@ -54,6 +51,9 @@ impl Outbound {
         let Some(instance) = instance else {
             return failure(&command.id, "this node does not have the instance (deleted meanwhile?)", false);
         };
+        if !instance.active {
+            return failure(&command.id, "the instance is inactive", false);
+        }
         let Some(evolution) = instance.evolution.clone() else {
             return failure(&command.id, "the instance has no Evolution settings", false);
         };
@@ -83,35 +83,26 @@ impl Outbound {
         };
         let secrets = secrets_of(&instance);
         let mut trace = Recorder::arrival(&message, pb::Channel::Whatsapp, &secrets);
-        let mut stages = vec![
-            trace.stage("send_request", TraceStatus::Processing, now, "from the API").payload(&message.raw).encode(),
-        ];
+        let request =
+            trace.stage("send_request", TraceStatus::Processing, now, "from the API").payload(&message.raw).encode();
+        // Durable before anything leaves: after a crash mid-send, the trace shows a send began.
+        if let Err(e) = self.spool.commit(vec![Op::Trace(vec![request])]).await {
+            return failure(&command.id, format!("could not record the send: {e}"), false);
+        }
+        let mut stages = Vec::with_capacity(3);
 
-        let mut message_ids = Vec::new();
+        let mut message_ids = Vec::with_capacity(1);
         let mut problem: Option<(String, bool)> = None;
         let parts: Vec<String> = match media {
             Some(_) => vec![command.text.clone()],
-            None => {
-                let limit = instance.behavior.as_ref().map_or(4000, |b| b.split_limit).max(1) as usize;
-                split::split(&command.text, limit)
-            }
+            None => split::split(&command.text, split_limit(&instance)),
         };
         for (i, part) in parts.iter().enumerate() {
             let label = format!("chunk {}/{}", i + 1, parts.len());
             let started = now_ms();
-            let mut attempt = 0;
-            let sent = loop {
-                attempt += 1;
-                let sent = match media {
-                    Some(m) => self.evolution.send_media(&evolution, &command.to, m, part).await,
-                    None => self.evolution.send_text(&evolution, &command.to, part).await,
-                };
-                match sent {
-                    Err(e) if e.retryable() && attempt < 3 => {
-                        tokio::time::sleep(Duration::from_millis(300 * attempt)).await
-                    }
-                    other => break other,
-                }
+            let sent = match media {
+                Some(m) => self.evolution.send_media(&evolution, &command.to, m, part).await,
+                None => self.evolution.send_text(&evolution, &command.to, part).await,
             };
             let stage = trace.stage("send_chunk", TraceStatus::Processing, now_ms(), label.clone());
             let stage = stage.payload(&json!({ "number": command.to, "text": part })).duration(now_ms() - started);
