@@ -1,6 +1,7 @@
 //! The control plane's Prometheus metrics, served on their own listener (`--metrics-listen`)
 //! so that scraping never shares a port with the admin API.
 
+use crate::api::nodes::node_status;
 use crate::store::{Store, now_millis};
 use axum::Router;
 use axum::extract::State;
@@ -43,18 +44,15 @@ async fn render(State(page): State<Arc<Page>>) -> Response {
     let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
     let mut out = Exposition::new();
     out.single("omni_cp_config_revision", "gauge", "The latest committed config revision.", revision);
-    out.single(
-        "omni_cp_nodes_connected",
-        "gauge",
-        "Data-plane nodes with an open config stream.",
-        nodes.iter().filter(|n| n.connected).count(),
-    );
+    let now = now_millis();
+    // As `node list` says: connected, and heard from recently.
+    let live: Vec<_> = nodes.iter().filter(|n| node_status(n, now) == "connected").collect();
+    out.single("omni_cp_nodes_connected", "gauge", "Data-plane nodes with a live config stream.", live.len());
     out.family("omni_cp_node_revision_lag", "gauge", "Config revisions a connected node has yet to apply.");
-    for node in nodes.iter().filter(|n| n.connected) {
+    for node in live {
         out.sample("omni_cp_node_revision_lag", &[("node", &node.id)], (revision - node.applied_revision).max(0));
     }
     out.family("omni_cp_node_last_seen_seconds", "gauge", "Seconds since each known node was last heard from.");
-    let now = now_millis();
     for node in &nodes {
         let age = (now - node.last_seen_at).max(0) as f64 / 1000.0;
         out.sample("omni_cp_node_last_seen_seconds", &[("node", &node.id)], age);

@@ -14,7 +14,7 @@ use crate::metrics::{self, Metrics};
 use crate::retention::{self, RetentionSettings};
 use crate::store::{self, Backend, StoreError, StoreOptions};
 use crate::sync::dispatch::Dispatcher;
-use crate::sync::{SyncApi, SyncSettings};
+use crate::sync::{MAX_NODE_MESSAGE_BYTES, SyncApi, SyncSettings};
 use omni_proto::v1::access_service_server::AccessServiceServer;
 use omni_proto::v1::api_key_service_server::ApiKeyServiceServer;
 use omni_proto::v1::instance_service_server::InstanceServiceServer;
@@ -336,7 +336,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             MessageServiceServer::new(MessageApi::new(ctx, dispatcher))
                 .max_decoding_message_size(MAX_SEND_REQUEST_BYTES),
         )
-        .add_service(NodeSyncServiceServer::new(sync).max_encoding_message_size(MAX_SEND_REQUEST_BYTES))
+        .add_service(NodeSyncServiceServer::new(sync).max_decoding_message_size(MAX_NODE_MESSAGE_BYTES))
         // An incoming stream of our own does not inherit the server's nodelay setting; without
         // it, Nagle's algorithm holds multi-frame responses back by a delayed ACK (~40 ms).
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), until_stopped(stopped))

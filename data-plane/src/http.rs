@@ -151,7 +151,9 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
         page.single(name, kind, help, value);
     }
     page.family("omni_node_messages_total", "counter", "Messages handled, by instance, channel and outcome.");
-    for (instance, (channel, counts)) in handled.by_instance.lock().expect("stats lock poisoned").iter() {
+    // Copied out, so that finishing messages never wait for the page to be written.
+    let by_instance: Vec<_> = handled.by_instance.lock().expect("stats lock poisoned").clone().into_iter().collect();
+    for (instance, (channel, counts)) in &by_instance {
         for (outcome, count) in OUTCOMES.iter().zip(counts) {
             let labels = [("instance", instance.as_str()), ("channel", *channel), ("outcome", *outcome)];
             page.sample("omni_node_messages_total", &labels, count);

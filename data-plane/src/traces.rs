@@ -17,6 +17,8 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 /// Stage numbers of a resumed attempt start at attempt × this, above every earlier stage.
 const SEQ_PER_ATTEMPT: u32 = 100;
 const SHIP_BATCH: usize = 2000;
+/// Bytes of stages per report at most (a single larger stage still goes, alone).
+const SHIP_BYTES: usize = 8 * 1024 * 1024;
 /// After shipping a partial batch, wait this long so the next report carries more stages
 /// (fewer, larger writes on the control plane); traces lag by at most this much more.
 const SHIP_LINGER: Duration = Duration::from_millis(25);
@@ -170,6 +172,16 @@ pub async fn ship(
             }
             continue;
         }
+        let mut batch = batch;
+        // Reports stay well under the control plane's message limit; the rest goes next.
+        let mut bytes = 0;
+        let over = batch.iter().position(|(_, event)| {
+            bytes += event.len();
+            bytes > SHIP_BYTES
+        });
+        let fits = over.unwrap_or(batch.len()).max(1);
+        let full = fits < batch.len() || batch.len() == SHIP_BATCH;
+        batch.truncate(fits);
         let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
         let events: Vec<pb::TraceEvent> = batch
             .iter()
@@ -183,7 +195,6 @@ pub async fn ship(
             .collect();
         match client.report_traces(pb::ReportTracesRequest { node_id: node_id.clone(), events }).await {
             Ok(_) => {
-                let full = seqs.len() == SHIP_BATCH;
                 if let Err(e) = spool.commit(vec![Op::Shipped(seqs)]).await {
                     tracing::error!(error = %e, "cannot clear shipped trace stages");
                 }

@@ -141,7 +141,10 @@ fn time_range(
     if since_seconds < 0 {
         return Err(ApiError::invalid("since must not be negative"));
     }
-    let relative = (since_seconds > 0).then(|| now_millis() - since_seconds * 1000);
+    let relative = match since_seconds {
+        0 => None,
+        s => Some(seconds_ago(s)?),
+    };
     let since = match (relative, start.map(millis)) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
@@ -153,6 +156,14 @@ fn time_range(
         return Err(ApiError::invalid("the end of the time range must be after its start"));
     }
     Ok((since, until))
+}
+
+/// Unix ms `seconds` ago; durations beyond any clock are refused rather than wrapped around.
+fn seconds_ago(seconds: i64) -> ApiResult<i64> {
+    seconds
+        .checked_mul(1000)
+        .and_then(|ms| now_millis().checked_sub(ms))
+        .ok_or_else(|| ApiError::invalid(format!("{seconds} seconds is too long a duration")))
 }
 
 fn encode_cursor(received_at: i64, id: &str) -> String {
@@ -323,7 +334,7 @@ impl TraceApi {
         }
         let filter = TraceFilter {
             instance: text_filter(&req.instance),
-            until: Some(now_millis() - req.older_than_seconds * 1000),
+            until: Some(seconds_ago(req.older_than_seconds)?),
             ..TraceFilter::default()
         };
         self.check_instance(&caller.scope, &filter.instance).await?;
@@ -434,5 +445,6 @@ mod tests {
         assert_eq!(time_range(0, None, None).unwrap(), (None, None));
         assert!(time_range(0, Some(&end), Some(&start)).is_err());
         assert!(time_range(-1, None, None).is_err());
+        assert!(time_range(i64::MAX, None, None).is_err(), "refused, not wrapped into the future");
     }
 }

@@ -928,10 +928,12 @@ macro_rules! sql_store {
             }
 
             async fn node_acked(&self, id: &str, revision: i64, now: i64) -> Result<()> {
-                sqlx::query("UPDATE nodes SET applied_revision = $1, last_error = '', last_seen_at = $2 WHERE id = $3")
+                // A node that speaks is connected, even if an older session of it just ended.
+                sqlx::query("UPDATE nodes SET applied_revision = $1, last_error = '', last_seen_at = $2, connected = $4 WHERE id = $3")
                     .bind(revision)
                     .bind(now)
                     .bind(id)
+                    .bind(true)
                     .execute(&self.pool)
                     .await?;
                 Ok(())
@@ -948,7 +950,12 @@ macro_rules! sql_store {
             }
 
             async fn node_seen(&self, id: &str, now: i64) -> Result<()> {
-                sqlx::query("UPDATE nodes SET last_seen_at = $1 WHERE id = $2").bind(now).bind(id).execute(&self.pool).await?;
+                sqlx::query("UPDATE nodes SET last_seen_at = $1, connected = $3 WHERE id = $2")
+                    .bind(now)
+                    .bind(id)
+                    .bind(true)
+                    .execute(&self.pool)
+                    .await?;
                 Ok(())
             }
 

@@ -87,6 +87,9 @@ impl SyncApi {
     }
 }
 
+/// The largest message a node may send on its streams (trace reports are cut at 8 MiB).
+pub const MAX_NODE_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 /// The most trace events one report may carry.
 const MAX_TRACE_EVENTS: usize = 5_000;
 
@@ -104,7 +107,17 @@ impl NodeSyncService for SyncApi {
             return Err(Status::invalid_argument(format!("at most {MAX_TRACE_EVENTS} trace events per report")));
         }
         let accepted = report.events.len() as u32;
-        let events = report.events.into_iter().map(crate::api::traces::event_from_pb).collect::<Result<Vec<_>, _>>()?;
+        // A stage this control plane cannot read (a newer node's, say) is dropped, not the
+        // report: the node would resend the same batch forever.
+        let mut unreadable = 0;
+        let events: Vec<_> = report
+            .events
+            .into_iter()
+            .filter_map(|e| crate::api::traces::event_from_pb(e).inspect_err(|_| unreadable += 1).ok())
+            .collect();
+        if unreadable > 0 {
+            tracing::warn!(node_id = %report.node_id, unreadable, "dropped trace stages this control plane cannot read");
+        }
         let started = Instant::now();
         let stored = self
             .store
