@@ -297,6 +297,19 @@ async fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, String)> {
+    // A server that accepts and never answers must not hang the test past its deadline.
+    tokio::time::timeout(Duration::from_secs(30), exchange(addr, method, path, headers, body)).await.unwrap_or_else(
+        |_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{method} {path}: no answer"))),
+    )
+}
+
+async fn exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let mut head =

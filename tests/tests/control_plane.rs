@@ -76,7 +76,14 @@ impl Hub {
             Some(db) => {
                 let mut conn = PgConnection::connect(&db.url).await.unwrap();
                 let mut all = String::new();
-                for table in ["instances", "access_rules", "api_keys", "config_changes"] {
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+                )
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+                assert!(tables.len() >= 10, "every table: {tables:?}");
+                for table in tables {
                     let rows: Vec<String> = sqlx::query_scalar(&format!("SELECT t::text FROM {table} t"))
                         .fetch_all(&mut conn)
                         .await

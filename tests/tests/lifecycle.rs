@@ -185,6 +185,7 @@ async fn provisioning_failures_leave_nothing_half_created() {
     // Provisioning needs the public URL, and is for WhatsApp only.
     let usage = hub.ctl(&["instance", "create", "x-wa", "--channel", "whatsapp", "--provision"]).await;
     assert_eq!(usage.code, 2, "{usage:?}");
+    assert!(usage.stderr.contains("--public-url"), "{usage:?}");
     #[rustfmt::skip]
     let slack = hub.ctl(&[
         "instance", "create", "x-slack", "--channel", "slack", "--agent-url", &hub.agent.url,

@@ -132,6 +132,7 @@ async fn refused_scoped_and_undeliverable_sends_say_why() {
     assert!(empty.failed().contains("text is required"), "{empty:?}");
     let neither = hub.ctl(&["send", "media", "acme-wa", "--to", "5511"]).await;
     assert_eq!(neither.code, 2, "{neither:?}");
+    assert!(neither.stderr.contains("--file"), "{neither:?}");
     assert!(hub.evolution.texts().is_empty(), "nothing was sent");
 
     // With no node connected, nothing can be sent, and the caller is told so.

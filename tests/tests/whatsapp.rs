@@ -140,6 +140,7 @@ async fn a_message_is_answered_by_the_tenants_agent_through_its_evolution() {
     let traces = hub.finished_traces("acme-wa", 1).await;
     let trace = &traces[0];
     assert_eq!((trace["status"].as_str(), trace["sender"].as_str()), (Some("completed"), Some("5511999999999")));
+    assert!(trace["user_id"].is_string(), "{trace}");
     assert_eq!(trace["user_id"], call.body["user_id"], "one user id, the node's and the control plane's");
     let full = hub.ctl(&["trace", "get", trace["id"].as_str().unwrap(), "--payloads", "-o", "json"]).await.json();
     let stages: Vec<&str> = full["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
@@ -303,9 +304,16 @@ async fn bad_requests_are_refused_and_record_nothing() {
     big["data"]["message"]["conversation"] = json!("x".repeat(100 * 1024));
     assert_eq!(post("/webhook/evolution/acme-wa".into(), good(), serde_json::to_vec(&big).unwrap()).await, 413);
 
-    assert!(hub.traces("acme-wa").await.is_empty(), "nothing was recorded");
-    assert!(agent.requests().is_empty());
     assert_eq!(hub.node.metric("omni_node_spool_depth").await, 0.0);
+    // Traces reach the control plane later: a good message after the bad ones, once traced,
+    // shows that nothing before it was recorded.
+    let mut last = fixture("text_dm.json");
+    last["data"]["key"]["id"] = json!("GOOD-AFTER-BAD");
+    assert_eq!(post("/webhook/evolution/acme-wa".into(), good(), serde_json::to_vec(&last).unwrap()).await, 200);
+    let traces = hub.finished_traces("acme-wa", 1).await;
+    assert_eq!(traces.len(), 1, "only the good message was recorded: {traces:?}");
+    assert_eq!(traces[0]["external_id"], "GOOD-AFTER-BAD");
+    assert_eq!(agent.requests().len(), 1);
     let _ = &hub.dir;
 }
 
