@@ -62,7 +62,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
-    parse_duration(text).and_then(|d| if d.is_zero() { Err("must be more than 0".to_owned()) } else { Ok(d) })
+    omni_core::duration::parse_positive_secs(text).map(|secs| Duration::from_secs(secs as u64))
 }
 
 fn non_empty_env(name: &str) -> Option<String> {

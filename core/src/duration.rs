@@ -15,6 +15,11 @@ pub fn parse_secs(text: &str) -> Result<i64, String> {
     n.checked_mul(factor).ok_or_else(|| format!("{text:?} is too long"))
 }
 
+/// As [`parse_secs`], refusing zero.
+pub fn parse_positive_secs(text: &str) -> Result<i64, String> {
+    parse_secs(text).and_then(|secs| if secs > 0 { Ok(secs) } else { Err("must be more than 0".to_owned()) })
+}
+
 /// Seconds back to the shortest exact form: 1209600 → `14d`.
 pub fn format_secs(secs: i64) -> String {
     match secs {
@@ -40,6 +45,8 @@ mod tests {
         assert!(parse_secs("h").is_err());
         assert!(parse_secs("-5m").is_err());
         assert!(parse_secs("99999999999999999d").is_err());
+        assert!(parse_positive_secs("0s").is_err());
+        assert_eq!(parse_positive_secs("2m"), Ok(120));
         assert_eq!(format_secs(1_209_600), "14d");
         assert_eq!(format_secs(5400), "90m");
         assert_eq!(format_secs(61), "61s");

@@ -2,6 +2,7 @@
 
 use crate::client::Client;
 use crate::output::{self, Format, enum_name, time, time_json};
+use crate::trace::ChannelArg;
 use clap::{Args, Subcommand, ValueEnum};
 use omni_proto::FieldMask;
 use omni_proto::v1 as pb;
@@ -53,13 +54,6 @@ pub enum InstanceCommand {
         #[arg(long, value_name = "FILE")]
         png: Option<std::path::PathBuf>,
     },
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ChannelArg {
-    Whatsapp,
-    Discord,
-    Slack,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -237,11 +231,7 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
     match command {
         InstanceCommand::Create { name, channel, provision, public_url, settings } => {
             let (mut instance, _) = settings.to_message(&name);
-            instance.channel = match channel {
-                ChannelArg::Whatsapp => pb::Channel::Whatsapp,
-                ChannelArg::Discord => pb::Channel::Discord,
-                ChannelArg::Slack => pb::Channel::Slack,
-            } as i32;
+            instance.channel = channel.to_pb() as i32;
             let created = api
                 .create_instance(pb::CreateInstanceRequest {
                     instance: Some(instance),
@@ -277,11 +267,7 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
                     .list_instances(pb::ListInstancesRequest {
                         page_size: 500,
                         page_token,
-                        channel: channel.map_or(0, |c| match c {
-                            ChannelArg::Whatsapp => pb::Channel::Whatsapp as i32,
-                            ChannelArg::Discord => pb::Channel::Discord as i32,
-                            ChannelArg::Slack => pb::Channel::Slack as i32,
-                        }),
+                        channel: channel.map_or(0, |c| c.to_pb() as i32),
                     })
                     .await
                     .map_err(|s| client.error(s))?

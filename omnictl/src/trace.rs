@@ -51,7 +51,7 @@ pub enum TraceCommand {
     /// Delete traces received longer ago than a duration.
     Purge {
         /// e.g. 30d.
-        #[arg(long, value_parser = parse_duration_secs)]
+        #[arg(long, value_parser = omni_core::duration::parse_positive_secs)]
         older_than: i64,
         /// Only this instance's traces.
         #[arg(long)]
@@ -122,7 +122,7 @@ pub enum ChannelArg {
 }
 
 impl ChannelArg {
-    fn to_pb(self) -> pb::Channel {
+    pub fn to_pb(self) -> pb::Channel {
         match self {
             ChannelArg::Whatsapp => pb::Channel::Whatsapp,
             ChannelArg::Discord => pb::Channel::Discord,
@@ -383,9 +383,6 @@ pub async fn run(command: TraceCommand, client: &Client, format: Format) -> anyh
             }
         }
         TraceCommand::Purge { older_than, instance, dry_run } => {
-            if older_than <= 0 {
-                anyhow::bail!("--older-than must be more than 0");
-            }
             let purged = api
                 .purge_traces(pb::PurgeTracesRequest {
                     older_than_seconds: older_than,
