@@ -12,6 +12,7 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -69,7 +70,7 @@ fn values(rows: usize, columns: usize, numbered: bool) -> String {
                 sql.push_str(", ");
             }
             if numbered {
-                sql.push_str(&format!("${}", row * columns + column + 1));
+                let _ = write!(sql, "${}", row * columns + column + 1);
             } else {
                 sql.push('?');
             }
@@ -87,7 +88,7 @@ fn placeholders(n: usize, numbered: bool) -> String {
             sql.push_str(", ");
         }
         if numbered {
-            sql.push_str(&format!("${i}"));
+            let _ = write!(sql, "${i}");
         } else {
             sql.push('?');
         }
@@ -1073,8 +1074,10 @@ macro_rules! sql_store {
                     }
                 }
                 // Traces stored before: one update each with what their new stages change.
-                let updates = trace_states(fresh.iter().copied().filter(|e| !created.contains(&e.trace_id)));
-                let updates: Vec<&TraceState> = updates.values().collect();
+                // What the new stages say, per trace: created ones have it already.
+                let changed = trace_states(fresh.iter().copied());
+                let updates: Vec<&TraceState> =
+                    changed.iter().filter(|(id, _)| !created.contains(**id)).map(|(_, state)| state).collect();
                 for rows in updates.chunks(INGEST_ROWS) {
                     let sql = format!(
                         "UPDATE traces SET \
@@ -1103,8 +1106,8 @@ macro_rules! sql_store {
                     q.execute(&mut *tx).await?;
                 }
                 // Traces that reached a final status with a stage stored now.
-                let finished: Vec<String> = trace_states(fresh.iter().copied())
-                    .into_values()
+                let finished: Vec<String> = changed
+                    .values()
                     .filter(|s| is_final_status(&s.latest.status))
                     .map(|s| s.latest.trace_id.clone())
                     .collect();
