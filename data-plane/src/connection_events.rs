@@ -1,32 +1,41 @@
 //! Channel connection events (Evolution's `connection.update` and `qrcode.updated`) on their
 //! way to the control plane, which shows them in `instance status`. They describe a state, not
-//! work to do: only the latest of each kind per instance is kept while the control plane is
-//! unreachable, and a node restart in that window loses them (Evolution is asked directly for
-//! the live state anyway).
+//! work to do: only the latest of each kind per instance is kept until reported, however many
+//! arrive, and a node restart before then loses them (Evolution is asked directly for the live
+//! state anyway).
 
 use crate::sync::NodeToken;
 use omni_proto::v1::{self as pb, node_sync_service_client::NodeSyncServiceClient};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
-/// Events waiting for the reporter task at most; beyond, new ones are dropped (and logged).
-const QUEUE: usize = 1024;
+type Key = (String, String);
 
-#[derive(Clone)]
+/// The latest event of each kind per instance, waiting to be reported.
+#[derive(Clone, Default)]
 pub struct ConnectionEvents {
-    tx: mpsc::Sender<pb::InstanceEvent>,
+    latest: Arc<Mutex<HashMap<Key, pb::InstanceEvent>>>,
+    wake: Arc<Notify>,
 }
 
 impl ConnectionEvents {
-    pub fn new() -> (ConnectionEvents, mpsc::Receiver<pb::InstanceEvent>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        (ConnectionEvents { tx }, rx)
+    pub fn report(&self, event: pb::InstanceEvent) {
+        let key = (event.instance_id.clone(), event.kind.clone());
+        self.latest.lock().expect("connection events lock").insert(key, event);
+        self.wake.notify_one();
     }
 
-    pub fn report(&self, event: pb::InstanceEvent) {
-        if self.tx.try_send(event).is_err() {
-            tracing::warn!("connection event dropped: the report queue is full");
+    fn take(&self) -> HashMap<Key, pb::InstanceEvent> {
+        std::mem::take(&mut *self.latest.lock().expect("connection events lock"))
+    }
+
+    /// Puts back events that were not reported, unless newer ones arrived meanwhile.
+    fn restore(&self, events: HashMap<Key, pb::InstanceEvent>) {
+        let mut latest = self.latest.lock().expect("connection events lock");
+        for (key, event) in events {
+            latest.entry(key).or_insert(event);
         }
     }
 }
@@ -45,33 +54,24 @@ pub fn from_evolution(instance_id: &str, kind: &str, data: &serde_json::Value, n
     }
 }
 
-/// Sends queued events to the control plane until the queue closes, retrying with backoff.
-pub async fn report(
-    mut rx: mpsc::Receiver<pb::InstanceEvent>,
-    channel: tonic::transport::Channel,
-    token: NodeToken,
-    node_id: String,
-) {
+/// Sends waiting events to the control plane as they come, retrying with backoff, until the
+/// task is dropped.
+pub async fn report(events: ConnectionEvents, channel: tonic::transport::Channel, token: NodeToken, node_id: String) {
     let mut client = NodeSyncServiceClient::with_interceptor(channel, token);
-    let mut pending: HashMap<(String, String), pb::InstanceEvent> = HashMap::new();
     let mut backoff = Duration::from_millis(500);
     loop {
+        let pending = events.take();
         if pending.is_empty() {
-            let Some(event) = rx.recv().await else { return };
-            pending.insert((event.instance_id.clone(), event.kind.clone()), event);
+            events.wake.notified().await;
+            continue;
         }
-        while let Ok(event) = rx.try_recv() {
-            pending.insert((event.instance_id.clone(), event.kind.clone()), event);
-        }
-        let events: Vec<pb::InstanceEvent> = pending.values().cloned().collect();
-        match client.report_instance_events(pb::ReportInstanceEventsRequest { node_id: node_id.clone(), events }).await
-        {
-            Ok(_) => {
-                pending.clear();
-                backoff = Duration::from_millis(500);
-            }
+        let request =
+            pb::ReportInstanceEventsRequest { node_id: node_id.clone(), events: pending.values().cloned().collect() };
+        match client.report_instance_events(request).await {
+            Ok(_) => backoff = Duration::from_millis(500),
             Err(status) => {
                 tracing::warn!(error = %status.message(), retry_in = ?backoff, "connection events not reported; kept for later");
+                events.restore(pending);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -83,6 +83,28 @@ pub async fn report(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn only_the_latest_of_each_kind_waits() {
+        let events = ConnectionEvents::default();
+        let event = |kind: &str, state: &str| pb::InstanceEvent {
+            instance_id: "i1".into(),
+            kind: kind.into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        events.report(event("connection", "connecting"));
+        events.report(event("connection", "open"));
+        events.report(event("qrcode", ""));
+        let taken = events.take();
+        assert_eq!(taken.len(), 2);
+        assert_eq!(taken[&("i1".to_owned(), "connection".to_owned())].state, "open");
+        events.report(event("connection", "close"));
+        events.restore(taken);
+        let again = events.take();
+        assert_eq!(again[&("i1".to_owned(), "connection".to_owned())].state, "close", "newer wins over restored");
+        assert_eq!(again.len(), 2);
+    }
 
     #[test]
     fn evolution_events() {

@@ -166,7 +166,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         EvolutionClient::new(http),
         options.tenant_concurrency,
     ));
-    let (connection_events, connection_rx) = ConnectionEvents::new();
+    let connection_events = ConnectionEvents::default();
     let background = vec![
         tokio::spawn(resume_when_configured(pipeline.clone(), config.clone())),
         tokio::spawn(crate::traces::ship(
@@ -179,7 +179,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         tokio::spawn(forget_old_deliveries(spool.clone())),
         tokio::spawn(crate::pipeline::outbound::run(pipeline.clone(), commands_rx, results_tx)),
         tokio::spawn(crate::connection_events::report(
-            connection_rx,
+            connection_events.clone(),
             endpoint.connect_lazy(),
             token.clone(),
             node_id.clone(),
