@@ -212,6 +212,8 @@ fn users_of<'a>(headers: impl Iterator<Item = (&'a TraceEventRecord, &'a TraceHe
             }
         }
     }
+    // Rows locked in one order by every writer: concurrent ingests cannot deadlock.
+    users.sort_unstable_by(|a, b| (&a.instance_id, &a.identity).cmp(&(&b.instance_id, &b.identity)));
     users
 }
 
@@ -1076,8 +1078,10 @@ macro_rules! sql_store {
                 // Traces stored before: one update each with what their new stages change.
                 // What the new stages say, per trace: created ones have it already.
                 let changed = trace_states(fresh.iter().copied());
-                let updates: Vec<&TraceState> =
-                    changed.iter().filter(|(id, _)| !created.contains(**id)).map(|(_, state)| state).collect();
+                let mut updates: Vec<(&str, &TraceState)> =
+                    changed.iter().filter(|(id, _)| !created.contains(**id)).map(|(id, state)| (*id, state)).collect();
+                // In one order for every writer, so that concurrent ingests cannot deadlock.
+                updates.sort_unstable_by_key(|(id, _)| *id);
                 for rows in updates.chunks(INGEST_ROWS) {
                     let sql = format!(
                         "UPDATE traces SET \
@@ -1091,7 +1095,7 @@ macro_rules! sql_store {
                         values(rows.len(), 7, $numbered_values)
                     );
                     let mut q = sqlx::query(&sql);
-                    for state in rows {
+                    for (_, state) in rows {
                         let (error_stage, error) = state.error();
                         let latest = state.latest;
                         q = q
