@@ -74,6 +74,8 @@ fn spawn_node(cp: &ControlPlane, id: String) -> (Arc<ConfigHandle>, tokio::task:
         status: Arc::new(SyncStatus::default()),
         settings: SyncSettings::default(),
         sends: None,
+        leases: None,
+        beats: Default::default(),
     };
     (handle, tokio::spawn(client.run()))
 }

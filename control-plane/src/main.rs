@@ -49,6 +49,11 @@ struct Args {
     /// How often expired traces are deleted (one control plane does it for all).
     #[arg(long, env = "OMNI_RETENTION_INTERVAL", default_value = "10m", value_parser = parse_positive_duration)]
     retention_interval: Duration,
+    /// How long a Discord bot's gateway lease holds unless its node renews it (nodes renew at a
+    /// third of it). A node cut off from the control plane this long closes its gateways; the
+    /// bots then move to other nodes.
+    #[arg(long, env = "OMNI_GATEWAY_LEASE_TTL", default_value = "30s", value_parser = parse_positive_duration)]
+    gateway_lease_ttl: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless set).
     #[arg(long, env = "OMNI_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -86,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
         bootstrap_api_key: non_empty_env("OMNI_BOOTSTRAP_API_KEY"),
         node_token: args.node_token,
         store: StoreOptions { change_log_retention: args.change_log_retention },
-        sync: SyncSettings::default(),
+        sync: SyncSettings { gateway_lease_ttl: args.gateway_lease_ttl, ..SyncSettings::default() },
         embedded_data_plane: args.embedded_data_plane.then_some(args.http_listen),
         tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
         retention: RetentionSettings { default_retention: args.trace_retention, interval: args.retention_interval },

@@ -318,6 +318,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             sync: Default::default(),
             max_body_bytes: omni_data_plane::node::NodeOptions::DEFAULT_MAX_BODY_BYTES,
             tenant_concurrency: omni_data_plane::node::NodeOptions::DEFAULT_TENANT_CONCURRENCY,
+            channels: omni_data_plane::node::ChannelEndpoints::from_env(),
         };
         tokio::spawn(omni_data_plane::node::run(options, until_stopped(stopped.clone())))
     });

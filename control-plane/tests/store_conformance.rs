@@ -767,6 +767,7 @@ async fn connection_events_keep_the_latest(store: Shared) {
         wuid: "5511@s.whatsapp.net".into(),
         profile_name: "Acme".into(),
         at,
+        ..Default::default()
     };
     assert_eq!(store.instance_connection("i1").await.unwrap(), None);
     store.record_instance_events(&[event("qrcode", "", 50)]).await.unwrap();
@@ -777,6 +778,159 @@ async fn connection_events_keep_the_latest(store: Shared) {
         (now.state.as_str(), now.status_reason, now.connection_at, now.qr_at, now.profile_name.as_str()),
         ("open", 200, 200, 50, "Acme")
     );
+}
+
+const TTL: i64 = 30_000;
+
+fn gateway_event(instance_id: &str, node_id: &str, state: &str, detail: &str, at: i64) -> InstanceEventRecord {
+    InstanceEventRecord {
+        instance_id: instance_id.into(),
+        kind: "gateway".into(),
+        state: state.into(),
+        detail: detail.into(),
+        node_id: node_id.into(),
+        at,
+        ..Default::default()
+    }
+}
+
+async fn lease_holder(store: &Shared, instance_id: &str) -> Option<(String, i64)> {
+    store
+        .gateway_status(instance_id)
+        .await
+        .unwrap()
+        .filter(|s| !s.lease_node_id.is_empty())
+        .map(|s| (s.lease_node_id, s.lease_expires_at))
+}
+
+async fn gateway_leases_spread_renew_and_move(store: Shared) {
+    for name in ["a", "b", "c"] {
+        store.create_instance(&record(name, Channel::Discord)).await.unwrap();
+    }
+    store.create_instance(&record("wa", Channel::Whatsapp)).await.unwrap();
+    let t0 = now_millis();
+    // Three bots, two live nodes: the first to ask gets its share (rounded up), in id order.
+    assert_eq!(store.renew_gateway_leases("n1", t0, TTL, 2).await.unwrap(), ["id-a", "id-b"]);
+    assert_eq!(store.renew_gateway_leases("n2", t0 + 1, TTL, 2).await.unwrap(), ["id-c"]);
+    assert_eq!(lease_holder(&store, "id-a").await, Some(("n1".into(), t0 + TTL)));
+
+    // Renewal keeps what each holds and extends it.
+    assert_eq!(store.renew_gateway_leases("n1", t0 + 10_000, TTL, 2).await.unwrap(), ["id-a", "id-b"]);
+    assert_eq!(store.renew_gateway_leases("n2", t0 + 20_000, TTL, 2).await.unwrap(), ["id-c"]);
+    assert_eq!(lease_holder(&store, "id-b").await, Some(("n1".into(), t0 + 10_000 + TTL)));
+
+    // n1 falls silent: once its leases expire, n2 (now the only live node) takes them.
+    let later = t0 + 10_000 + TTL + 5_000;
+    assert_eq!(store.renew_gateway_leases("n2", later, TTL, 1).await.unwrap(), ["id-a", "id-b", "id-c"]);
+    assert_eq!(lease_holder(&store, "id-a").await, Some(("n2".into(), later + TTL)));
+    // n1 comes back: its expired leases are not renewed, and nothing is free to claim.
+    assert!(store.renew_gateway_leases("n1", later + 1_000, TTL, 2).await.unwrap().is_empty());
+    assert_eq!(lease_holder(&store, "id-a").await, Some(("n2".into(), later + TTL)));
+    assert_eq!(lease_holder(&store, "id-wa").await, None, "only Discord bots are leased");
+}
+
+async fn gateway_leases_follow_eligibility(store: Shared) {
+    let d1 = store.create_instance(&record("d1", Channel::Discord)).await.unwrap();
+    store.create_instance(&record("d2", Channel::Discord)).await.unwrap();
+    store.create_instance(&record("wa", Channel::Whatsapp)).await.unwrap();
+    store.create_instance(&record("sl", Channel::Slack)).await.unwrap();
+    let t0 = now_millis();
+    assert_eq!(store.renew_gateway_leases("n1", t0, TTL, 1).await.unwrap(), ["id-d1", "id-d2"]);
+
+    // Deactivated: the lease is dropped at the holder's next renewal, and nobody claims it.
+    let d1 = store.update_instance(&Scope::Admin, "d1", d1.revision, false, &d1.spec).await.unwrap();
+    assert_eq!(store.renew_gateway_leases("n1", t0 + 1_000, TTL, 1).await.unwrap(), ["id-d2"]);
+    assert_eq!(lease_holder(&store, "id-d1").await, None);
+    assert!(store.renew_gateway_leases("n2", t0 + 1_000, TTL, 2).await.unwrap().is_empty());
+
+    // Deleted: the lease goes with the instance.
+    store.delete_instance(&Scope::Admin, "d2").await.unwrap();
+    assert_eq!(lease_holder(&store, "id-d2").await, None);
+    assert!(store.renew_gateway_leases("n1", t0 + 2_000, TTL, 1).await.unwrap().is_empty());
+
+    // Active again: leased again.
+    store.update_instance(&Scope::Admin, "d1", d1.revision, true, &d1.spec).await.unwrap();
+    assert_eq!(store.renew_gateway_leases("n2", t0 + 3_000, TTL, 1).await.unwrap(), ["id-d1"]);
+}
+
+async fn gateway_errors_stop_a_bot_until_it_is_updated(store: Shared) {
+    let created = store.create_instance(&record("d1", Channel::Discord)).await.unwrap();
+    let t0 = now_millis();
+    assert_eq!(store.renew_gateway_leases("n1", t0, TTL, 2).await.unwrap(), ["id-d1"]);
+    // An error from before the instance's last update says nothing about its current settings.
+    store
+        .record_instance_events(&[gateway_event("id-d1", "n1", "error", "old", created.updated_at - 1)])
+        .await
+        .unwrap();
+    assert_eq!(store.renew_gateway_leases("n1", t0 + 1_000, TTL, 2).await.unwrap(), ["id-d1"]);
+
+    store.record_instance_events(&[gateway_event("id-d1", "n1", "ready", "", t0 + 1)]).await.unwrap();
+    let status = store.gateway_status("id-d1").await.unwrap().unwrap();
+    assert_eq!((status.state.as_str(), status.node_id.as_str(), status.at), ("ready", "n1", t0 + 1));
+
+    // A fatal close, then the node's report of closing it: the error stands.
+    let closes = [
+        gateway_event("id-d1", "n1", "error", "4004 authentication failed", t0 + 2),
+        gateway_event("id-d1", "n1", "closed", "", t0 + 3),
+    ];
+    store.record_instance_events(&closes).await.unwrap();
+    let status = store.gateway_status("id-d1").await.unwrap().unwrap();
+    assert_eq!((status.state.as_str(), status.error.as_str()), ("error", "4004 authentication failed"));
+    assert!(store.renew_gateway_leases("n1", t0 + 2_000, TTL, 2).await.unwrap().is_empty(), "dropped");
+    assert!(store.renew_gateway_leases("n2", t0 + 2_000, TTL, 2).await.unwrap().is_empty(), "not restarted");
+
+    // A new token (any update) lets it run again.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let mut spec = created.spec.clone();
+    spec.discord.token = Some(Sealed("v1.k.new-token".into()));
+    store.update_instance(&Scope::Admin, "d1", created.revision, true, &spec).await.unwrap();
+    assert_eq!(store.renew_gateway_leases("n2", t0 + 3_000, TTL, 2).await.unwrap(), ["id-d1"]);
+    store.record_instance_events(&[gateway_event("id-d1", "n2", "connecting", "", now_millis())]).await.unwrap();
+    let status = store.gateway_status("id-d1").await.unwrap().unwrap();
+    assert_eq!((status.state.as_str(), status.node_id.as_str()), ("connecting", "n2"));
+}
+
+/// Nodes renewing at once, each in turn falling silent for two rounds so its bots move: at any
+/// time a bot has one holder, and each node's answer is what the table says.
+async fn concurrent_gateway_renewals_never_share_a_bot(store: Shared) {
+    for i in 0..8 {
+        store.create_instance(&record(&format!("bot{i}"), Channel::Discord)).await.unwrap();
+    }
+    let base = now_millis();
+    let mut moves = 0;
+    let mut holders: std::collections::HashMap<String, String> = Default::default();
+    for round in 0..16_i64 {
+        let now = base + round * 1_000;
+        let live: Vec<i64> = (0..4).filter(|node| (round / 2 + node) % 4 != 0).collect();
+        let tasks: Vec<_> = live
+            .iter()
+            .map(|node| {
+                let store = store.clone();
+                let node = format!("n{node}");
+                let live = live.len() as i64;
+                tokio::spawn(async move {
+                    let held = store.renew_gateway_leases(&node, now, 1_500, live).await.unwrap();
+                    (node, held)
+                })
+            })
+            .collect();
+        let mut seen: std::collections::HashMap<String, String> = Default::default();
+        for task in tasks {
+            let (node, held) = task.await.unwrap();
+            for id in held {
+                if let Some(other) = seen.insert(id.clone(), node.clone()) {
+                    panic!("round {round}: {id} given to {other} and {node}");
+                }
+            }
+        }
+        for (id, node) in &seen {
+            assert_eq!(lease_holder(&store, id).await.map(|(n, _)| n).as_ref(), Some(node), "round {round}");
+            if holders.insert(id.clone(), node.clone()).is_some_and(|before| &before != node) {
+                moves += 1;
+            }
+        }
+    }
+    assert!(moves > 0, "nodes skipping rounds lose their bots to others");
 }
 
 async fn leases_have_one_holder(store: Shared) {
@@ -902,6 +1056,10 @@ conformance!(
         leases_have_one_holder,
         stages_in_pieces_add_up,
         connection_events_keep_the_latest,
+        gateway_leases_spread_renew_and_move,
+        gateway_leases_follow_eligibility,
+        gateway_errors_stop_a_bot_until_it_is_updated,
+        concurrent_gateway_renewals_never_share_a_bot,
     ],
     fixtures: [
         the_change_log_is_compacted_past_its_retention,

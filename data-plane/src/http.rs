@@ -1,6 +1,8 @@
 //! The node's HTTP surface. Channel webhooks join these routes as channels arrive.
 
 use crate::channels::evolution::webhook::{self, TOKEN_HEADER};
+use crate::channels::ingest::Intake;
+use crate::channels::slack;
 use crate::config::ConfigHandle;
 use crate::connection_events::ConnectionEvents;
 use crate::pipeline::{OUTCOMES, Pipeline};
@@ -24,21 +26,14 @@ pub struct NodeState {
     pub sync: Arc<SyncStatus>,
     pub spool: Spool,
     pub pipeline: Arc<Pipeline>,
-    pub ingest: IngestStats,
+    pub intake: Intake,
     pub connection_events: ConnectionEvents,
-}
-
-/// What webhooks brought in.
-#[derive(Debug, Default)]
-pub struct IngestStats {
-    pub accepted: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub ignored: AtomicU64,
 }
 
 pub fn router(state: Arc<NodeState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/webhook/evolution/{instance}", post(evolution_webhook).layer(DefaultBodyLimit::max(max_body_bytes)))
+        .route("/webhook/slack/{instance}", post(slack_webhook).layer(DefaultBodyLimit::max(max_body_bytes)))
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -53,6 +48,16 @@ async fn evolution_webhook(
 ) -> Response {
     let token = headers.get(TOKEN_HEADER).map(|v| v.as_bytes());
     let (status, answer) = webhook::ingest(&state, &instance, token, &body).await;
+    (status, Json(answer)).into_response()
+}
+
+async fn slack_webhook(
+    State(state): State<Arc<NodeState>>,
+    Path(instance): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (status, answer) = slack::webhook::ingest(&state, &instance, &headers, &body).await;
     (status, Json(answer)).into_response()
 }
 
@@ -79,7 +84,7 @@ async fn ready(State(state): State<Arc<NodeState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
     let config = state.config.load();
-    let (sync, ingest, handled) = (&state.sync, &state.ingest, &state.pipeline.stats);
+    let (sync, ingest, handled) = (&state.sync, &state.intake.stats, &state.pipeline.stats);
     let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
     let (spool_depth, outbox_depth) = state.spool.depths().await.unwrap_or_default();
     let metrics: [(&str, &str, &str, u64); 17] = [

@@ -1,7 +1,7 @@
 use clap::Parser;
 use omni_data_plane::config::Limits;
 use omni_data_plane::daemon::{init_logging, shutdown_signal};
-use omni_data_plane::node::{self, NodeOptions};
+use omni_data_plane::node::{self, ChannelEndpoints, NodeOptions};
 use omni_data_plane::sync::SyncSettings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +44,15 @@ struct Args {
     /// Refuse (NACK) configs with more instances than this node is sized for.
     #[arg(long, env = "OMNI_MAX_INSTANCES", default_value_t = 1_000_000)]
     max_instances: usize,
+    /// Slack's Web API.
+    #[arg(long, env = "OMNI_SLACK_API_URL", default_value = "https://slack.com/api")]
+    slack_api_url: String,
+    /// Discord's REST API (an http:// URL means plain HTTP).
+    #[arg(long, env = "OMNI_DISCORD_API_URL", default_value = "https://discord.com")]
+    discord_api_url: String,
+    /// Discord's gateway (default: Discord's own; a ws:// URL works).
+    #[arg(long, env = "OMNI_DISCORD_GATEWAY_URL")]
+    discord_gateway_url: Option<String>,
 }
 
 #[tokio::main]
@@ -67,6 +76,11 @@ async fn main() -> anyhow::Result<()> {
         sync: SyncSettings::default(),
         max_body_bytes: args.max_body_bytes,
         tenant_concurrency: args.tenant_concurrency,
+        channels: ChannelEndpoints {
+            slack_api_url: args.slack_api_url,
+            discord_api_url: args.discord_api_url,
+            discord_gateway_url: args.discord_gateway_url.filter(|u| !u.trim().is_empty()),
+        },
     };
     node::run(options, shutdown_signal()).await?;
     Ok(())

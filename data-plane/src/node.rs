@@ -2,7 +2,12 @@
 
 use crate::agent::AgentClient;
 use crate::cache::{ConfigCache, write_behind};
+use crate::channels::Channels;
+use crate::channels::discord::client::DiscordClients;
+use crate::channels::discord::gateway::{self, GatewaySettings, Leases};
 use crate::channels::evolution::send::EvolutionClient;
+use crate::channels::ingest::Intake;
+use crate::channels::slack::client::SlackClient;
 use crate::config::{ConfigHandle, Limits};
 use crate::connection_events::ConnectionEvents;
 use crate::http::{NodeState, router};
@@ -39,6 +44,30 @@ pub struct NodeOptions {
     pub max_body_bytes: usize,
     /// Messages of one tenant handled at once, at most.
     pub tenant_concurrency: usize,
+    pub channels: ChannelEndpoints,
+}
+
+/// Where the channels' APIs are; tests point them at loopback fakes.
+#[derive(Debug, Clone)]
+pub struct ChannelEndpoints {
+    /// `OMNI_SLACK_API_URL`.
+    pub slack_api_url: String,
+    /// `OMNI_DISCORD_API_URL`; an `http://` URL means plain HTTP.
+    pub discord_api_url: String,
+    /// `OMNI_DISCORD_GATEWAY_URL`; Discord's own when unset.
+    pub discord_gateway_url: Option<String>,
+}
+
+impl ChannelEndpoints {
+    /// The real services, unless the environment says otherwise.
+    pub fn from_env() -> ChannelEndpoints {
+        let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        ChannelEndpoints {
+            slack_api_url: var("OMNI_SLACK_API_URL").unwrap_or_else(|| SlackClient::DEFAULT_API_URL.to_owned()),
+            discord_api_url: var("OMNI_DISCORD_API_URL").unwrap_or_else(|| DiscordClients::DEFAULT_API_URL.to_owned()),
+            discord_gateway_url: var("OMNI_DISCORD_GATEWAY_URL"),
+        }
+    }
 }
 
 impl NodeOptions {
@@ -138,6 +167,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
     let status = Arc::new(SyncStatus::default());
     let (commands, commands_rx) = tokio::sync::mpsc::channel(256);
     let (results_tx, results) = tokio::sync::mpsc::channel(256);
+    let (leases, leases_rx) = tokio::sync::watch::channel(Leases::default());
     let client = SyncClient {
         endpoint: endpoint.clone(),
         token: token.clone(),
@@ -148,6 +178,8 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         status: status.clone(),
         settings: options.sync.clone(),
         sends: Some(Sends { commands, results: tokio::sync::Mutex::new(results) }),
+        leases: Some(leases),
+        beats: Default::default(),
     };
     let sync_task = tokio::spawn(client.run());
 
@@ -163,10 +195,15 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         spool.clone(),
         config.clone(),
         AgentClient::new(http.clone()),
-        EvolutionClient::new(http),
+        Channels {
+            evolution: EvolutionClient::new(http.clone()),
+            slack: SlackClient::new(http, &options.channels.slack_api_url),
+            discord: DiscordClients::new(&options.channels.discord_api_url),
+        },
         options.tenant_concurrency,
     ));
     let connection_events = ConnectionEvents::default();
+    let intake = Intake { spool: spool.clone(), pipeline: pipeline.clone(), stats: Default::default() };
     let background = vec![
         tokio::spawn(resume_when_configured(pipeline.clone(), config.clone())),
         tokio::spawn(crate::traces::ship(
@@ -184,6 +221,13 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
             token.clone(),
             node_id.clone(),
         )),
+        tokio::spawn(gateway::run(
+            leases_rx,
+            config.clone(),
+            intake.clone(),
+            connection_events.clone(),
+            GatewaySettings { gateway_url: options.channels.discord_gateway_url.clone() },
+        )),
     ];
     let (stop_cache, cache_stopped) = tokio::sync::watch::channel(false);
     let cache_task = tokio::spawn(write_behind(cache, config.clone(), cache_stopped));
@@ -194,7 +238,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         sync: status,
         spool: spool.clone(),
         pipeline,
-        ingest: Default::default(),
+        intake,
         connection_events,
     });
     tracing::info!(%node_id, addr = %local, control_plane = %options.control_plane, "node listening");

@@ -2,13 +2,16 @@
 //! arrives (a whole revision or nothing), ACK or NACK, heartbeat, and reconnect with jittered
 //! exponential backoff when the stream breaks or goes silent.
 
+use crate::channels::discord::gateway::Leases;
 use crate::config::{ApplyError, Config, ConfigHandle, Limits};
 use omni_proto::v1::{self as pb, node_sync_service_client::NodeSyncServiceClient, watch_request, watch_response};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Endpoint;
@@ -81,6 +84,10 @@ pub struct SyncClient {
     /// Messages to send (MessageService) go to `commands`, and their results come back on
     /// `results`, to be reported on whichever stream is open by then. `None` refuses them.
     pub sends: Option<Sends>,
+    /// Where the Discord gateway leases the control plane grants go.
+    pub leases: Option<watch::Sender<Leases>>,
+    /// Heartbeats sent, across sessions.
+    pub beats: AtomicU64,
 }
 
 pub struct Sends {
@@ -134,8 +141,11 @@ impl SyncClient {
         self.status.connected.store(true, Ordering::Relaxed);
         tracing::info!(resume_revision = self.config.revision(), "config stream open");
 
-        let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
-        heartbeat.tick().await;
+        // The first heartbeat goes at once: its answer brings this node's gateway leases.
+        let mut every = self.settings.heartbeat_interval;
+        let mut heartbeat = tokio::time::interval(every);
+        // When recent heartbeats were sent: a lease counts from the heartbeat it answers.
+        let mut sent_beats: VecDeque<(u64, Instant)> = VecDeque::with_capacity(8);
         // A snapshot in chunks: its revision and the instances so far.
         let mut snapshot: Option<(i64, Vec<pb::InstanceConfig>)> = None;
         // One session at a time reports send results; the others have ended.
@@ -152,14 +162,42 @@ impl SyncClient {
                     let Some(message) = message.map_err(|_| SessionError::Silent(self.settings.silence_timeout))?? else {
                         return Ok(());
                     };
+                    if let Some(watch_response::Kind::Leases(leases)) = &message.kind {
+                        let ttl = Duration::from_millis(leases.ttl_ms.max(0) as u64);
+                        self.leases_granted(leases, ttl, &sent_beats);
+                        // Renew well within the lease: three heartbeats per TTL at least.
+                        let wanted = self.settings.heartbeat_interval.min(ttl / 3).max(Duration::from_millis(50));
+                        if wanted != every {
+                            every = wanted;
+                            heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+                        }
+                        continue;
+                    }
                     self.handle(message, &mut snapshot, &outbound).await?;
                 }
                 _ = heartbeat.tick() => {
                     let applied_revision = self.config.revision();
-                    send(&outbound, watch_request::Kind::Heartbeat(pb::NodeHeartbeat { applied_revision })).await;
+                    let sequence = self.beats.fetch_add(1, Ordering::Relaxed) + 1;
+                    if sent_beats.len() == sent_beats.capacity() {
+                        sent_beats.pop_front();
+                    }
+                    sent_beats.push_back((sequence, Instant::now()));
+                    let beat = pb::NodeHeartbeat { applied_revision, sequence };
+                    send(&outbound, watch_request::Kind::Heartbeat(beat)).await;
                 }
             }
         }
+    }
+
+    /// Hands the leases on, valid from when the heartbeat they answer was sent. An answer to
+    /// a heartbeat this session did not send (or no longer remembers) is ignored: the next
+    /// one renews.
+    fn leases_granted(&self, leases: &pb::GatewayLeases, ttl: Duration, sent_beats: &VecDeque<(u64, Instant)>) {
+        let Some(tx) = &self.leases else { return };
+        let Some((_, sent)) = sent_beats.iter().find(|(seq, _)| *seq == leases.heartbeat_sequence) else {
+            return;
+        };
+        tx.send_replace(Leases::granted(leases.instance_ids.clone(), *sent, ttl));
     }
 
     async fn handle(
@@ -172,7 +210,7 @@ impl SyncClient {
             return Err(SessionError::Protocol("empty message".into()));
         };
         let (revision, applied) = match kind {
-            watch_response::Kind::Progress(_) => return Ok(()),
+            watch_response::Kind::Progress(_) | watch_response::Kind::Leases(_) => return Ok(()),
             watch_response::Kind::Send(command) => {
                 let id = command.id.clone();
                 let refusal = match &self.sends {

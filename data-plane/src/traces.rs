@@ -223,6 +223,7 @@ mod tests {
             instance_id: "i1".into(),
             external_id: "X".into(),
             conversation: "5511@s.whatsapp.net".into(),
+            thread: String::new(),
             sender: "5511".into(),
             sender_name: "Maria".into(),
             text: "hi".into(),

@@ -46,6 +46,7 @@ pub enum InstanceCommand {
         deprovision: bool,
     },
     /// WhatsApp: the connection state Evolution reports, and the last connection.update.
+    /// Discord: the node running the bot, and what its gateway last reported.
     Status { name: String },
     /// WhatsApp: the QR code to link the phone, drawn in the terminal.
     Qr {
@@ -328,11 +329,22 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
         }
         InstanceCommand::Status { name } => {
             let status = api
-                .get_instance_status(pb::GetInstanceStatusRequest { name })
+                .get_instance_status(pb::GetInstanceStatusRequest { name: name.clone() })
                 .await
                 .map_err(|s| client.error(s))?
                 .into_inner();
-            print_status(&status, format);
+            // A WhatsApp status always carries Evolution's state or why it is unknown; any
+            // other status says nothing of its channel, which decides what to print.
+            let channel = if status.state.is_empty() && status.state_error.is_empty() {
+                api.get_instance(pb::GetInstanceRequest { name })
+                    .await
+                    .map_err(|s| client.error(s))?
+                    .into_inner()
+                    .channel
+            } else {
+                pb::Channel::Whatsapp as i32
+            };
+            print_status(&status, channel, format);
         }
         InstanceCommand::Qr { name, png } => {
             let qr = api
@@ -381,11 +393,12 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
     Ok(())
 }
 
-fn print_status(status: &pb::InstanceStatus, format: Format) {
+fn print_status(status: &pb::InstanceStatus, channel: i32, format: Format) {
     let last = status.last_connection.as_ref();
     if format == Format::Json {
         output::json(&json!({
             "name": status.name,
+            "channel": channel_name(channel),
             "state": status.state,
             "state_error": status.state_error,
             "last_connection": last.map(|c| json!({
@@ -393,13 +406,29 @@ fn print_status(status: &pb::InstanceStatus, format: Format) {
                 "profile_name": c.profile_name, "time": time_json(c.time.as_ref()),
             })),
             "last_qr_time": time_json(status.last_qr_time.as_ref()),
+            "node_id": status.node_id,
+            "lease_expire_time": time_json(status.lease_expire_time.as_ref()),
+            "gateway_state": status.gateway_state,
+            "gateway_error": status.gateway_error,
+            "gateway_node_id": status.gateway_node_id,
+            "gateway_time": time_json(status.gateway_time.as_ref()),
         }));
         return;
     }
+    let mut rows = vec![("instance", status.name.clone())];
+    match pb::Channel::try_from(channel) {
+        Ok(pb::Channel::Whatsapp) => whatsapp_rows(status, &mut rows),
+        Ok(pb::Channel::Discord) => discord_rows(status, &mut rows),
+        _ => rows.push(("channel", format!("{}: no connection to report", channel_name(channel)))),
+    }
+    output::fields(&rows);
+}
+
+fn whatsapp_rows(status: &pb::InstanceStatus, rows: &mut Vec<(&str, String)>) {
     let state =
         if status.state.is_empty() { format!("unknown ({})", status.state_error) } else { status.state.clone() };
-    let mut rows = vec![("instance", status.name.clone()), ("state", state)];
-    match last {
+    rows.push(("state", state));
+    match status.last_connection.as_ref() {
         Some(c) => {
             rows.push((
                 "last update",
@@ -414,7 +443,30 @@ fn print_status(status: &pb::InstanceStatus, format: Format) {
     if status.last_qr_time.is_some() {
         rows.push(("last QR code", time(status.last_qr_time.as_ref())));
     }
-    output::fields(&rows);
+}
+
+fn discord_rows(status: &pb::InstanceStatus, rows: &mut Vec<(&str, String)>) {
+    let node = if status.node_id.is_empty() {
+        "none (no node holds the bot's lease)".to_owned()
+    } else {
+        format!("{} (lease until {})", status.node_id, time(status.lease_expire_time.as_ref()))
+    };
+    rows.push(("node", node));
+    let gateway = match status.gateway_state.as_str() {
+        "" => "no report yet".to_owned(),
+        state => {
+            let what = if status.gateway_error.is_empty() {
+                state.to_owned()
+            } else {
+                format!("{state}: {}", status.gateway_error)
+            };
+            format!("{what} (at {} on node {})", time(status.gateway_time.as_ref()), status.gateway_node_id)
+        }
+    };
+    rows.push(("gateway", gateway));
+    if status.gateway_state == "error" {
+        rows.push(("note", "the bot stays down until the instance is updated (e.g. a new --discord-token)".to_owned()));
+    }
 }
 
 fn channel_name(value: i32) -> String {

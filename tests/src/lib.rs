@@ -1,10 +1,12 @@
 //! Test harness: isolated Postgres databases, the real Omni binaries as child processes, and
 //! waiting for conditions with a deadline.
 
+pub mod discord;
 pub mod evolution;
 pub mod fakes;
 pub mod postgres;
 pub mod process;
+pub mod slack;
 
 use std::future::Future;
 

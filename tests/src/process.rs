@@ -194,6 +194,10 @@ pub struct DataPlaneOptions {
     pub ca_cert: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
     pub tenant_concurrency: Option<usize>,
+    /// Environment variables to set (the channels' API URLs, say).
+    pub env: Vec<(String, String)>,
+    /// Node id (default: generated into the data dir).
+    pub node_id: Option<String>,
 }
 
 impl DataPlane {
@@ -220,6 +224,13 @@ impl DataPlane {
         if let Some(max) = options.max_instances {
             command.arg("--max-instances").arg(max.to_string());
         }
+        if let Some(id) = &options.node_id {
+            command.arg("--node-id").arg(id);
+        }
+        for name in ["OMNI_SLACK_API_URL", "OMNI_DISCORD_API_URL", "OMNI_DISCORD_GATEWAY_URL"] {
+            command.env_remove(name);
+        }
+        command.envs(options.env.iter().map(|(k, v)| (k, v)));
         match spawn_listening(command, "omni-data-plane listening on ", &log_path).await {
             Ok(started) => {
                 DataPlane { child: started.child, addr: started.addr, data_dir: data_dir.to_owned(), log_path }

@@ -214,6 +214,15 @@ impl InstanceApi {
     async fn status(&self, request: Request<pb::GetInstanceStatusRequest>) -> ApiResult<pb::InstanceStatus> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let record = self.ctx.store.get_instance(&caller.scope, &request.get_ref().name).await?;
+        match record.channel {
+            Channel::Whatsapp => self.whatsapp_status(record).await,
+            Channel::Discord => self.discord_status(record).await,
+            // Slack calls the hub's webhook; there is no connection to report on.
+            Channel::Slack => Ok(pb::InstanceStatus { name: record.name, ..Default::default() }),
+        }
+    }
+
+    async fn whatsapp_status(&self, record: InstanceRecord) -> ApiResult<pb::InstanceStatus> {
         let (evolution, name) = self.evolution_of(&record, false)?;
         let (state, state_error) = match evolution.connection_state(&name).await {
             Ok(state) => (state, String::new()),
@@ -232,6 +241,23 @@ impl InstanceApi {
                 time: Some(spec::timestamp(last.connection_at)),
             }),
             last_qr_time: (last.qr_at > 0).then(|| spec::timestamp(last.qr_at)),
+            ..Default::default()
+        })
+    }
+
+    async fn discord_status(&self, record: InstanceRecord) -> ApiResult<pb::InstanceStatus> {
+        let gateway = self.ctx.store.gateway_status(&record.id).await?.unwrap_or_default();
+        // An expired lease binds nobody: the bot is not running anywhere for sure.
+        let leased = !gateway.lease_node_id.is_empty() && gateway.lease_expires_at > now_millis();
+        Ok(pb::InstanceStatus {
+            name: record.name,
+            node_id: if leased { gateway.lease_node_id } else { String::new() },
+            lease_expire_time: leased.then(|| spec::timestamp(gateway.lease_expires_at)),
+            gateway_error: if gateway.state == "error" { gateway.error } else { String::new() },
+            gateway_state: gateway.state,
+            gateway_node_id: gateway.node_id,
+            gateway_time: (gateway.at > 0).then(|| spec::timestamp(gateway.at)),
+            ..Default::default()
         })
     }
 

@@ -7,7 +7,6 @@ use super::error::{ApiError, ApiResult};
 use super::spec::validate_http_url;
 use crate::auth::Caller;
 use crate::sync::dispatch::Dispatcher;
-use omni_core::kinds::Channel;
 use omni_proto::v1::{self as pb, message_service_server::MessageService, send_media_request};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,12 +49,6 @@ impl MessageApi {
         let record = self.ctx.store.get_instance(&caller.scope, instance).await?;
         if !record.active {
             return Err(ApiError::FailedPrecondition(format!("instance {instance} is inactive")));
-        }
-        if record.channel != Channel::Whatsapp {
-            return Err(ApiError::FailedPrecondition(format!(
-                "sending on {} instances is not available yet",
-                record.channel
-            )));
         }
         let to = to.trim();
         if to.is_empty() || to.len() > 256 {

@@ -499,6 +499,60 @@ mod tests {
         }
     }
 
+    /// What `InstanceApi::create` does with a request: every path applied to the defaults.
+    fn create(channel: Channel, src: pb::Instance) -> ApiResult<InstanceSpec> {
+        let keyring = Keyring::parse(&Keyring::generate_encoded()).unwrap();
+        let secrets = Secrets { keyring: &keyring, instance_id: "i1" };
+        let mut spec = default_spec(channel, secrets.seal("webhook_token", "t").unwrap());
+        let mut active = true;
+        for path in UPDATABLE_PATHS {
+            apply(path, &src, channel, &mut active, &mut spec, &secrets)?;
+        }
+        normalize_and_validate("acme", channel, &mut spec)?;
+        Ok(spec)
+    }
+
+    #[test]
+    fn created_instances_get_their_channel_defaults_and_need_their_secrets() {
+        let base = pb::Instance {
+            agent: Some(pb::AgentSettings { url: "http://agent:1".into(), ..Default::default() }),
+            behavior: Some(pb::Behavior { split_limit: 0, ..Default::default() }),
+            ..Default::default()
+        };
+        let discord = pb::Instance {
+            discord: Some(pb::DiscordSettings { token: "bot-token".into(), ..Default::default() }),
+            ..base.clone()
+        };
+        let slack = pb::Instance {
+            slack: Some(pb::SlackSettings {
+                bot_token: "xoxb-1".into(),
+                signing_secret: "s".into(),
+                ..Default::default()
+            }),
+            ..base.clone()
+        };
+        let whatsapp = pb::Instance {
+            evolution: Some(pb::EvolutionSettings {
+                url: "http://evo:8080".into(),
+                key: "k".into(),
+                ..Default::default()
+            }),
+            ..base.clone()
+        };
+        assert_eq!(create(Channel::Discord, discord).unwrap().behavior.split_limit, 2000);
+        assert_eq!(create(Channel::Slack, slack.clone()).unwrap().behavior.split_limit, 4000);
+        assert_eq!(create(Channel::Whatsapp, whatsapp).unwrap().behavior.split_limit, 4000);
+
+        let no_token = create(Channel::Discord, base.clone()).unwrap_err();
+        assert!(matches!(no_token, ApiError::InvalidArgument(_)), "{no_token:?}");
+        assert!(no_token.to_string().contains("discord token is required"), "{no_token}");
+        let mut no_secret = slack;
+        no_secret.slack.as_mut().unwrap().signing_secret.clear();
+        let no_secret = create(Channel::Slack, no_secret).unwrap_err();
+        assert!(matches!(no_secret, ApiError::InvalidArgument(_)), "{no_secret:?}");
+        assert!(no_secret.to_string().contains("signing secret are required"), "{no_secret}");
+    }
+
     #[test]
     fn timestamps() {
         assert_eq!(timestamp(1_500), omni_proto::Timestamp { seconds: 1, nanos: 500_000_000 });

@@ -15,8 +15,10 @@ macro_rules! embed {
 
 type Embedded = &'static [(i64, &'static str, &'static str)];
 
-const POSTGRES: Embedded = embed!("postgres": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections");
-const SQLITE: Embedded = embed!("sqlite": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections");
+const POSTGRES: Embedded =
+    embed!("postgres": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections", 6 "gateways");
+const SQLITE: Embedded =
+    embed!("sqlite": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections", 6 "gateways");
 
 #[derive(Debug)]
 struct Source(Embedded);

@@ -139,6 +139,18 @@ pub trait Store: Send + Sync + 'static {
     async fn node_seen(&self, id: &str, now: i64) -> Result<()>;
     async fn node_disconnected(&self, id: &str, now: i64) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
+    /// Nodes connected and heard from at or after `seen_since` (on any control plane).
+    async fn count_live_nodes(&self, seen_since: i64) -> Result<i64>;
+
+    // Discord gateway leases: which node runs each bot.
+    /// In one transaction: drops `node_id`'s leases on bots no longer eligible (not an active
+    /// Discord instance, or stopped by an `error` gateway report since the instance's last
+    /// update), extends its unexpired ones to `now + ttl_ms`, and claims free or expired ones
+    /// (in instance-id order) up to its share of the eligible bots among `live_nodes`. Returns
+    /// every bot `node_id` now holds, sorted. A bot never has two unexpired holders.
+    async fn renew_gateway_leases(&self, node_id: &str, now: i64, ttl_ms: i64, live_nodes: i64) -> Result<Vec<String>>;
+    /// The instance's lease and last gateway report; `None` when it has neither.
+    async fn gateway_status(&self, instance_id: &str) -> Result<Option<GatewayStatusRecord>>;
 
     // Traces and the users they reveal.
     /// Stores reported stages; a stage already stored is skipped. A first stage creates its
@@ -164,7 +176,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_users(&self, scope: &Scope, query: &UserQuery) -> Result<Vec<UserRecord>>;
 
     // Channel connection state, as nodes report it.
-    /// Keeps the latest connection event and the latest QR event of each instance.
+    /// Keeps the latest connection event, the latest QR event and the latest gateway report
+    /// of each instance (a `closed` report does not replace an `error`: it is the same failure).
     async fn record_instance_events(&self, events: &[InstanceEventRecord]) -> Result<()>;
     async fn instance_connection(&self, instance_id: &str) -> Result<Option<ConnectionRecord>>;
 

@@ -357,13 +357,17 @@ pub struct UserRecord {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct InstanceEventRecord {
     pub instance_id: String,
-    /// `connection` or `qrcode`.
+    /// `connection` or `qrcode` (Evolution), or `gateway` (a Discord bot's gateway).
     pub kind: String,
     pub state: String,
     pub status_reason: i64,
     pub wuid: String,
     pub profile_name: String,
     pub at: i64,
+    /// `gateway`: why the state is `error`.
+    pub detail: String,
+    /// The node that reported it.
+    pub node_id: String,
 }
 
 /// The latest connection events of an instance.
@@ -377,4 +381,20 @@ pub struct ConnectionRecord {
     pub connection_at: i64,
     /// When the last qrcode.updated arrived (0: never).
     pub qr_at: i64,
+}
+
+/// Where a Discord bot runs and what its gateway last reported.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GatewayStatusRecord {
+    /// The node holding the lease (empty: none), and when it ends unless renewed (0: none).
+    /// A lease that has expired is still shown: nobody may have taken it since.
+    pub lease_node_id: String,
+    pub lease_expires_at: i64,
+    /// The last report: connecting, ready, error or closed (empty: none).
+    pub state: String,
+    /// With state `error`: the fatal reason.
+    pub error: String,
+    pub node_id: String,
+    /// When it was reported (0: never).
+    pub at: i64,
 }

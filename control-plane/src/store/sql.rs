@@ -277,6 +277,14 @@ const TRACE_COLUMNS: &str = "t.id, i.name AS instance, t.channel, t.external_id,
 
 const NODE_COLUMNS: &str = "id, address, version, applied_revision, first_seen_at, last_seen_at, connected, last_error";
 
+/// The instances (`i`) with their connection reports (`c`), for [`GATEWAY_ELIGIBLE`].
+const GATEWAY_SOURCES: &str = "instances i LEFT JOIN instance_connections c ON c.instance_id = i.id";
+
+/// The instances whose Discord bot should run somewhere: active, and not stopped by a fatal
+/// gateway error reported since the instance last changed (restarting it would fail the same way).
+const GATEWAY_ELIGIBLE: &str = "i.channel = 'discord' AND i.active = TRUE \
+     AND NOT (COALESCE(c.gateway_state, '') = 'error' AND COALESCE(c.gateway_at, 0) > i.updated_at)";
+
 /// `$notify`: SQL run in each config transaction to wake other control planes (Postgres only).
 /// `$snapshot_isolation`: SQL that gives a transaction one consistent view (SQLite's read
 /// transactions already have one).
@@ -978,6 +986,14 @@ macro_rules! sql_store {
                 rows.iter().map(Self::node_from_row).collect()
             }
 
+            async fn count_live_nodes(&self, seen_since: i64) -> Result<i64> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM nodes WHERE connected = $1 AND last_seen_at >= $2")
+                    .bind(true)
+                    .bind(seen_since)
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
             async fn ingest_trace_events(&self, node_id: &str, events: &[TraceEventRecord]) -> Result<usize> {
                 let mut tx = self.pool.begin().await?;
                 // Events by (trace, seq), to find the ones the database reports as new.
@@ -1382,25 +1398,60 @@ macro_rules! sql_store {
             async fn record_instance_events(&self, events: &[InstanceEventRecord]) -> Result<()> {
                 let mut tx = self.pool.begin().await?;
                 for e in events {
-                    let sql = if e.kind == "qrcode" {
-                        "INSERT INTO instance_connections \
-                         (instance_id, state, status_reason, wuid, profile_name, connection_at, qr_at) \
-                         VALUES ($1, '', 0, '', '', 0, $2) ON CONFLICT (instance_id) DO UPDATE SET \
-                         qr_at = CASE WHEN excluded.qr_at > instance_connections.qr_at \
-                         THEN excluded.qr_at ELSE instance_connections.qr_at END"
-                    } else {
-                        "INSERT INTO instance_connections \
-                         (instance_id, state, status_reason, wuid, profile_name, connection_at, qr_at) \
-                         VALUES ($1, $3, $4, $5, $6, $2, 0) ON CONFLICT (instance_id) DO UPDATE SET \
-                         state = excluded.state, status_reason = excluded.status_reason, wuid = excluded.wuid, \
-                         profile_name = excluded.profile_name, connection_at = excluded.connection_at \
-                         WHERE excluded.connection_at >= instance_connections.connection_at"
-                    };
-                    let mut q = sqlx::query(sql).bind(&e.instance_id).bind(e.at);
-                    if e.kind != "qrcode" {
-                        q = q.bind(&e.state).bind(e.status_reason).bind(&e.wuid).bind(&e.profile_name);
+                    match e.kind.as_str() {
+                        "qrcode" => {
+                            sqlx::query(
+                                "INSERT INTO instance_connections \
+                                 (instance_id, state, status_reason, wuid, profile_name, connection_at, qr_at) \
+                                 VALUES ($1, '', 0, '', '', 0, $2) ON CONFLICT (instance_id) DO UPDATE SET \
+                                 qr_at = CASE WHEN excluded.qr_at > instance_connections.qr_at \
+                                 THEN excluded.qr_at ELSE instance_connections.qr_at END",
+                            )
+                            .bind(&e.instance_id)
+                            .bind(e.at)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        // A node closing a gateway that failed fatally reports `closed` after
+                        // the `error`; the error must stay, or the bot would be leased again.
+                        "gateway" => {
+                            sqlx::query(
+                                "INSERT INTO instance_connections \
+                                 (instance_id, state, status_reason, wuid, profile_name, connection_at, qr_at, \
+                                 gateway_state, gateway_error, gateway_node_id, gateway_at) \
+                                 VALUES ($1, '', 0, '', '', 0, 0, $3, $4, $5, $2) ON CONFLICT (instance_id) DO UPDATE SET \
+                                 gateway_state = excluded.gateway_state, gateway_error = excluded.gateway_error, \
+                                 gateway_node_id = excluded.gateway_node_id, gateway_at = excluded.gateway_at \
+                                 WHERE excluded.gateway_at >= instance_connections.gateway_at \
+                                 AND NOT (instance_connections.gateway_state = 'error' AND excluded.gateway_state = 'closed')",
+                            )
+                            .bind(&e.instance_id)
+                            .bind(e.at)
+                            .bind(&e.state)
+                            .bind(&e.detail)
+                            .bind(&e.node_id)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        _ => {
+                            sqlx::query(
+                                "INSERT INTO instance_connections \
+                                 (instance_id, state, status_reason, wuid, profile_name, connection_at, qr_at) \
+                                 VALUES ($1, $3, $4, $5, $6, $2, 0) ON CONFLICT (instance_id) DO UPDATE SET \
+                                 state = excluded.state, status_reason = excluded.status_reason, wuid = excluded.wuid, \
+                                 profile_name = excluded.profile_name, connection_at = excluded.connection_at \
+                                 WHERE excluded.connection_at >= instance_connections.connection_at",
+                            )
+                            .bind(&e.instance_id)
+                            .bind(e.at)
+                            .bind(&e.state)
+                            .bind(e.status_reason)
+                            .bind(&e.wuid)
+                            .bind(&e.profile_name)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
                     }
-                    q.execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -1425,6 +1476,109 @@ macro_rules! sql_store {
                     })
                 })
                 .transpose()
+            }
+
+            async fn renew_gateway_leases(
+                &self,
+                node_id: &str,
+                now: i64,
+                ttl_ms: i64,
+                live_nodes: i64,
+            ) -> Result<Vec<String>> {
+                let expires_at = now + ttl_ms;
+                let mut tx = self.pool.begin().await?;
+                // A write first: on SQLite it takes the write lock before anything is read.
+                sqlx::query(&format!(
+                    "DELETE FROM gateway_leases WHERE node_id = $1 \
+                     AND instance_id NOT IN (SELECT i.id FROM {GATEWAY_SOURCES} WHERE {GATEWAY_ELIGIBLE})"
+                ))
+                .bind(node_id)
+                .execute(&mut *tx)
+                .await?;
+                // An expired lease is not renewed: another node may hold it by now. It can
+                // only be claimed again below, like any free bot.
+                let held = sqlx::query("UPDATE gateway_leases SET expires_at = $1 WHERE node_id = $2 AND expires_at > $3")
+                    .bind(expires_at)
+                    .bind(node_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected() as i64;
+                let eligible: i64 =
+                    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {GATEWAY_SOURCES} WHERE {GATEWAY_ELIGIBLE}"))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let nodes = live_nodes.max(1);
+                let mut wanted = (eligible + nodes - 1) / nodes - held;
+                if wanted > 0 {
+                    let candidates: Vec<String> = sqlx::query_scalar(&format!(
+                        "SELECT i.id FROM {GATEWAY_SOURCES} LEFT JOIN gateway_leases l ON l.instance_id = i.id \
+                         WHERE {GATEWAY_ELIGIBLE} AND (l.instance_id IS NULL OR l.expires_at <= $1) ORDER BY i.id"
+                    ))
+                    .bind(now)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for instance_id in candidates {
+                        // Taken only if still free or expired when the row is locked, so of two
+                        // control planes claiming it at once, one wins and the other skips it.
+                        let claimed = sqlx::query(
+                            "INSERT INTO gateway_leases (instance_id, node_id, expires_at, granted_at) \
+                             VALUES ($1, $2, $3, $4) ON CONFLICT (instance_id) DO UPDATE SET \
+                             node_id = excluded.node_id, expires_at = excluded.expires_at, granted_at = excluded.granted_at \
+                             WHERE gateway_leases.expires_at <= $4 RETURNING instance_id",
+                        )
+                        .bind(&instance_id)
+                        .bind(node_id)
+                        .bind(expires_at)
+                        .bind(now)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        if claimed.is_some() {
+                            wanted -= 1;
+                            if wanted == 0 {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let held: Vec<String> = sqlx::query_scalar(
+                    "SELECT instance_id FROM gateway_leases WHERE node_id = $1 AND expires_at > $2 ORDER BY instance_id",
+                )
+                .bind(node_id)
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(held)
+            }
+
+            async fn gateway_status(&self, instance_id: &str) -> Result<Option<GatewayStatusRecord>> {
+                let lease = sqlx::query("SELECT node_id, expires_at FROM gateway_leases WHERE instance_id = $1")
+                    .bind(instance_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                let report = sqlx::query(
+                    "SELECT gateway_state, gateway_error, gateway_node_id, gateway_at FROM instance_connections \
+                     WHERE instance_id = $1 AND gateway_at > 0",
+                )
+                .bind(instance_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                if lease.is_none() && report.is_none() {
+                    return Ok(None);
+                }
+                let mut status = GatewayStatusRecord::default();
+                if let Some(row) = lease {
+                    status.lease_node_id = row.try_get("node_id")?;
+                    status.lease_expires_at = row.try_get("expires_at")?;
+                }
+                if let Some(row) = report {
+                    status.state = row.try_get("gateway_state")?;
+                    status.error = row.try_get("gateway_error")?;
+                    status.node_id = row.try_get("gateway_node_id")?;
+                    status.at = row.try_get("gateway_at")?;
+                }
+                Ok(Some(status))
             }
 
             async fn try_lease(&self, name: &str, holder: &str, now: i64, expires_at: i64) -> Result<bool> {

@@ -25,6 +25,11 @@ use tonic::{Request, Response, Status, Streaming};
 pub use convert::instance_config_to_pb;
 use dispatch::Dispatcher;
 
+pub const DEFAULT_GATEWAY_LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// Longest gateway report detail kept (a close reason).
+const MAX_EVENT_DETAIL: usize = 1024;
+
 #[derive(Debug, Clone, Copy)]
 pub struct SyncSettings {
     /// How often an idle stream carries Progress (and the node a heartbeat).
@@ -37,6 +42,9 @@ pub struct SyncSettings {
     pub changes_window: i64,
     /// A node further behind than this gets a snapshot instead of the changes.
     pub max_catch_up: i64,
+    /// How long a Discord gateway lease holds unless renewed: after losing the control plane
+    /// this long, a node closes its gateways, and then another node may take them.
+    pub gateway_lease_ttl: Duration,
 }
 
 impl Default for SyncSettings {
@@ -47,6 +55,7 @@ impl Default for SyncSettings {
             snapshot_chunk: 500,
             changes_window: 500,
             max_catch_up: 5_000,
+            gateway_lease_ttl: DEFAULT_GATEWAY_LEASE_TTL,
         }
     }
 }
@@ -139,10 +148,18 @@ impl NodeSyncService for SyncApi {
         if report.events.len() > MAX_TRACE_EVENTS {
             return Err(Status::invalid_argument(format!("at most {MAX_TRACE_EVENTS} events per report")));
         }
+        let now = now_millis();
         let events: Vec<InstanceEventRecord> = report
             .events
             .into_iter()
-            .filter(|e| !e.instance_id.is_empty() && matches!(e.kind.as_str(), "connection" | "qrcode"))
+            .filter(|e| {
+                !e.instance_id.is_empty()
+                    && match e.kind.as_str() {
+                        "connection" | "qrcode" => true,
+                        "gateway" => matches!(e.state.as_str(), "connecting" | "ready" | "error" | "closed"),
+                        _ => false,
+                    }
+            })
             .map(|e| InstanceEventRecord {
                 instance_id: e.instance_id,
                 kind: e.kind,
@@ -150,7 +167,10 @@ impl NodeSyncService for SyncApi {
                 status_reason: i64::from(e.status_reason),
                 wuid: e.wuid,
                 profile_name: e.profile_name,
-                at: e.time_unix_ms,
+                // Time 0 is "never" to the store; an untimed event happened by now.
+                at: if e.time_unix_ms > 0 { e.time_unix_ms } else { now },
+                detail: e.detail.chars().take(MAX_EVENT_DETAIL).collect(),
+                node_id: report.node_id.clone(),
             })
             .collect();
         self.store.record_instance_events(&events).await.map_err(crate::api::error::ApiError::from)?;
@@ -314,13 +334,45 @@ impl Session {
             }
             Some(watch_request::Kind::Heartbeat(beat)) => {
                 self.applied.store(beat.applied_revision, Ordering::Relaxed);
-                self.store.node_seen(&self.node_id, now).await?
+                self.store.node_seen(&self.node_id, now).await?;
+                // Nodes number heartbeats from 1. One that does not predates leases: it would
+                // read the answer as an empty message and drop the stream.
+                if beat.sequence > 0 {
+                    self.answer_with_leases(beat.sequence).await?;
+                }
             }
             Some(watch_request::Kind::Hello(_)) | None => {
                 return Err(End::Error(Status::invalid_argument("unexpected message on an open config stream")));
             }
         }
         Ok(())
+    }
+
+    /// Renews the node's Discord gateway leases and sends it the whole set it now holds (empty:
+    /// close them all). When the store fails the heartbeat goes unanswered: the node's leases
+    /// then run out on their own, which is safe, where ending the stream would gain nothing.
+    async fn answer_with_leases(&self, sequence: u64) -> Result<(), End> {
+        let ttl_ms = i64::try_from(self.settings.gateway_lease_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let timeout_ms = i64::try_from(self.settings.node_timeout.as_millis()).unwrap_or(i64::MAX / 2);
+        let now = now_millis();
+        let renewed = match self.store.count_live_nodes(now - timeout_ms).await {
+            Ok(live) => self.store.renew_gateway_leases(&self.node_id, now, ttl_ms, live).await,
+            Err(e) => Err(e),
+        };
+        match renewed {
+            Ok(instance_ids) => {
+                self.send(watch_response::Kind::Leases(pb::GatewayLeases {
+                    heartbeat_sequence: sequence,
+                    ttl_ms,
+                    instance_ids,
+                }))
+                .await
+            }
+            Err(e) => {
+                tracing::warn!(node_id = %self.node_id, error = %e, "could not renew gateway leases; heartbeat unanswered");
+                Ok(())
+            }
+        }
     }
 
     async fn send(&self, kind: watch_response::Kind) -> Result<(), End> {

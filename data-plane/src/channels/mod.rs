@@ -1,7 +1,13 @@
 //! Channels: each turns its platform's payloads into [`Inbound`] messages and sends replies.
+//! Everything after that (spool, access, agent, splitting, traces) is one pipeline for all.
 
+pub mod discord;
 pub mod evolution;
+pub mod ingest;
+pub mod slack;
 
+use crate::pipeline::split;
+use omni_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 /// One inbound message, normalized, as it waits in the spool.
@@ -11,10 +17,13 @@ pub struct Inbound {
     pub id: String,
     pub instance: String,
     pub instance_id: String,
-    /// The channel's id of the message (Evolution: `key.id`).
+    /// The channel's id of the message (Evolution: `key.id`; Slack: `ts`; Discord: message id).
     pub external_id: String,
     /// Where replies go: the JID (or channel id) the message came from.
     pub conversation: String,
+    /// The thread replies join (Slack: the thread's `ts`); empty where the channel has none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub thread: String,
     /// Who wrote it, as access rules and users know them: a phone number when the channel
     /// reveals one, else the channel's user id.
     pub sender: String,
@@ -49,5 +58,132 @@ impl Inbound {
     /// Conversations are processed one message at a time, in order; this names one.
     pub fn conversation_key(&self) -> String {
         format!("{}\u{0}{}", self.instance, self.conversation)
+    }
+}
+
+/// How a send to a channel went wrong. What matters to callers is whether the message may
+/// have gone out: a send whose outcome is unknown is never repeated.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The request never left (or the channel said it did nothing): safe to try again.
+    #[error("{0} unreachable: {1}")]
+    NotSent(&'static str, String),
+    /// It may or may not have been delivered: never resend.
+    #[error("no answer from {0}: {1}")]
+    Unknown(&'static str, String),
+    /// The channel refused it; nothing was delivered.
+    #[error("{0} refused the message: {1}")]
+    Refused(&'static str, String),
+}
+
+impl SendError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, SendError::NotSent(..))
+    }
+
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, SendError::Unknown(..))
+    }
+}
+
+/// The channel an instance speaks.
+pub fn channel_of(instance: &pb::InstanceConfig) -> pb::Channel {
+    pb::Channel::try_from(instance.channel).unwrap_or(pb::Channel::Unspecified)
+}
+
+pub fn channel_name(channel: pb::Channel) -> &'static str {
+    match channel {
+        pb::Channel::Whatsapp => "whatsapp",
+        pb::Channel::Slack => "slack",
+        pb::Channel::Discord => "discord",
+        pb::Channel::Unspecified => "unknown",
+    }
+}
+
+/// The clients of every channel: one place that sends, splits and shows typing the way the
+/// instance's channel wants.
+#[derive(Clone)]
+pub struct Channels {
+    pub evolution: evolution::send::EvolutionClient,
+    pub slack: slack::client::SlackClient,
+    pub discord: discord::client::DiscordClients,
+}
+
+impl Channels {
+    /// The reply cut into chunks the channel accepts (Discord keeps code fences balanced).
+    pub fn split(&self, instance: &pb::InstanceConfig, text: &str) -> Vec<String> {
+        let default = if channel_of(instance) == pb::Channel::Discord { 2000 } else { 4000 };
+        let limit = instance.behavior.as_ref().map(|b| b.split_limit as usize).filter(|l| *l > 0).unwrap_or(default);
+        match channel_of(instance) {
+            pb::Channel::Discord => split::split_code_aware(text, limit.min(2000)),
+            _ => split::split(text, limit),
+        }
+    }
+
+    /// Sends one chunk to `to` (a JID or a channel id), in `thread` where the channel has
+    /// threads. Returns the channel's id of the message sent.
+    pub async fn send_text(
+        &self,
+        instance: &pb::InstanceConfig,
+        to: &str,
+        thread: &str,
+        text: &str,
+    ) -> Result<String, SendError> {
+        match channel_of(instance) {
+            pb::Channel::Whatsapp => {
+                let evolution = instance.evolution.clone().unwrap_or_default();
+                self.evolution.send_text(&evolution, to, text).await
+            }
+            pb::Channel::Slack => {
+                let token = instance.slack.as_ref().map(|s| s.bot_token.as_str()).unwrap_or_default();
+                self.slack.post_message(token, to, thread, text).await
+            }
+            pb::Channel::Discord => self.discord.for_instance(instance)?.send_text(to, text).await,
+            pb::Channel::Unspecified => Err(SendError::Refused("channel", "the instance has no channel".into())),
+        }
+    }
+
+    /// Sends one file with a caption.
+    pub async fn send_media(
+        &self,
+        instance: &pb::InstanceConfig,
+        to: &str,
+        media: &pb::OutboundMedia,
+        caption: &str,
+    ) -> Result<String, SendError> {
+        match channel_of(instance) {
+            pb::Channel::Whatsapp => {
+                let evolution = instance.evolution.clone().unwrap_or_default();
+                self.evolution.send_media(&evolution, to, media, caption).await
+            }
+            pb::Channel::Slack => {
+                let token = instance.slack.as_ref().map(|s| s.bot_token.as_str()).unwrap_or_default();
+                self.slack.send_media(token, to, media, caption).await
+            }
+            pb::Channel::Discord => self.discord.for_instance(instance)?.send_media(to, media, caption).await,
+            pb::Channel::Unspecified => Err(SendError::Refused("channel", "the instance has no channel".into())),
+        }
+    }
+
+    /// Shows "typing" in the conversation while the agent works (best effort; the caller
+    /// aborts it when the answer is there).
+    pub async fn typing(&self, instance: &pb::InstanceConfig, to: &str) {
+        match channel_of(instance) {
+            pb::Channel::Whatsapp => {
+                let evolution = instance.evolution.clone().unwrap_or_default();
+                self.evolution.typing(&evolution, to, 15_000).await
+            }
+            // Discord shows typing for ten seconds per trigger.
+            pb::Channel::Discord => {
+                if let Ok(client) = self.discord.for_instance(instance) {
+                    loop {
+                        client.typing(to).await;
+                        tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+                    }
+                }
+            }
+            // Slack has no typing indicator for bots on the Web API.
+            pb::Channel::Slack | pb::Channel::Unspecified => {}
+        }
     }
 }

@@ -12,8 +12,7 @@ pub mod outbound;
 pub mod split;
 
 use crate::agent::{AgentClient, AgentError, Caller};
-use crate::channels::Inbound;
-use crate::channels::evolution::send::EvolutionClient;
+use crate::channels::{Channels, Inbound, channel_name, channel_of};
 use crate::config::ConfigHandle;
 use crate::spool::{Op, Outcome, SendState, Spool};
 use crate::traces::{Recorder, now_ms};
@@ -77,7 +76,7 @@ pub struct Pipeline {
     spool: Spool,
     config: Arc<ConfigHandle>,
     agent: AgentClient,
-    evolution: EvolutionClient,
+    channels: Channels,
     tenant_concurrency: usize,
     conversations: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -127,20 +126,6 @@ fn action_of(value: i32) -> Action {
     if value == pb::AccessAction::Block as i32 { Action::Block } else { Action::Allow }
 }
 
-/// The longest reply chunk the instance allows.
-fn split_limit(instance: &pb::InstanceConfig) -> usize {
-    instance.behavior.as_ref().map_or(4000, |b| b.split_limit) as usize
-}
-
-fn channel_name(instance: &pb::InstanceConfig) -> &'static str {
-    match pb::Channel::try_from(instance.channel) {
-        Ok(pb::Channel::Whatsapp) => "whatsapp",
-        Ok(pb::Channel::Slack) => "slack",
-        Ok(pb::Channel::Discord) => "discord",
-        _ => "unknown",
-    }
-}
-
 /// The instance's secrets, to be kept out of trace payloads whatever carries them.
 pub fn secrets_of(instance: &pb::InstanceConfig) -> Vec<String> {
     let mut secrets = vec![instance.webhook_token.clone()];
@@ -164,14 +149,14 @@ impl Pipeline {
         spool: Spool,
         config: Arc<ConfigHandle>,
         agent: AgentClient,
-        evolution: EvolutionClient,
+        channels: Channels,
         tenant_concurrency: usize,
     ) -> Pipeline {
         Pipeline {
             spool,
             config,
             agent,
-            evolution,
+            channels,
             tenant_concurrency: tenant_concurrency.max(1),
             conversations: Mutex::new(HashMap::new()),
             tenants: Mutex::new(HashMap::new()),
@@ -279,7 +264,7 @@ impl Pipeline {
             .and_then(|c| c.instances.get(&job.inbound.instance).cloned())
             .filter(|i| i.id == job.inbound.instance_id);
         let secrets = instance.as_deref().map(secrets_of).unwrap_or_default();
-        let channel = instance.as_deref().map_or("unknown", channel_name);
+        let channel = instance.as_deref().map_or("unknown", |i| channel_name(channel_of(i)));
         let mut trace = Recorder::new(&job.inbound, job.attempt, &secrets);
         let mut pending = Pending::default();
         let (ending, chunks) = match instance {
@@ -320,7 +305,6 @@ impl Pipeline {
         pending
             .add([trace.stage("access", TraceStatus::Processing, now_ms(), format!("allowed by {why}")).encode()], []);
 
-        let evolution = instance.evolution.clone().unwrap_or_default();
         // Only a resumed message can have an answer from before; a fresh one skips the read.
         let kept = if job.attempt > 0 { self.spool.answer(&inbound.id).await.ok().flatten() } else { None };
         let answer = match kept {
@@ -329,9 +313,9 @@ impl Pipeline {
                 pending.add([trace.stage("agent_response", TraceStatus::Processing, now_ms(), note).encode()], []);
                 kept
             }
-            None => match self.ask_agent(inbound, instance, &evolution, trace, pending).await {
+            None => match self.ask_agent(inbound, instance, trace, pending).await {
                 Ok(text) => text,
-                Err(error) => return self.fall_back(job, instance, &evolution, error, trace, pending).await,
+                Err(error) => return self.fall_back(job, instance, error, trace, pending).await,
             },
         };
         let text = answer.trim();
@@ -341,7 +325,7 @@ impl Pipeline {
         if text.starts_with("AUTOMAGIK:") {
             return (Ending::ignored("the agent suppressed the answer (AUTOMAGIK: prefix)"), 0);
         }
-        self.deliver(job, instance, &evolution, text, trace, pending).await
+        self.deliver(job, instance, text, trace, pending).await
     }
 
     /// Calls the agent (with a typing indicator meanwhile) and records the exchange; the answer
@@ -350,20 +334,20 @@ impl Pipeline {
         &self,
         inbound: &Inbound,
         instance: &pb::InstanceConfig,
-        evolution: &pb::NodeEvolution,
         trace: &mut Recorder<'_>,
         pending: &mut Pending,
     ) -> Result<String, AgentError> {
         let typing = instance.behavior.as_ref().and_then(|b| b.typing_indicator).unwrap_or(true).then(|| {
-            let (client, evolution, number) = (self.evolution.clone(), evolution.clone(), inbound.conversation.clone());
-            tokio::spawn(async move { client.typing(&evolution, &number, 15_000).await })
+            let (channels, instance, to) = (self.channels.clone(), instance.clone(), inbound.conversation.clone());
+            tokio::spawn(async move { channels.typing(&instance, &to).await })
         });
         let agent = instance.agent.clone().unwrap_or_default();
+        let channel = channel_name(channel_of(instance));
         let user = user_id(&inbound.instance_id, &inbound.sender);
         let session = session_name(&inbound.instance, &inbound.sender);
         let started = now_ms();
         let called =
-            self.agent.call(&agent, inbound, &Caller { user_id: &user, session_name: &session }, "whatsapp").await;
+            self.agent.call(&agent, inbound, &Caller { user_id: &user, session_name: &session }, channel).await;
         let agent_ms = now_ms() - started;
         self.stats.agent_latency.observe(Duration::from_millis(agent_ms.max(0) as u64));
         if let Some(typing) = typing {
@@ -403,7 +387,6 @@ impl Pipeline {
         &self,
         job: &Job,
         instance: &pb::InstanceConfig,
-        evolution: &pb::NodeEvolution,
         error: AgentError,
         trace: &mut Recorder<'_>,
         pending: &mut Pending,
@@ -413,7 +396,7 @@ impl Pipeline {
             return (Ending::failed("agent_request", error), 0);
         }
         pending.add([], [Op::Answer { id: job.inbound.id.clone(), text: fallback.to_owned() }]);
-        let (ending, chunks) = self.deliver(job, instance, evolution, fallback, trace, pending).await;
+        let (ending, chunks) = self.deliver(job, instance, fallback, trace, pending).await;
         match ending.status {
             TraceStatus::Completed => (Ending::failed("agent_request", format!("{error}; fallback text sent")), chunks),
             _ => (ending, chunks),
@@ -425,13 +408,12 @@ impl Pipeline {
         &self,
         job: &Job,
         instance: &pb::InstanceConfig,
-        evolution: &pb::NodeEvolution,
         text: &str,
         trace: &mut Recorder<'_>,
         pending: &mut Pending,
     ) -> (Ending, u32) {
         let (inbound, resumed) = (&job.inbound, job.attempt > 0);
-        let chunks = split::split(text, split_limit(instance));
+        let chunks = self.channels.split(instance, text);
         let count = chunks.len() as u32;
         let mut problem: Option<Ending> = None;
         for (i, chunk) in chunks.iter().enumerate() {
@@ -462,8 +444,8 @@ impl Pipeline {
                 return (Ending::failed("send_chunk", "could not record the send intent"), count);
             }
             let started = now_ms();
-            let sent = self.evolution.send_text(evolution, &inbound.conversation, chunk).await;
-            let payload = json!({ "number": inbound.conversation, "text": chunk });
+            let sent = self.channels.send_text(instance, &inbound.conversation, &inbound.thread, chunk).await;
+            let payload = json!({ "to": inbound.conversation, "text": chunk });
             let (state, event) = match &sent {
                 Ok(message_id) => (
                     SendState::Sent,

@@ -3,9 +3,8 @@
 //! message (the trace's stages go to the spool's outbox and on to the control plane). A send is
 //! at most once: a chunk whose outcome is unknown is reported as such, never retried.
 
-use super::{Pipeline, secrets_of, split, split_limit};
-use crate::channels::Inbound;
-use crate::channels::evolution::send::SendError;
+use super::{Pipeline, secrets_of};
+use crate::channels::{Inbound, channel_of};
 use crate::spool::Op;
 use crate::traces::{Recorder, now_ms};
 use omni_proto::v1::{self as pb, TraceStatus};
@@ -54,9 +53,6 @@ impl Pipeline {
         if !instance.active {
             return failure(&command.id, "the instance is inactive", false);
         }
-        let Some(evolution) = instance.evolution.clone() else {
-            return failure(&command.id, "the instance has no Evolution settings", false);
-        };
         let now = now_ms();
         let media = command.media.as_ref();
         let mut raw = json!({ "to": command.to, "text": command.text });
@@ -77,12 +73,13 @@ impl Pipeline {
             message_type: if media.is_some() { "outbound_media".into() } else { "outbound_text".into() },
             media: Vec::new(),
             is_group: command.to.ends_with("@g.us"),
+            thread: String::new(),
             sent_at: now / 1000,
             received_at: now,
             raw,
         };
         let secrets = secrets_of(&instance);
-        let mut trace = Recorder::arrival(&message, pb::Channel::Whatsapp, &secrets);
+        let mut trace = Recorder::arrival(&message, channel_of(&instance), &secrets);
         let request =
             trace.stage("send_request", TraceStatus::Processing, now, "from the API").payload(&message.raw).encode();
         // Durable before anything leaves: after a crash mid-send, the trace shows a send began.
@@ -95,24 +92,24 @@ impl Pipeline {
         let mut problem: Option<(String, bool)> = None;
         let parts: Vec<String> = match media {
             Some(_) => vec![command.text.clone()],
-            None => split::split(&command.text, split_limit(&instance)),
+            None => self.channels.split(&instance, &command.text),
         };
         for (i, part) in parts.iter().enumerate() {
             let label = format!("chunk {}/{}", i + 1, parts.len());
             let started = now_ms();
             let sent = match media {
-                Some(m) => self.evolution.send_media(&evolution, &command.to, m, part).await,
-                None => self.evolution.send_text(&evolution, &command.to, part).await,
+                Some(m) => self.channels.send_media(&instance, &command.to, m, part).await,
+                None => self.channels.send_text(&instance, &command.to, "", part).await,
             };
             let stage = trace.stage("send_chunk", TraceStatus::Processing, now_ms(), label.clone());
-            let stage = stage.payload(&json!({ "number": command.to, "text": part })).duration(now_ms() - started);
+            let stage = stage.payload(&json!({ "to": command.to, "text": part })).duration(now_ms() - started);
             match sent {
                 Ok(id) => {
                     stages.push(stage.encode());
                     message_ids.push(id);
                 }
                 Err(e) => {
-                    let unknown = matches!(e, SendError::Unknown(_));
+                    let unknown = e.outcome_unknown();
                     stages.push(stage.error(&e).encode());
                     problem = Some((format!("{label}: {e}"), unknown));
                     break;

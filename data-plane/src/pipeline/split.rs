@@ -28,6 +28,48 @@ pub fn split(text: &str, limit: usize) -> Vec<String> {
     chunks
 }
 
+/// Room kept in each chunk for a closing fence and a reopened one with its language.
+const FENCE_RESERVE: usize = 24;
+const MAX_FENCE_LANGUAGE: usize = 16;
+
+/// Like [`split`], but a code block cut between chunks is closed at the end of one and opened
+/// again (same language) at the start of the next, so each chunk renders on its own.
+pub fn split_code_aware(text: &str, limit: usize) -> Vec<String> {
+    let text = text.trim();
+    if text.chars().count() <= limit {
+        return if text.is_empty() { Vec::new() } else { vec![text.to_owned()] };
+    }
+    let mut open: Option<&str> = None;
+    split(text, limit.saturating_sub(FENCE_RESERVE).max(1))
+        .iter()
+        .map(|piece| {
+            let mut chunk = String::with_capacity(piece.len() + FENCE_RESERVE);
+            if let Some(language) = open {
+                chunk.push_str("```");
+                chunk.push_str(language);
+                chunk.push('\n');
+            }
+            chunk.push_str(piece);
+            let mut rest = piece.as_str();
+            while let Some(at) = rest.find("```") {
+                rest = &rest[at + 3..];
+                open = match open {
+                    Some(_) => None,
+                    None => {
+                        let language = rest.split('\n').next().unwrap_or_default().trim();
+                        let fits = language.len() <= MAX_FENCE_LANGUAGE && !language.contains('`');
+                        Some(if fits { language } else { "" })
+                    }
+                };
+            }
+            if open.is_some() {
+                chunk.push_str("\n```");
+            }
+            chunk
+        })
+        .collect()
+}
+
 /// The byte offset just after the last of `separators` that ends at or after `from`.
 fn last_boundary(window: &str, from: usize, separators: &[&str]) -> Option<usize> {
     separators
@@ -40,6 +82,22 @@ fn last_boundary(window: &str, from: usize, separators: &[&str]) -> Option<usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_fences_stay_balanced_across_chunks() {
+        let code: String = (0..120).map(|i| format!("let line_{i} = {i};\n")).collect();
+        let text = format!("Here is the code:\n\n```rust\n{code}```\n\nThat is all.");
+        let chunks = split_code_aware(&text, 500);
+        assert!(chunks.len() > 3, "{}", chunks.len());
+        for chunk in &chunks {
+            assert!(chunk.chars().count() <= 500, "{} characters", chunk.chars().count());
+            assert_eq!(chunk.matches("```").count() % 2, 0, "unbalanced chunk: {chunk}");
+        }
+        assert!(chunks[1].starts_with("```rust\n"), "reopened with its language: {}", chunks[1]);
+        let rejoined: String = chunks.concat();
+        assert_eq!(rejoined.matches("let line_").count(), 120, "no code lost");
+        assert_eq!(split_code_aware("short ```x``` text", 2000), vec!["short ```x``` text".to_owned()]);
+    }
 
     #[test]
     fn short_text_is_one_chunk() {

@@ -243,6 +243,7 @@ fn message(
             instance_id: instance_id.to_owned(),
             external_id: external_id.to_owned(),
             conversation: remote_jid.to_owned(),
+            thread: String::new(),
             sender: sender.to_owned(),
             sender_name: str_at(item, &["pushName"]).to_owned(),
             text,

@@ -1,6 +1,7 @@
 //! Sending through a tenant's Evolution server: `sendText` per chunk, `sendMedia`, and a typing
 //! presence.
 
+use crate::channels::SendError;
 use omni_core::errors::root_cause;
 use omni_proto::v1 as pb;
 use serde_json::{Value, json};
@@ -8,23 +9,7 @@ use std::time::Duration;
 
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// The request never left: safe to try again.
-    #[error("Evolution unreachable: {0}")]
-    NotSent(String),
-    /// It may or may not have been delivered: never resend.
-    #[error("no answer from Evolution: {0}")]
-    Unknown(String),
-    #[error("Evolution answered HTTP {status}: {body}")]
-    Refused { status: u16, body: String },
-}
-
-impl SendError {
-    pub fn retryable(&self) -> bool {
-        matches!(self, SendError::NotSent(_))
-    }
-}
+const SERVICE: &str = "Evolution";
 
 #[derive(Clone)]
 pub struct EvolutionClient {
@@ -112,7 +97,11 @@ impl EvolutionClient {
             .send()
             .await
             .map_err(|e| {
-                if e.is_connect() { SendError::NotSent(root_cause(&e)) } else { SendError::Unknown(root_cause(&e)) }
+                if e.is_connect() {
+                    SendError::NotSent(SERVICE, root_cause(&e))
+                } else {
+                    SendError::Unknown(SERVICE, root_cause(&e))
+                }
             })?;
         let status = response.status().as_u16();
         let answer = response.text().await.unwrap_or_default();
@@ -127,8 +116,8 @@ impl EvolutionClient {
         }
         Err(match status {
             // A gateway in front of Evolution gave up waiting: the message may have gone out.
-            502 | 504 => SendError::Unknown(format!("HTTP {status}: {quoted}")),
-            _ => SendError::Refused { status, body: quoted },
+            502 | 504 => SendError::Unknown(SERVICE, format!("HTTP {status}: {quoted}")),
+            _ => SendError::Refused(SERVICE, format!("HTTP {status}: {quoted}")),
         })
     }
 

@@ -4,17 +4,14 @@
 //! and retries everything else, so a 503 (spool or config unavailable) is redelivered later.
 
 use super::parse::{Event, ignore_reason, parse};
-use crate::channels::Inbound;
+use crate::channels::ingest::{Candidate, Counts};
 use crate::connection_events;
 use crate::http::NodeState;
-use crate::pipeline::{Job, secrets_of};
-use crate::spool::{Op, Outcome};
-use crate::traces::{Recorder, now_ms};
+use crate::traces::now_ms;
 use axum::http::StatusCode;
 use omni_core::crypto::constant_time_eq;
-use omni_proto::v1::{self as pb, TraceStatus};
+use omni_proto::v1 as pb;
 use serde_json::{Value, json};
-use std::sync::atomic::Ordering;
 
 pub const TOKEN_HEADER: &str = "x-omni-webhook-token";
 
@@ -50,69 +47,27 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
     };
 
     let behavior = instance.behavior.clone().unwrap_or_default();
-    let secrets = secrets_of(&instance);
-    let mut ops = Vec::with_capacity(messages.len());
-    let mut answered = Vec::new();
-    for message in messages {
-        let mut trace = Recorder::arrival(&message.inbound, pb::Channel::Whatsapp, &secrets);
-        let received = trace.stage("received", TraceStatus::Received, now, "").payload(&message.inbound.raw).encode();
-        let verdict = if instance.active {
-            ignore_reason(&message, behavior.reply_to_all_group_messages, behavior.max_message_age_seconds, now / 1000)
-        } else {
-            Some("the instance is inactive")
-        };
-        if let Some(reason) = verdict {
-            ops.push(Op::Trace(vec![received, trace.stage("ignored", TraceStatus::Ignored, now, reason).encode()]));
-            continue;
+    let candidates = messages
+        .into_iter()
+        .map(|message| {
+            let ignore = ignore_reason(
+                &message,
+                behavior.reply_to_all_group_messages,
+                behavior.max_message_age_seconds,
+                now / 1000,
+            );
+            let inbound = message.inbound;
+            let dedupe_key = format!("{}\u{0}{}", inbound.conversation, inbound.external_id);
+            Candidate { inbound, ignore: ignore.map(str::to_owned), dedupe_key }
+        })
+        .collect();
+    match state.intake.accept(&instance, pb::Channel::Whatsapp, candidates).await {
+        Ok(Counts { accepted, duplicates, ignored }) => {
+            (StatusCode::OK, json!({ "accepted": accepted, "duplicates": duplicates, "ignored": ignored }))
         }
-        ops.push(Op::Accept {
-            dedupe_key: format!(
-                "{}\u{0}{}\u{0}{}",
-                instance.id, message.inbound.conversation, message.inbound.external_id
-            ),
-            now_ms: now,
-            message: serde_json::to_vec(&message.inbound).expect("messages serialize"),
-            trace: vec![received],
-        });
-        answered.push((ops.len() - 1, message.inbound));
-    }
-    let total = ops.len();
-    let outcomes = match state.spool.commit(ops).await {
-        Ok(outcomes) => outcomes,
         Err(e) => {
             tracing::error!(error = %e, "webhook not accepted: spool unavailable");
-            return (StatusCode::SERVICE_UNAVAILABLE, json!({ "error": "temporarily unable to accept messages" }));
-        }
-    };
-    state.pipeline.trace_wake.notify_one();
-    let (mut accepted, mut duplicates) = (0, 0);
-    let mut duplicate_traces = Vec::new();
-    for (index, inbound) in answered {
-        match outcomes[index] {
-            Outcome::Accepted { seq } => {
-                accepted += 1;
-                state.pipeline.submit(Job { seq, inbound, attempt: 0 });
-            }
-            _ => {
-                duplicates += 1;
-                // A redelivery gets a trace of its own, which says what it duplicates.
-                let duplicate = Inbound { id: new_id(), ..inbound };
-                let why = format!("duplicate delivery of {}", duplicate.external_id);
-                let mut trace = Recorder::arrival(&duplicate, pb::Channel::Whatsapp, &secrets);
-                duplicate_traces
-                    .push(trace.stage("received", TraceStatus::Received, now, "").payload(&duplicate.raw).encode());
-                duplicate_traces.push(trace.stage("ignored", TraceStatus::Ignored, now, why).encode());
-            }
+            (StatusCode::SERVICE_UNAVAILABLE, json!({ "error": "temporarily unable to accept messages" }))
         }
     }
-    if !duplicate_traces.is_empty()
-        && let Err(e) = state.spool.commit(vec![Op::Trace(duplicate_traces)]).await
-    {
-        tracing::warn!(error = %e, "could not record duplicate deliveries");
-    }
-    let ignored = total - accepted - duplicates;
-    state.ingest.accepted.fetch_add(accepted as u64, Ordering::Relaxed);
-    state.ingest.duplicates.fetch_add(duplicates as u64, Ordering::Relaxed);
-    state.ingest.ignored.fetch_add(ignored as u64, Ordering::Relaxed);
-    (StatusCode::OK, json!({ "accepted": accepted, "duplicates": duplicates, "ignored": ignored }))
 }

@@ -1,0 +1,246 @@
+//! Discord through the real binaries: gateways leased to one node at a time, messages in over
+//! the gateway, replies out through the REST API (both loopback fakes of Discord), traced.
+
+use omni_tests::discord::{FakeDiscord, dm_message, guild_message, snowflake};
+use omni_tests::fakes::FakeAgent;
+use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, Outcome, omnictl};
+use omni_tests::{free_port, wait_for};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+
+/// Short leases so that failover and lease expiry happen within a test.
+const LEASE_TTL: &str = "2s";
+
+async fn control_plane(dir: &Path, listen: &str) -> ControlPlane {
+    let options = ControlPlaneOptions {
+        listen: Some(listen.to_owned()),
+        extra_args: vec!["--gateway-lease-ttl".into(), LEASE_TTL.into()],
+        ..Default::default()
+    };
+    ControlPlane::start(&dir.join("cp"), &options).await
+}
+
+async fn node(dir: &Path, cp: &ControlPlane, discord: &FakeDiscord, id: &str) -> DataPlane {
+    let options = DataPlaneOptions {
+        control_plane: cp.url(),
+        node_token: cp.node_token(),
+        node_id: Some(id.to_owned()),
+        env: vec![
+            ("OMNI_DISCORD_GATEWAY_URL".into(), discord.gateway_url.clone()),
+            ("OMNI_DISCORD_API_URL".into(), discord.api_url.clone()),
+        ],
+        ..Default::default()
+    };
+    let node = DataPlane::start(&dir.join(id), &options).await;
+    node.wait_for_revision(0).await;
+    node
+}
+
+fn admin(cp: &ControlPlane) -> String {
+    std::fs::read_to_string(cp.data_dir.join("admin-api-key")).unwrap().trim().to_owned()
+}
+
+async fn ctl(cp: &ControlPlane, args: &[&str]) -> Outcome {
+    omnictl(&cp.url(), &admin(cp), args).await
+}
+
+async fn create_bot(cp: &ControlPlane, name: &str, agent: &FakeAgent, token: &str) -> i64 {
+    #[rustfmt::skip]
+    let created = ctl(cp, &[
+        "instance", "create", name, "--channel", "discord", "--agent-url", &agent.url, "--discord-token", token, "-o", "json",
+    ]).await.json();
+    created["instance"]["revision"].as_i64().unwrap_or_else(|| panic!("{created}"))
+}
+
+async fn status(cp: &ControlPlane, name: &str) -> Value {
+    ctl(cp, &["instance", "status", name, "-o", "json"]).await.json()
+}
+
+async fn wait_live(discord: &FakeDiscord, tokens: &[&str]) {
+    wait_for(&format!("gateways of {tokens:?} to be up"), Duration::from_secs(20), || async {
+        tokens.iter().all(|t| discord.live(t)).then_some(())
+    })
+    .await
+}
+
+async fn replies(discord: &FakeDiscord, channel: &str, n: usize) -> Vec<omni_tests::discord::DiscordPost> {
+    wait_for(&format!("{n} replies in channel {channel}"), Duration::from_secs(15), || async {
+        let posts: Vec<_> = discord.messages().into_iter().filter(|p| p.channel_id == channel).collect();
+        (posts.len() >= n).then_some(posts)
+    })
+    .await
+}
+
+async fn finished_traces(cp: &ControlPlane, instance: &str, n: usize) -> Vec<Value> {
+    wait_for(&format!("{n} finished traces of {instance}"), Duration::from_secs(15), || async {
+        let traces = ctl(cp, &["trace", "list", "--instance", instance, "-o", "json"]).await.json();
+        let traces = traces.as_array().cloned().unwrap_or_default();
+        let done = traces.iter().filter(|t| !matches!(t["status"].as_str(), Some("received" | "processing"))).count();
+        (done >= n).then_some(traces)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_bots_answer_dms_and_mentions_once_per_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let discord = FakeDiscord::start().await;
+    discord.bot("acme-token", "999", "acmebot");
+    discord.bot("beta-token", "888", "betabot");
+    discord.reject_token("bad-token", 4004);
+    let cp = control_plane(dir.path(), &format!("127.0.0.1:{}", free_port())).await;
+    let node = node(dir.path(), &cp, &discord, "node-a").await;
+    let (acme_agent, beta_agent) = (FakeAgent::start().await, FakeAgent::start().await);
+    let fence = format!("Here:\n\n```rust\n{}```", "let x = 1;\n".repeat(300));
+    let long_answer = fence.clone();
+    acme_agent.script(move |body| {
+        let text = body["message"].as_str().unwrap_or_default();
+        let answer = if text == "code please" { long_answer.clone() } else { format!("echo: {text}") };
+        (200, json!({ "message": answer }), Duration::ZERO)
+    });
+    beta_agent.script(|body| {
+        (200, json!({ "message": format!("beta: {}", body["message"].as_str().unwrap()) }), Duration::ZERO)
+    });
+    create_bot(&cp, "acme-discord", &acme_agent, "acme-token").await;
+    let revision = create_bot(&cp, "beta-discord", &beta_agent, "beta-token").await;
+    node.wait_for_revision(revision).await;
+    wait_live(&discord, &["acme-token", "beta-token"]).await;
+    assert_eq!(discord.intents("acme-token"), [37376], "GUILD_MESSAGES | DIRECT_MESSAGES | MESSAGE_CONTENT");
+    let shown = wait_for("status to show the gateway ready", Duration::from_secs(10), || async {
+        let s = status(&cp, "acme-discord").await;
+        (s["gateway_state"] == "ready").then_some(s)
+    })
+    .await;
+    assert_eq!(shown["node_id"], "node-a", "{shown}");
+
+    // A DM, a mention (stripped), chatter without a mention, another bot: two answers.
+    let dm_id = snowflake();
+    assert!(discord.dispatch_message("acme-token", dm_message(&dm_id, "501", "42", "alice", "hello")));
+    let mention =
+        guild_message(&snowflake(), "502", "456", "42", "alice", "<@999> how are you?", &[("999", "acmebot")], false);
+    assert!(discord.dispatch_message("acme-token", mention));
+    discord.dispatch_message(
+        "acme-token",
+        guild_message(&snowflake(), "502", "456", "42", "alice", "chatter", &[], false),
+    );
+    discord.dispatch_message(
+        "acme-token",
+        guild_message(&snowflake(), "502", "456", "77", "otherbot", "<@999> hi", &[("999", "acmebot")], true),
+    );
+    let dm_replies = replies(&discord, "501", 1).await;
+    assert_eq!((dm_replies[0].content.as_str(), dm_replies[0].token.as_str()), ("echo: hello", "acme-token"));
+    let mention_replies = replies(&discord, "502", 1).await;
+    assert_eq!(mention_replies[0].content, "echo: how are you?");
+    assert!(discord.typing("501") >= 1, "typing shown while the agent worked");
+    // A resumed session replays the last event: not answered again.
+    assert!(discord.replay_last("acme-token"));
+    discord.dispatch_message("acme-token", dm_message(&dm_id, "501", "42", "alice", "hello"));
+    let traces = finished_traces(&cp, "acme-discord", 6).await;
+    let count = |status: &str| traces.iter().filter(|t| t["status"] == status).count();
+    assert_eq!((count("completed"), count("ignored")), (2, 4), "{traces:#?}");
+    assert_eq!(discord.messages().len(), 2, "one reply per message");
+
+    // A long answer: chunks of at most 2000 characters, every code fence closed and reopened.
+    discord.dispatch_message("acme-token", dm_message(&snowflake(), "503", "42", "alice", "code please"));
+    let chunks = replies(&discord, "503", 2).await;
+    for chunk in &chunks {
+        assert!(chunk.content.chars().count() <= 2000, "{}", chunk.content.chars().count());
+        assert_eq!(chunk.content.matches("```").count() % 2, 0, "balanced: {}", chunk.content);
+    }
+    assert!(chunks[1].content.starts_with("```rust\n"));
+
+    // Beta's bot is beta's: its own agent and token.
+    discord.dispatch_message("beta-token", dm_message(&snowflake(), "601", "43", "bob", "hi beta"));
+    let beta = replies(&discord, "601", 1).await;
+    assert_eq!((beta[0].content.as_str(), beta[0].token.as_str()), ("beta: hi beta", "beta-token"));
+    assert!(acme_agent.requests().iter().all(|r| r.body["message"] != "hi beta"));
+
+    // A token change restarts only that bot.
+    let before = discord.identifies("beta-token");
+    let updated =
+        ctl(&cp, &["instance", "update", "acme-discord", "--discord-token", "acme-token-2", "-o", "json"]).await.json();
+    discord.bot("acme-token-2", "999", "acmebot");
+    node.wait_for_revision(updated["revision"].as_i64().unwrap()).await;
+    wait_live(&discord, &["acme-token-2"]).await;
+    wait_for("the old token's gateway to close", Duration::from_secs(10), || async {
+        (!discord.live("acme-token")).then_some(())
+    })
+    .await;
+    assert_eq!(discord.identifies("beta-token"), before, "beta's gateway was not touched");
+
+    // A fatal close (bad token): the instance shows the error, and the bot is not retried.
+    create_bot(&cp, "bad-discord", &acme_agent, "bad-token").await;
+    let failed = wait_for("the fatal close to show", Duration::from_secs(15), || async {
+        let s = status(&cp, "bad-discord").await;
+        (s["gateway_state"] == "error").then_some(s)
+    })
+    .await;
+    assert!(failed["gateway_error"].as_str().unwrap().contains("4004"), "{failed}");
+    // Several lease renewals later, still one attempt.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(discord.identifies("bad-token"), 1, "no reconnect loop after a fatal close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_bots_move_when_a_node_dies_and_never_run_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let discord = FakeDiscord::start().await;
+    let tokens = ["t-one", "t-two", "t-three", "t-four"];
+    for (i, token) in tokens.iter().enumerate() {
+        discord.bot(token, &format!("90{i}"), &format!("bot{i}"));
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cp = control_plane(dir.path(), &listen).await;
+    let node_a = node(dir.path(), &cp, &discord, "node-a").await;
+    let node_b = node(dir.path(), &cp, &discord, "node-b").await;
+    let agent = FakeAgent::start().await;
+    let mut revision = 0;
+    for (i, token) in tokens.iter().enumerate() {
+        revision = create_bot(&cp, &format!("bot-{i}"), &agent, token).await;
+    }
+    node_a.wait_for_revision(revision).await;
+    wait_live(&discord, &tokens).await;
+    let holders = |cp: &ControlPlane| {
+        let cp_url = cp.url();
+        let key = admin(cp);
+        async move {
+            let mut holders = Vec::new();
+            for i in 0..4 {
+                let s = omnictl(&cp_url, &key, &["instance", "status", &format!("bot-{i}"), "-o", "json"]).await.json();
+                holders.push(s["node_id"].as_str().unwrap_or_default().to_owned());
+            }
+            holders
+        }
+    };
+    let spread = holders(&cp).await;
+    assert!(
+        spread.contains(&"node-a".to_owned()) && spread.contains(&"node-b".to_owned()),
+        "spread over both nodes: {spread:?}"
+    );
+
+    // Node A dies: once its leases run out, its bots come up on node B.
+    node_a.kill().await;
+    wait_for("every bot to run on node B", Duration::from_secs(30), || async {
+        let now = holders(&cp).await;
+        (now.iter().all(|h| h == "node-b") && tokens.iter().all(|t| discord.live(t))).then_some(())
+    })
+    .await;
+    discord.dispatch_message("t-one", dm_message(&snowflake(), "701", "42", "alice", "still there?"));
+    assert_eq!(replies(&discord, "701", 1).await[0].content, "echo: still there?");
+
+    // The control plane goes away: node B closes its gateways when its leases run out...
+    cp.kill().await;
+    wait_for("gateways to close without the control plane", Duration::from_secs(15), || async {
+        tokens.iter().all(|t| !discord.live(t)).then_some(())
+    })
+    .await;
+    // ...and opens them again when it is back.
+    let cp = control_plane(dir.path(), &listen).await;
+    wait_live(&discord, &tokens).await;
+    assert!(holders(&cp).await.iter().all(|h| h == "node-b"));
+    for token in tokens {
+        assert_eq!(discord.max_concurrent(token), 1, "{token} never ran on two nodes at once");
+    }
+    drop(node_b);
+}
