@@ -3,6 +3,7 @@
 //! Build everything in release mode first: `cargo build --release --workspace`, then run
 //! `./target/release/omni-bench sync`.
 
+mod discord;
 mod stats;
 mod sync;
 mod traces;
@@ -19,6 +20,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// Discord bots on one node against a fake gateway: time until all are ready, RSS, idle CPU.
+    Discord(discord::Options),
     /// Config propagation to nodes, snapshot time and size, node memory and startup from cache.
     Sync(sync::Options),
     /// Traces at scale on Postgres: ingest rate, then query latencies with them stored.
@@ -33,6 +36,7 @@ enum Bench {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
+        Bench::Discord(options) => discord::run(options).await,
         Bench::Sync(options) => sync::run(options).await,
         Bench::Traces(options) => traces::run(options).await,
         Bench::Whatsapp(options) => whatsapp::run(options).await,

@@ -3,7 +3,7 @@
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::post;
@@ -42,6 +42,11 @@ struct Slack {
     rate_limit: (usize, u64),
     posts: Vec<SlackPost>,
     rate_limited: Vec<Instant>,
+    /// Files announced by `files.getUploadURLExternal`: id → (name, announced length, bytes).
+    files: HashMap<String, (String, usize, Option<Vec<u8>>)>,
+    /// `files.completeUploadExternal` calls, as received.
+    shared: Vec<Value>,
+    base: String,
 }
 
 type SlackState = Arc<Mutex<Slack>>;
@@ -59,9 +64,15 @@ impl FakeSlack {
     /// Starts the fake on a free loopback port.
     pub async fn start() -> FakeSlack {
         let state = SlackState::default();
-        let router = Router::new().route("/api/chat.postMessage", post(post_message)).with_state(state.clone());
+        let router = Router::new()
+            .route("/api/chat.postMessage", post(post_message))
+            .route("/api/files.getUploadURLExternal", post(upload_url))
+            .route("/upload/{id}", post(upload))
+            .route("/api/files.completeUploadExternal", post(complete_upload))
+            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        state.lock().unwrap().base = format!("http://{addr}");
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
         FakeSlack { api_url: format!("http://{addr}/api"), state }
     }
@@ -86,6 +97,20 @@ impl FakeSlack {
         self.state.lock().unwrap().posts.clone()
     }
 
+    /// Files shared with `files.completeUploadExternal`: (name, bytes uploaded, the call's body).
+    pub fn shared_files(&self) -> Vec<(String, Vec<u8>, Value)> {
+        let state = self.state.lock().unwrap();
+        state
+            .shared
+            .iter()
+            .filter_map(|call| {
+                let id = call.pointer("/files/0/id")?.as_str()?;
+                let (name, _, bytes) = state.files.get(id)?;
+                Some((name.clone(), bytes.clone().unwrap_or_default(), call.clone()))
+            })
+            .collect()
+    }
+
     /// Arrival times of the posts refused with 429.
     pub fn rate_limited(&self) -> Vec<Instant> {
         self.state.lock().unwrap().rate_limited.clone()
@@ -106,6 +131,60 @@ fn fields(headers: &HeaderMap, body: &[u8]) -> Value {
     } else {
         serde_json::from_slice(body).unwrap_or(Value::Null)
     }
+}
+
+fn bearer(headers: &HeaderMap) -> String {
+    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    value.strip_prefix("Bearer ").unwrap_or_default().to_owned()
+}
+
+/// `files.getUploadURLExternal` (form: filename, length): where to upload, and the file's id.
+async fn upload_url(State(state): State<SlackState>, headers: HeaderMap, body: Bytes) -> Response {
+    let body = fields(&headers, &body);
+    let mut state = state.lock().unwrap();
+    if !state.tokens.contains(&bearer(&headers)) {
+        return slack_error("invalid_auth");
+    }
+    let (Some(name), Some(length)) =
+        (body["filename"].as_str(), body["length"].as_str().and_then(|l| l.parse::<usize>().ok()))
+    else {
+        return slack_error("invalid_arguments");
+    };
+    let id = format!("F{:05}", state.files.len() + 1);
+    state.files.insert(id.clone(), (name.to_owned(), length, None));
+    let upload_url = format!("{}/upload/{id}", state.base);
+    Json(json!({"ok": true, "upload_url": upload_url, "file_id": id})).into_response()
+}
+
+/// The upload itself: the bytes, which must be as long as announced.
+async fn upload(State(state): State<SlackState>, Path(id): Path<String>, body: Bytes) -> Response {
+    let mut state = state.lock().unwrap();
+    match state.files.get_mut(&id) {
+        Some((_, length, bytes)) if *length == body.len() => {
+            *bytes = Some(body.to_vec());
+            (StatusCode::OK, "OK - ").into_response()
+        }
+        _ => StatusCode::BAD_REQUEST.into_response(),
+    }
+}
+
+/// `files.completeUploadExternal` (JSON: files[{id,title}], channel_id, initial_comment).
+async fn complete_upload(State(state): State<SlackState>, headers: HeaderMap, body: Bytes) -> Response {
+    let body = fields(&headers, &body);
+    let mut state = state.lock().unwrap();
+    if !state.tokens.contains(&bearer(&headers)) {
+        return slack_error("invalid_auth");
+    }
+    let uploaded = body
+        .pointer("/files/0/id")
+        .and_then(Value::as_str)
+        .and_then(|id| state.files.get(id))
+        .is_some_and(|(_, _, bytes)| bytes.is_some());
+    if !uploaded {
+        return slack_error("file_not_found");
+    }
+    state.shared.push(body);
+    Json(json!({"ok": true, "files": [{"id": "F", "title": "t"}]})).into_response()
 }
 
 async fn post_message(State(state): State<SlackState>, headers: HeaderMap, body: Bytes) -> Response {

@@ -156,6 +156,28 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     assert_eq!((beta[0].content.as_str(), beta[0].token.as_str()), ("beta: hi beta", "beta-token"));
     assert!(acme_agent.requests().iter().all(|r| r.body["message"] != "hi beta"));
 
+    // The send API posts to a channel id through the bot's REST client; files are attached.
+    let sent = ctl(&cp, &["send", "text", "acme-discord", "--to", "777", "--text", "Release is out", "-o", "json"])
+        .await
+        .json();
+    assert_eq!(sent["message_ids"].as_array().map(Vec::len), Some(1), "{sent}");
+    assert_eq!(replies(&discord, "777", 1).await[0].content, "Release is out");
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, b"release notes").unwrap();
+    let attached = ctl(
+        &cp,
+        &["send", "media", "acme-discord", "--to", "777", "--file", file.to_str().unwrap(), "--caption", "Notes"],
+    )
+    .await;
+    assert!(attached.ok().starts_with("sent 1 message(s)"), "{attached:?}");
+    let posted = replies(&discord, "777", 2).await;
+    assert_eq!(
+        (posted[1].content.as_str(), posted[1].files.as_slice()),
+        ("Notes", [("notes.txt".to_owned(), 13)].as_slice())
+    );
+    let bad = ctl(&cp, &["send", "text", "acme-discord", "--to", "not-a-channel", "--text", "x"]).await;
+    assert!(bad.failed().contains("not a channel id"), "{bad:?}");
+
     // A token change restarts only that bot.
     let before = discord.identifies("beta-token");
     let updated =

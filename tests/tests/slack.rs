@@ -256,4 +256,34 @@ async fn slack_long_answers_rate_limits_and_api_errors() {
     assert_eq!((posts[0].text.as_str(), posts[0].thread_ts.as_deref()), ("Deploy finished", None));
     let refused = hub.ctl(&["send", "text", "acme-slack", "--to", "C_GONE", "--text", "anyone?"]).await;
     assert!(refused.failed().contains("channel_not_found"), "{refused:?}");
+
+    // Files: a URL is posted for Slack to unfurl; bytes go through the external upload flow.
+    let linked = hub
+        .ctl(&[
+            "send",
+            "media",
+            "acme-slack",
+            "--to",
+            "C42",
+            "--url",
+            "https://files.example/chart.png",
+            "--caption",
+            "Chart",
+        ])
+        .await;
+    assert!(linked.ok().starts_with("sent 1 message(s)"), "{linked:?}");
+    assert_eq!(hub.posts_to("C42", 2).await[1].text, "Chart\nhttps://files.example/chart.png");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("report.csv");
+    std::fs::write(&file, b"day,orders\nmon,42\n").unwrap();
+    #[rustfmt::skip]
+    let uploaded = hub.ctl(&[
+        "send", "media", "acme-slack", "--to", "C42", "--file", file.to_str().unwrap(), "--caption", "Weekly report",
+    ]).await;
+    assert!(uploaded.ok().starts_with("sent 1 message(s)"), "{uploaded:?}");
+    let shared = hub.slack.shared_files();
+    assert_eq!(shared.len(), 1);
+    let (name, bytes, call) = &shared[0];
+    assert_eq!((name.as_str(), bytes.as_slice()), ("report.csv", b"day,orders\nmon,42\n".as_slice()));
+    assert_eq!((call["channel_id"].as_str(), call["initial_comment"].as_str()), (Some("C42"), Some("Weekly report")));
 }
