@@ -73,10 +73,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let agent = FakeAgent::start().await;
 
     let dir = tempfile::tempdir()?;
-    let cp_options = ControlPlaneOptions {
-        extra_args: vec!["--gateway-lease-ttl".into(), "10s".into()],
-        ..Default::default()
-    };
+    let cp_options =
+        ControlPlaneOptions { extra_args: vec!["--gateway-lease-ttl".into(), "10s".into()], ..Default::default() };
     let cp = ControlPlane::start(&dir.path().join("cp"), &cp_options).await;
     let admin_key = std::fs::read_to_string(cp.data_dir.join("admin-api-key"))?.trim().to_owned();
     let node_options = DataPlaneOptions {
@@ -154,14 +152,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         node.log_path.display()
     );
     let last_live = live.iter().flatten().max().copied().expect("n > 0");
-    let mut per_bot: Vec<Duration> =
-        live.iter().zip(&created).map(|(live, created)| live.unwrap().saturating_duration_since(created.unwrap())).collect();
+    let mut per_bot: Vec<Duration> = live
+        .iter()
+        .zip(&created)
+        .map(|(live, created)| live.unwrap().saturating_duration_since(created.unwrap()))
+        .collect();
 
-    println!("  created {n} instances (gRPC, {IN_FLIGHT} in flight): {}", ms(all_created - started));
-    println!("  last created -> all {n} live:        {}", ms(last_live.saturating_duration_since(all_created)));
-    println!("  first created -> all {n} live:       {}", ms(last_live - started));
+    let label = |text: String| format!("  {text:<44}");
+    println!("{}{}", label(format!("created {n} instances (gRPC, {IN_FLIGHT} in flight):")), ms(all_created - started));
     println!(
-        "  per bot, its creation -> live:        p50 {}  p99 {}  max {}",
+        "{}{}",
+        label(format!("last created -> all {n} live:")),
+        ms(last_live.saturating_duration_since(all_created))
+    );
+    println!("{}{}", label(format!("first created -> all {n} live:")), ms(last_live - started));
+    println!(
+        "{}p50 {}  p99 {}  max {}",
+        label("per bot, its creation -> live:".into()),
         ms(percentile(&mut per_bot, 50.0)),
         ms(percentile(&mut per_bot, 99.0)),
         ms(percentile(&mut per_bot, 100.0))
@@ -179,18 +186,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (node_pct, node_ms) = cpu_share(node_after.saturating_sub(node_before), elapsed);
     let (cp_pct, cp_ms) = cpu_share(cp_after.saturating_sub(cp_before), elapsed);
     println!(
-        "  idle {:.1} s ({still_live}/{n} live), node:          RSS {}, CPU {node_pct:.2} % of a core ({node_ms:.2} ms/s)",
-        elapsed.as_secs_f64(),
+        "{}RSS {}, CPU {node_pct:.2} % of a core ({node_ms:.2} ms/s)",
+        label(format!("node, idle {:.1} s ({still_live}/{n} live):", elapsed.as_secs_f64())),
         mib(rss_bytes(node_pid).unwrap_or(0)),
     );
     println!(
-        "  same window, control plane:           RSS {}, CPU {cp_pct:.2} % of a core ({cp_ms:.2} ms/s)",
+        "{}RSS {}, CPU {cp_pct:.2} % of a core ({cp_ms:.2} ms/s)",
+        label("control plane, same window:".into()),
         mib(rss_bytes(cp_pid).unwrap_or(0)),
     );
 
     let identifies: usize = tokens.iter().map(|t| fake.identifies(t)).sum();
     let concurrent = tokens.iter().map(|t| fake.max_concurrent(t)).max().unwrap_or(0);
-    println!("  sanity: {identifies} identifies for {n} bots, at most {concurrent} session(s) per token (must be 1)");
+    println!(
+        "{}{identifies} identifies for {n} bots, at most {concurrent} session(s) per token (must be 1)",
+        label("sanity:".into())
+    );
     node.terminate().await;
     cp.terminate().await;
     Ok(())

@@ -173,7 +173,12 @@ impl SyncClient {
                         }
                         continue;
                     }
+                    let acks = self.status.acks.load(Ordering::Relaxed);
                     self.handle(message, &mut snapshot, &outbound).await?;
+                    if self.leases.is_some() && self.status.acks.load(Ordering::Relaxed) != acks {
+                        // A new config may hold new bots: ask for leases now, not a beat later.
+                        heartbeat.reset_immediately();
+                    }
                 }
                 _ = heartbeat.tick() => {
                     let applied_revision = self.config.revision();

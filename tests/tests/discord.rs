@@ -180,9 +180,9 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
 
     // A token change restarts only that bot.
     let before = discord.identifies("beta-token");
+    discord.bot("acme-token-2", "999", "acmebot");
     let updated =
         ctl(&cp, &["instance", "update", "acme-discord", "--discord-token", "acme-token-2", "-o", "json"]).await.json();
-    discord.bot("acme-token-2", "999", "acmebot");
     node.wait_for_revision(updated["revision"].as_i64().unwrap()).await;
     wait_live(&discord, &["acme-token-2"]).await;
     wait_for("the old token's gateway to close", Duration::from_secs(10), || async {
