@@ -26,8 +26,11 @@ use twilight_model::gateway::CloseCode;
 #[derive(Debug, Clone, Default)]
 pub struct Leases {
     pub instance_ids: HashSet<String>,
-    /// Gateways must be closed by then; `None` holds nothing.
+    /// Gateways start closing then; `None` holds nothing.
     pub close_by: Option<Instant>,
+    /// When the leases end at the latest, as the control plane counts: every gateway is gone
+    /// by then, closed or dropped.
+    pub expires: Option<Instant>,
 }
 
 impl Leases {
@@ -35,7 +38,11 @@ impl Leases {
     /// answered). Gateways close a fifth of the TTL early, so a close handshake in progress
     /// still ends before the control plane's own expiry.
     pub fn granted(instance_ids: Vec<String>, sent: Instant, ttl: Duration) -> Leases {
-        Leases { instance_ids: instance_ids.into_iter().collect(), close_by: Some(sent + ttl - ttl / 5) }
+        Leases {
+            instance_ids: instance_ids.into_iter().collect(),
+            close_by: Some(sent + ttl - ttl / 5),
+            expires: Some(sent + ttl),
+        }
     }
 
     fn valid(&self, now: Instant) -> bool {
@@ -50,10 +57,20 @@ pub struct GatewaySettings {
     pub gateway_url: Option<String>,
 }
 
+/// How long closing gateways may take before their connections are dropped.
+const CLOSE_BOUND: Duration = Duration::from_secs(1);
+
 struct Running {
     token: String,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+}
+
+impl Drop for Running {
+    /// A bot forgotten is a bot stopped, also when the whole manager goes away.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// What a bot task says when it ends.
@@ -109,12 +126,19 @@ pub async fn run(
             .filter(|(id, bot)| wanted.get(*id).and_then(|i| i.discord.as_ref()).is_none_or(|d| d.token != bot.token))
             .map(|(id, _)| id.clone())
             .collect();
-        for id in stale {
-            if let Some(bot) = running.remove(&id) {
-                let _ = bot.stop.send(true);
-                // Wait for the close, bounded: the next bot of this instance must not overlap it.
-                let _ = tokio::time::timeout(Duration::from_secs(2), bot.task).await;
-            }
+        // All close at once (a lease running out may take every bot), within a bound: the next
+        // bot of an instance must not overlap it, and a lease's margin is short. Past the bound
+        // the task is aborted, which drops the connection.
+        let closing: Vec<Running> = stale.iter().filter_map(|id| running.remove(id)).collect();
+        for bot in &closing {
+            let _ = bot.stop.send(true);
+        }
+        let mut bound = Instant::now() + CLOSE_BOUND;
+        if let Some(expires) = current.expires {
+            bound = bound.min(expires.checked_sub(Duration::from_millis(50)).unwrap_or(expires));
+        }
+        for mut bot in closing {
+            let _ = tokio::time::timeout_at(bound, &mut bot.task).await;
         }
         for (id, instance) in wanted {
             let token = instance.discord.as_ref().map(|d| d.token.clone()).unwrap_or_default();
@@ -187,7 +211,7 @@ impl Bot {
                 _ = stop.changed() => {
                     shard.close(CloseFrame::NORMAL);
                     // Let the close frame go out; the socket closes when the shard drops.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = tokio::time::timeout(CLOSE_BOUND, async {
                         while let Some(item) = shard.next_event(EventTypeFlags::empty()).await {
                             if matches!(item, Ok(Event::GatewayClose(_))) { break }
                         }
