@@ -782,13 +782,14 @@ async fn connection_events_keep_the_latest(store: Shared) {
 
 const TTL: i64 = 30_000;
 
-fn gateway_event(instance_id: &str, node_id: &str, state: &str, detail: &str, at: i64) -> InstanceEventRecord {
+fn gateway_event(instance_id: &str, node_id: &str, state: &str, revision: i64, at: i64) -> InstanceEventRecord {
     InstanceEventRecord {
         instance_id: instance_id.into(),
         kind: "gateway".into(),
         state: state.into(),
-        detail: detail.into(),
+        detail: if state == "error" { "4004 authentication failed".into() } else { String::new() },
         node_id: node_id.into(),
+        revision,
         at,
         ..Default::default()
     }
@@ -801,6 +802,11 @@ async fn lease_holder(store: &Shared, instance_id: &str) -> Option<(String, i64)
         .unwrap()
         .filter(|s| !s.lease_node_id.is_empty())
         .map(|s| (s.lease_node_id, s.lease_expires_at))
+}
+
+async fn gateway_report(store: &Shared, instance_id: &str) -> (String, i64) {
+    let status = store.gateway_status(instance_id).await.unwrap().unwrap();
+    (status.state, status.revision)
 }
 
 async fn gateway_leases_spread_renew_and_move(store: Shared) {
@@ -831,85 +837,149 @@ async fn gateway_leases_spread_renew_and_move(store: Shared) {
 
 async fn gateway_leases_follow_eligibility(store: Shared) {
     let d1 = store.create_instance(&record("d1", Channel::Discord)).await.unwrap();
-    store.create_instance(&record("d2", Channel::Discord)).await.unwrap();
+    let d2 = store.create_instance(&record("d2", Channel::Discord)).await.unwrap();
     store.create_instance(&record("wa", Channel::Whatsapp)).await.unwrap();
     store.create_instance(&record("sl", Channel::Slack)).await.unwrap();
     let t0 = now_millis();
     assert_eq!(store.renew_gateway_leases("n1", t0, TTL, 1).await.unwrap(), ["id-d1", "id-d2"]);
 
-    // Deactivated: the lease is dropped at the holder's next renewal, and nobody claims it.
+    // Deactivated: n1's renewal no longer returns it (so n1 closes it), but the lease is not
+    // freed: n1 may run the bot until it hears so. It is not extended either, and nobody else
+    // gets the bot before it runs out, even once the instance is active again.
     let d1 = store.update_instance(&Scope::Admin, "d1", d1.revision, false, &d1.spec).await.unwrap();
     assert_eq!(store.renew_gateway_leases("n1", t0 + 1_000, TTL, 1).await.unwrap(), ["id-d2"]);
-    assert_eq!(lease_holder(&store, "id-d1").await, None);
+    assert_eq!(lease_holder(&store, "id-d1").await, Some(("n1".into(), t0 + TTL)), "kept, not extended");
     assert!(store.renew_gateway_leases("n2", t0 + 1_000, TTL, 2).await.unwrap().is_empty());
+    store.update_instance(&Scope::Admin, "d1", d1.revision, true, &d1.spec).await.unwrap();
+    assert!(store.renew_gateway_leases("n2", t0 + TTL - 1, TTL, 2).await.unwrap().is_empty(), "n1's until it ends");
+    assert_eq!(lease_holder(&store, "id-d1").await, Some(("n1".into(), t0 + TTL)));
+    // Once it has run out, the bot is free like any other.
+    assert_eq!(store.renew_gateway_leases("n2", t0 + TTL, TTL, 2).await.unwrap(), ["id-d1"]);
+    assert_eq!(store.renew_gateway_leases("n1", t0 + TTL + 1, TTL, 2).await.unwrap(), ["id-d2"]);
 
-    // Deleted: the lease goes with the instance.
+    // A lease left to run out on a bot no longer eligible does not count toward its holder's
+    // share: n1 still claims its share of the eligible bots.
+    store.update_instance(&Scope::Admin, "d2", d2.revision, false, &d2.spec).await.unwrap();
+    store.create_instance(&record("d3", Channel::Discord)).await.unwrap();
+    assert_eq!(store.renew_gateway_leases("n1", t0 + TTL + 2, TTL, 2).await.unwrap(), ["id-d3"]);
+    assert_eq!(lease_holder(&store, "id-d2").await, Some(("n1".into(), t0 + 2 * TTL + 1)));
+    assert_eq!(store.renew_gateway_leases("n2", t0 + TTL + 3, TTL, 2).await.unwrap(), ["id-d1"]);
+
+    // Deleted: the lease goes with the instance (its id is never eligible again).
     store.delete_instance(&Scope::Admin, "d2").await.unwrap();
     assert_eq!(lease_holder(&store, "id-d2").await, None);
-    assert!(store.renew_gateway_leases("n1", t0 + 2_000, TTL, 1).await.unwrap().is_empty());
-
-    // Active again: leased again.
-    store.update_instance(&Scope::Admin, "d1", d1.revision, true, &d1.spec).await.unwrap();
-    assert_eq!(store.renew_gateway_leases("n2", t0 + 3_000, TTL, 1).await.unwrap(), ["id-d1"]);
+    assert_eq!(store.renew_gateway_leases("n1", t0 + TTL + 4, TTL, 2).await.unwrap(), ["id-d3"]);
 }
 
 async fn gateway_errors_stop_a_bot_until_it_is_updated(store: Shared) {
     let created = store.create_instance(&record("d1", Channel::Discord)).await.unwrap();
+    let rev = created.revision;
     let t0 = now_millis();
     assert_eq!(store.renew_gateway_leases("n1", t0, TTL, 2).await.unwrap(), ["id-d1"]);
-    // An error from before the instance's last update says nothing about its current settings.
-    store
-        .record_instance_events(&[gateway_event("id-d1", "n1", "error", "old", created.updated_at - 1)])
-        .await
-        .unwrap();
+    // An error about an older config says nothing about the current one, whenever it arrives.
+    store.record_instance_events(&[gateway_event("id-d1", "n1", "error", rev - 1, t0 + 1)]).await.unwrap();
     assert_eq!(store.renew_gateway_leases("n1", t0 + 1_000, TTL, 2).await.unwrap(), ["id-d1"]);
 
-    store.record_instance_events(&[gateway_event("id-d1", "n1", "ready", "", t0 + 1)]).await.unwrap();
+    store.record_instance_events(&[gateway_event("id-d1", "n1", "ready", rev, t0 + 2)]).await.unwrap();
     let status = store.gateway_status("id-d1").await.unwrap().unwrap();
-    assert_eq!((status.state.as_str(), status.node_id.as_str(), status.at), ("ready", "n1", t0 + 1));
+    assert_eq!(
+        (status.state.as_str(), status.node_id.as_str(), status.at, status.revision),
+        ("ready", "n1", t0 + 2, rev)
+    );
 
-    // A fatal close, then the node's report of closing it: the error stands.
-    let closes = [
-        gateway_event("id-d1", "n1", "error", "4004 authentication failed", t0 + 2),
-        gateway_event("id-d1", "n1", "closed", "", t0 + 3),
-    ];
+    // A fatal close at the current revision, then the node's report of closing it: the error
+    // stands, and the bot is no longer leased (not renewed, nor claimed once it runs out).
+    let closes =
+        [gateway_event("id-d1", "n1", "error", rev, t0 + 3), gateway_event("id-d1", "n1", "closed", rev, t0 + 4)];
     store.record_instance_events(&closes).await.unwrap();
     let status = store.gateway_status("id-d1").await.unwrap().unwrap();
     assert_eq!((status.state.as_str(), status.error.as_str()), ("error", "4004 authentication failed"));
-    assert!(store.renew_gateway_leases("n1", t0 + 2_000, TTL, 2).await.unwrap().is_empty(), "dropped");
-    assert!(store.renew_gateway_leases("n2", t0 + 2_000, TTL, 2).await.unwrap().is_empty(), "not restarted");
+    assert!(store.renew_gateway_leases("n1", t0 + 2_000, TTL, 2).await.unwrap().is_empty(), "not renewed");
+    let expired = t0 + 1_000 + TTL;
+    assert!(store.renew_gateway_leases("n2", expired, TTL, 2).await.unwrap().is_empty(), "not restarted");
+    // Late reports about an older config do not lift it.
+    let late = [
+        gateway_event("id-d1", "n2", "ready", rev - 1, t0 + 5),
+        gateway_event("id-d1", "n2", "closed", rev - 1, t0 + 6),
+    ];
+    store.record_instance_events(&late).await.unwrap();
+    assert_eq!(gateway_report(&store, "id-d1").await, ("error".into(), rev));
+    assert!(store.renew_gateway_leases("n2", expired + 1, TTL, 2).await.unwrap().is_empty());
 
-    // A new token (any update) lets it run again.
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // A new token (any update) raises the instance's revision: the bot may try again.
     let mut spec = created.spec.clone();
     spec.discord.token = Some(Sealed("v1.k.new-token".into()));
-    store.update_instance(&Scope::Admin, "d1", created.revision, true, &spec).await.unwrap();
-    assert_eq!(store.renew_gateway_leases("n2", t0 + 3_000, TTL, 2).await.unwrap(), ["id-d1"]);
-    store.record_instance_events(&[gateway_event("id-d1", "n2", "connecting", "", now_millis())]).await.unwrap();
+    let updated = store.update_instance(&Scope::Admin, "d1", rev, true, &spec).await.unwrap();
+    assert!(updated.revision > rev);
+    assert_eq!(store.renew_gateway_leases("n2", expired + 2, TTL, 2).await.unwrap(), ["id-d1"]);
+    store
+        .record_instance_events(&[gateway_event("id-d1", "n2", "connecting", updated.revision, t0 + 7)])
+        .await
+        .unwrap();
     let status = store.gateway_status("id-d1").await.unwrap().unwrap();
     assert_eq!((status.state.as_str(), status.node_id.as_str()), ("connecting", "n2"));
+
+    // A late error about the config before the update is shown, but does not stop the bot.
+    store.record_instance_events(&[gateway_event("id-d1", "n1", "error", rev, t0 + 8)]).await.unwrap();
+    assert_eq!(gateway_report(&store, "id-d1").await, ("error".into(), rev));
+    assert_eq!(store.renew_gateway_leases("n2", expired + 3, TTL, 2).await.unwrap(), ["id-d1"]);
+    // A closed report about the newer config replaces that error.
+    store.record_instance_events(&[gateway_event("id-d1", "n2", "closed", updated.revision, t0 + 9)]).await.unwrap();
+    assert_eq!(gateway_report(&store, "id-d1").await, ("closed".into(), updated.revision));
+
+    // An error at the current revision stops it again, until the next update.
+    store.record_instance_events(&[gateway_event("id-d1", "n2", "error", updated.revision, t0 + 10)]).await.unwrap();
+    assert!(store.renew_gateway_leases("n2", expired + 4, TTL, 2).await.unwrap().is_empty());
+    store.update_instance(&Scope::Admin, "d1", updated.revision, true, &spec).await.unwrap();
+    assert_eq!(
+        store.renew_gateway_leases("n2", expired + 5, TTL, 2).await.unwrap(),
+        ["id-d1"],
+        "its lease was still unexpired"
+    );
 }
 
-/// Nodes renewing at once, each in turn falling silent for two rounds so its bots move: at any
-/// time a bot has one holder, and each node's answer is what the table says.
+/// Nodes renewing at once while bots are switched off and back on. Each of four nodes in turn
+/// falls silent for two rounds (its leases outlive the first and end exactly at the second),
+/// and a fifth falls silent for good while still counted live for a while. At any time a bot
+/// has one holder, each node's answer is what the table says, and a bot moves to another node
+/// only once the lease last granted to its previous holder has run out.
 async fn concurrent_gateway_renewals_never_share_a_bot(store: Shared) {
+    const ROUND_MS: i64 = 1_000;
+    const TTL_MS: i64 = 3_000;
+    let mut bots = Vec::new();
     for i in 0..8 {
-        store.create_instance(&record(&format!("bot{i}"), Channel::Discord)).await.unwrap();
+        bots.push(store.create_instance(&record(&format!("bot{i}"), Channel::Discord)).await.unwrap());
     }
     let base = now_millis();
-    let mut moves = 0;
-    let mut holders: std::collections::HashMap<String, String> = Default::default();
-    for round in 0..16_i64 {
-        let now = base + round * 1_000;
-        let live: Vec<i64> = (0..4).filter(|node| (round / 2 + node) % 4 != 0).collect();
+    let (mut moves, mut moves_from_silent) = (0, 0);
+    // Per bot: the node last granted it, and when that lease ends unless renewed.
+    let mut granted: std::collections::HashMap<String, (String, i64)> = Default::default();
+    for round in 0..28_i64 {
+        let now = base + round * ROUND_MS;
+        // From round 4, bot k is off for one round, then back on (so its holder's lease, not
+        // renewed meanwhile, is still running when it is eligible again).
+        let mut off = None;
+        if round >= 4 {
+            let k = ((round - 4) / 2 % 8) as usize;
+            let active = round % 2 == 1;
+            let bot = &bots[k];
+            bots[k] = store.update_instance(&Scope::Admin, &bot.name, bot.revision, active, &bot.spec).await.unwrap();
+            if !active {
+                off = Some(bots[k].id.clone());
+            }
+        }
+        let mut live: Vec<i64> = (0..4).filter(|node| (round / 2 + node) % 4 != 0).collect();
+        let counted = live.len() as i64 + i64::from(round < 8);
+        if round < 6 {
+            live.push(4);
+        }
         let tasks: Vec<_> = live
             .iter()
             .map(|node| {
                 let store = store.clone();
                 let node = format!("n{node}");
-                let live = live.len() as i64;
                 tokio::spawn(async move {
-                    let held = store.renew_gateway_leases(&node, now, 1_500, live).await.unwrap();
+                    let held = store.renew_gateway_leases(&node, now, TTL_MS, counted).await.unwrap();
                     (node, held)
                 })
             })
@@ -918,19 +988,27 @@ async fn concurrent_gateway_renewals_never_share_a_bot(store: Shared) {
         for task in tasks {
             let (node, held) = task.await.unwrap();
             for id in held {
+                assert_ne!(Some(&id), off.as_ref(), "round {round}: {node} was given a bot switched off");
                 if let Some(other) = seen.insert(id.clone(), node.clone()) {
                     panic!("round {round}: {id} given to {other} and {node}");
                 }
             }
         }
         for (id, node) in &seen {
-            assert_eq!(lease_holder(&store, id).await.map(|(n, _)| n).as_ref(), Some(node), "round {round}");
-            if holders.insert(id.clone(), node.clone()).is_some_and(|before| &before != node) {
+            assert_eq!(lease_holder(&store, id).await, Some((node.clone(), now + TTL_MS)), "round {round}: {id}");
+            let previous = granted.insert(id.clone(), (node.clone(), now + TTL_MS));
+            if let Some((before, expires_at)) = previous.filter(|(before, _)| before != node) {
+                assert!(
+                    now >= expires_at,
+                    "round {round}: {id} taken by {node} from {before}, whose lease ran until {expires_at} (now {now})"
+                );
                 moves += 1;
+                moves_from_silent += i32::from(before == "n4");
             }
         }
     }
     assert!(moves > 0, "nodes skipping rounds lose their bots to others");
+    assert!(moves_from_silent > 0, "the silent node's bots went to others once its leases ran out");
 }
 
 async fn leases_have_one_holder(store: Shared) {

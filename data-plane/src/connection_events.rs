@@ -51,7 +51,7 @@ pub fn from_evolution(instance_id: &str, kind: &str, data: &serde_json::Value, n
         wuid: text("wuid"),
         profile_name: text("profileName"),
         time_unix_ms: now_ms,
-        detail: String::new(),
+        ..Default::default()
     }
 }
 

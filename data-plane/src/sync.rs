@@ -174,15 +174,17 @@ impl SyncClient {
                         continue;
                     }
                     let acks = self.status.acks.load(Ordering::Relaxed);
+                    let bots_changed = self.leases.is_some() && touches_bots(&message);
                     self.handle(message, &mut snapshot, &outbound).await?;
-                    if self.leases.is_some() && self.status.acks.load(Ordering::Relaxed) != acks {
-                        // A new config may hold new bots: ask for leases now, not a beat later.
+                    if bots_changed && self.status.acks.load(Ordering::Relaxed) != acks {
+                        // New or changed bots: ask for leases now, not a beat later.
                         heartbeat.reset_immediately();
                     }
                 }
                 _ = heartbeat.tick() => {
                     let applied_revision = self.config.revision();
-                    let sequence = self.beats.fetch_add(1, Ordering::Relaxed) + 1;
+                    // 0 takes no leases: a node that runs no gateways must not be given bots.
+                    let sequence = if self.leases.is_some() { self.beats.fetch_add(1, Ordering::Relaxed) + 1 } else { 0 };
                     if sent_beats.len() == sent_beats.capacity() {
                         sent_beats.pop_front();
                     }
@@ -267,6 +269,17 @@ impl SyncClient {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether applying `message` may change which Discord bots this node should run.
+fn touches_bots(message: &pb::WatchResponse) -> bool {
+    match &message.kind {
+        Some(watch_response::Kind::Snapshot(chunk)) => chunk.last,
+        Some(watch_response::Kind::Changes(changes)) => changes.events.iter().any(|event| {
+            matches!(&event.kind, Some(pb::config_event::Kind::Upsert(i)) if i.channel == pb::Channel::Discord as i32)
+        }),
+        _ => false,
     }
 }
 

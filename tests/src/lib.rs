@@ -6,6 +6,7 @@ pub mod evolution;
 pub mod fakes;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod slack;
 
 use std::future::Future;

@@ -4,6 +4,7 @@
 use omni_tests::discord::{FakeDiscord, dm_message, guild_message, snowflake};
 use omni_tests::fakes::FakeAgent;
 use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, Outcome, omnictl};
+use omni_tests::proxy::Partition;
 use omni_tests::{free_port, wait_for};
 use serde_json::{Value, json};
 use std::path::Path;
@@ -22,8 +23,13 @@ async fn control_plane(dir: &Path, listen: &str) -> ControlPlane {
 }
 
 async fn node(dir: &Path, cp: &ControlPlane, discord: &FakeDiscord, id: &str) -> DataPlane {
+    node_via(dir, cp, &cp.url(), discord, id).await
+}
+
+/// A node that reaches the control plane at `control_plane`.
+async fn node_via(dir: &Path, cp: &ControlPlane, control_plane: &str, discord: &FakeDiscord, id: &str) -> DataPlane {
     let options = DataPlaneOptions {
-        control_plane: cp.url(),
+        control_plane: control_plane.to_owned(),
         node_token: cp.node_token(),
         node_id: Some(id.to_owned()),
         env: vec![
@@ -202,10 +208,19 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     // Several lease renewals later, still one attempt.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(discord.identifies("bad-token"), 1, "no reconnect loop after a fatal close");
+    // Updating the instance (say, after enabling the intent in Discord's portal) lets it try
+    // once more, on the new config; the token is still refused, so once.
+    ctl(&cp, &["instance", "update", "bad-discord", "--agent-timeout", "30"]).await.ok();
+    wait_for("a new attempt after the update", Duration::from_secs(15), || async {
+        (discord.identifies("bad-token") == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(discord.identifies("bad-token"), 2, "one attempt per config");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discord_bots_move_when_a_node_dies_and_never_run_twice() {
+async fn discord_bots_move_on_partition_and_death_and_never_run_twice() {
     let dir = tempfile::tempdir().unwrap();
     let discord = FakeDiscord::start().await;
     let tokens = ["t-one", "t-two", "t-three", "t-four"];
@@ -214,7 +229,10 @@ async fn discord_bots_move_when_a_node_dies_and_never_run_twice() {
     }
     let listen = format!("127.0.0.1:{}", free_port());
     let cp = control_plane(dir.path(), &listen).await;
-    let node_a = node(dir.path(), &cp, &discord, "node-a").await;
+    // Node A reaches the control plane through a link the test can cut; B directly. Both
+    // always reach Discord.
+    let link = Partition::start(&cp.addr).await;
+    let node_a = node_via(dir.path(), &cp, &format!("http://{}", link.addr), &discord, "node-a").await;
     let node_b = node(dir.path(), &cp, &discord, "node-b").await;
     let agent = FakeAgent::start().await;
     let mut revision = 0;
@@ -222,36 +240,35 @@ async fn discord_bots_move_when_a_node_dies_and_never_run_twice() {
         revision = create_bot(&cp, &format!("bot-{i}"), &agent, token).await;
     }
     node_a.wait_for_revision(revision).await;
+    node_b.wait_for_revision(revision).await;
     wait_live(&discord, &tokens).await;
-    let holders = |cp: &ControlPlane| {
-        let cp_url = cp.url();
-        let key = admin(cp);
-        async move {
-            let mut holders = Vec::new();
-            for i in 0..4 {
-                let s = omnictl(&cp_url, &key, &["instance", "status", &format!("bot-{i}"), "-o", "json"]).await.json();
-                holders.push(s["node_id"].as_str().unwrap_or_default().to_owned());
-            }
-            holders
-        }
-    };
     let spread = holders(&cp).await;
-    assert!(
-        spread.contains(&"node-a".to_owned()) && spread.contains(&"node-b".to_owned()),
-        "spread over both nodes: {spread:?}"
-    );
+    assert!(spread.contains(&"node-a".to_owned()) && spread.contains(&"node-b".to_owned()), "spread: {spread:?}");
 
-    // Node A dies: once its leases run out, its bots come up on node B.
-    node_a.kill().await;
+    // A loses the control plane but not Discord: it must close its gateways before its leases
+    // can be given to B, which then runs every bot.
+    link.cut();
     wait_for("every bot to run on node B", Duration::from_secs(30), || async {
         let now = holders(&cp).await;
         (now.iter().all(|h| h == "node-b") && tokens.iter().all(|t| discord.live(t))).then_some(())
     })
     .await;
+    for token in tokens {
+        assert_eq!(discord.max_concurrent(token), 1, "{token} ran on two nodes at once");
+    }
     discord.dispatch_message("t-one", dm_message(&snowflake(), "701", "42", "alice", "still there?"));
     assert_eq!(replies(&discord, "701", 1).await[0].content, "echo: still there?");
 
-    // The control plane goes away: node B closes its gateways when its leases run out...
+    // A is back; B dies: its bots come up on A once B's leases ran out.
+    link.heal();
+    node_b.kill().await;
+    wait_for("every bot to run on node A", Duration::from_secs(30), || async {
+        let now = holders(&cp).await;
+        (now.iter().all(|h| h == "node-a") && tokens.iter().all(|t| discord.live(t))).then_some(())
+    })
+    .await;
+
+    // The control plane goes away: A closes its gateways when its leases run out...
     cp.kill().await;
     wait_for("gateways to close without the control plane", Duration::from_secs(15), || async {
         tokens.iter().all(|t| !discord.live(t)).then_some(())
@@ -260,9 +277,19 @@ async fn discord_bots_move_when_a_node_dies_and_never_run_twice() {
     // ...and opens them again when it is back.
     let cp = control_plane(dir.path(), &listen).await;
     wait_live(&discord, &tokens).await;
-    assert!(holders(&cp).await.iter().all(|h| h == "node-b"));
+    assert!(holders(&cp).await.iter().all(|h| h == "node-a"));
     for token in tokens {
-        assert_eq!(discord.max_concurrent(token), 1, "{token} never ran on two nodes at once");
+        assert_eq!(discord.max_concurrent(token), 1, "{token} ran on two nodes at once");
     }
-    drop(node_b);
+    drop(node_a);
+}
+
+/// The node holding each of bot-0..bot-3's lease.
+async fn holders(cp: &ControlPlane) -> Vec<String> {
+    let mut holders = Vec::new();
+    for i in 0..4 {
+        let s = status(cp, &format!("bot-{i}")).await;
+        holders.push(s["node_id"].as_str().unwrap_or_default().to_owned());
+    }
+    holders
 }

@@ -100,6 +100,15 @@ impl Hub {
     }
 }
 
+/// Every trace with its payloads, as one text.
+async fn trace_texts(ids: impl Iterator<Item = String>, hub: &Hub) -> String {
+    let mut all = String::new();
+    for id in ids {
+        all.push_str(&hub.ctl(&["trace", "get", &id, "--payloads", "-o", "json"]).await.stdout);
+    }
+    all
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_events_are_verified_answered_in_thread_once_and_isolated() {
     let hub = Hub::start().await;
@@ -173,6 +182,14 @@ async fn slack_events_are_verified_answered_in_thread_once_and_isolated() {
     let posts = hub.posts_to("C1", 1).await;
     assert_eq!((posts[0].text.as_str(), posts[0].thread_ts.as_deref()), ("echo: what is up?", Some(thread)));
     let traces = hub.finished("acme-slack", 7).await;
+    // No credential of the app reaches a trace or the agent: not the verification token in the
+    // envelope, not the signing secret, not the bot token.
+    let everything: String = trace_texts(traces.iter().map(|t| t["id"].as_str().unwrap().to_owned()), &hub).await;
+    let agent_saw = acme_agent.requests().iter().map(|r| r.body.to_string()).collect::<String>();
+    for secret in ["Jhj5dZrVaK7ZwHHjRyZWjbDl", "acme-signing-secret", "xoxb-acme-0000"] {
+        assert!(!everything.contains(secret) && !agent_saw.contains(secret), "{secret} leaked");
+    }
+    assert!(everything.contains("what is up?"), "the payloads were read");
     let count = |status: &str| traces.iter().filter(|t| t["status"] == status).count();
     assert_eq!((count("completed"), count("ignored")), (2, 5), "{traces:#?}");
     assert_eq!(hub.slack.posts().len(), 2, "one reply per message, never two");

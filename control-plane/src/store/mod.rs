@@ -143,11 +143,14 @@ pub trait Store: Send + Sync + 'static {
     async fn count_live_nodes(&self, seen_since: i64) -> Result<i64>;
 
     // Discord gateway leases: which node runs each bot.
-    /// In one transaction: drops `node_id`'s leases on bots no longer eligible (not an active
-    /// Discord instance, or stopped by an `error` gateway report since the instance's last
-    /// update), extends its unexpired ones to `now + ttl_ms`, and claims free or expired ones
-    /// (in instance-id order) up to its share of the eligible bots among `live_nodes`. Returns
-    /// every bot `node_id` now holds, sorted. A bot never has two unexpired holders.
+    /// In one transaction: extends `node_id`'s unexpired leases on eligible bots (active Discord
+    /// instances not stopped by an `error` gateway report for their current revision) to
+    /// `now + ttl_ms`, and claims free or expired ones (in instance-id order) up to its share of
+    /// the eligible bots among `live_nodes` (counting only the eligible ones it holds). Returns
+    /// the eligible bots `node_id` now holds unexpired, sorted. A lease is never freed early:
+    /// one on a bot no longer eligible is left to run out (its holder may still run the bot
+    /// until it hears so), and nobody else gets the bot before then. So a bot never has two
+    /// unexpired holders.
     async fn renew_gateway_leases(&self, node_id: &str, now: i64, ttl_ms: i64, live_nodes: i64) -> Result<Vec<String>>;
     /// The instance's lease and last gateway report; `None` when it has neither.
     async fn gateway_status(&self, instance_id: &str) -> Result<Option<GatewayStatusRecord>>;
@@ -177,7 +180,8 @@ pub trait Store: Send + Sync + 'static {
 
     // Channel connection state, as nodes report it.
     /// Keeps the latest connection event, the latest QR event and the latest gateway report
-    /// of each instance (a `closed` report does not replace an `error`: it is the same failure).
+    /// of each instance. An `error` is not replaced by a report about an older revision, nor
+    /// by a `closed` one about the same revision (the node closing what failed).
     async fn record_instance_events(&self, events: &[InstanceEventRecord]) -> Result<()>;
     async fn instance_connection(&self, instance_id: &str) -> Result<Option<ConnectionRecord>>;
 

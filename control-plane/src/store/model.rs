@@ -363,9 +363,13 @@ pub struct InstanceEventRecord {
     pub status_reason: i64,
     pub wuid: String,
     pub profile_name: String,
+    /// When it happened; for `gateway`, when the control plane received it (nodes' clocks
+    /// are not compared).
     pub at: i64,
     /// `gateway`: why the state is `error`.
     pub detail: String,
+    /// `gateway`: the instance's config revision the gateway ran with.
+    pub revision: i64,
     /// The node that reported it.
     pub node_id: String,
 }
@@ -395,6 +399,8 @@ pub struct GatewayStatusRecord {
     /// With state `error`: the fatal reason.
     pub error: String,
     pub node_id: String,
-    /// When it was reported (0: never).
+    /// When the control plane received it (0: never).
     pub at: i64,
+    /// The instance's config revision the reporting gateway ran with.
+    pub revision: i64,
 }

@@ -281,9 +281,11 @@ const NODE_COLUMNS: &str = "id, address, version, applied_revision, first_seen_a
 const GATEWAY_SOURCES: &str = "instances i LEFT JOIN instance_connections c ON c.instance_id = i.id";
 
 /// The instances whose Discord bot should run somewhere: active, and not stopped by a fatal
-/// gateway error reported since the instance last changed (restarting it would fail the same way).
+/// gateway error reported for the instance's current config (restarting it would fail the same
+/// way). Judged by revision, not by clocks: an update (a higher `i.revision`) lets the bot try
+/// again, and an error about an older config never blocks a newer one.
 const GATEWAY_ELIGIBLE: &str = "i.channel = 'discord' AND i.active = TRUE \
-     AND NOT (COALESCE(c.gateway_state, '') = 'error' AND COALESCE(c.gateway_at, 0) > i.updated_at)";
+     AND NOT (COALESCE(c.gateway_state, '') = 'error' AND COALESCE(c.gateway_revision, 0) >= i.revision)";
 
 /// `$notify`: SQL run in each config transaction to wake other control planes (Postgres only).
 /// `$snapshot_isolation`: SQL that gives a transaction one consistent view (SQLite's read
@@ -1412,24 +1414,30 @@ macro_rules! sql_store {
                             .execute(&mut *tx)
                             .await?;
                         }
-                        // A node closing a gateway that failed fatally reports `closed` after
-                        // the `error`; the error must stay, or the bot would be leased again.
+                        // An error stands against reports about an older config, and against the
+                        // `closed` a node reports after closing the gateway that failed: else
+                        // the bot would be leased again to fail the same way.
                         "gateway" => {
                             sqlx::query(
                                 "INSERT INTO instance_connections \
                                  (instance_id, state, status_reason, wuid, profile_name, connection_at, qr_at, \
-                                 gateway_state, gateway_error, gateway_node_id, gateway_at) \
-                                 VALUES ($1, '', 0, '', '', 0, 0, $3, $4, $5, $2) ON CONFLICT (instance_id) DO UPDATE SET \
+                                 gateway_state, gateway_error, gateway_node_id, gateway_at, gateway_revision) \
+                                 VALUES ($1, '', 0, '', '', 0, 0, $3, $4, $5, $2, $6) ON CONFLICT (instance_id) DO UPDATE SET \
                                  gateway_state = excluded.gateway_state, gateway_error = excluded.gateway_error, \
-                                 gateway_node_id = excluded.gateway_node_id, gateway_at = excluded.gateway_at \
+                                 gateway_node_id = excluded.gateway_node_id, gateway_at = excluded.gateway_at, \
+                                 gateway_revision = excluded.gateway_revision \
                                  WHERE excluded.gateway_at >= instance_connections.gateway_at \
-                                 AND NOT (instance_connections.gateway_state = 'error' AND excluded.gateway_state = 'closed')",
+                                 AND NOT (instance_connections.gateway_state = 'error' \
+                                 AND (excluded.gateway_revision < instance_connections.gateway_revision \
+                                 OR (excluded.gateway_revision = instance_connections.gateway_revision \
+                                 AND excluded.gateway_state = 'closed')))",
                             )
                             .bind(&e.instance_id)
                             .bind(e.at)
                             .bind(&e.state)
                             .bind(&e.detail)
                             .bind(&e.node_id)
+                            .bind(e.revision)
                             .execute(&mut *tx)
                             .await?;
                         }
@@ -1488,22 +1496,20 @@ macro_rules! sql_store {
                 let expires_at = now + ttl_ms;
                 let mut tx = self.pool.begin().await?;
                 // A write first: on SQLite it takes the write lock before anything is read.
-                sqlx::query(&format!(
-                    "DELETE FROM gateway_leases WHERE node_id = $1 \
-                     AND instance_id NOT IN (SELECT i.id FROM {GATEWAY_SOURCES} WHERE {GATEWAY_ELIGIBLE})"
-                ))
-                .bind(node_id)
-                .execute(&mut *tx)
-                .await?;
                 // An expired lease is not renewed: another node may hold it by now. It can
-                // only be claimed again below, like any free bot.
-                let held = sqlx::query("UPDATE gateway_leases SET expires_at = $1 WHERE node_id = $2 AND expires_at > $3")
-                    .bind(expires_at)
-                    .bind(node_id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected() as i64;
+                // only be claimed again below, like any free bot. A lease on a bot no longer
+                // eligible is neither renewed nor deleted: its holder may still run the bot
+                // until it hears so, so the lease runs out before anyone else may take it.
+                let held = sqlx::query(&format!(
+                    "UPDATE gateway_leases SET expires_at = $1 WHERE node_id = $2 AND expires_at > $3 \
+                     AND instance_id IN (SELECT i.id FROM {GATEWAY_SOURCES} WHERE {GATEWAY_ELIGIBLE})"
+                ))
+                .bind(expires_at)
+                .bind(node_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected() as i64;
                 let eligible: i64 =
                     sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {GATEWAY_SOURCES} WHERE {GATEWAY_ELIGIBLE}"))
                         .fetch_one(&mut *tx)
@@ -1541,9 +1547,10 @@ macro_rules! sql_store {
                         }
                     }
                 }
-                let held: Vec<String> = sqlx::query_scalar(
-                    "SELECT instance_id FROM gateway_leases WHERE node_id = $1 AND expires_at > $2 ORDER BY instance_id",
-                )
+                let held: Vec<String> = sqlx::query_scalar(&format!(
+                    "SELECT i.id FROM {GATEWAY_SOURCES} JOIN gateway_leases l ON l.instance_id = i.id \
+                     WHERE l.node_id = $1 AND l.expires_at > $2 AND {GATEWAY_ELIGIBLE} ORDER BY i.id"
+                ))
                 .bind(node_id)
                 .bind(now)
                 .fetch_all(&mut *tx)
@@ -1558,7 +1565,8 @@ macro_rules! sql_store {
                     .fetch_optional(&self.pool)
                     .await?;
                 let report = sqlx::query(
-                    "SELECT gateway_state, gateway_error, gateway_node_id, gateway_at FROM instance_connections \
+                    "SELECT gateway_state, gateway_error, gateway_node_id, gateway_at, gateway_revision \
+                     FROM instance_connections \
                      WHERE instance_id = $1 AND gateway_at > 0",
                 )
                 .bind(instance_id)
@@ -1577,6 +1585,7 @@ macro_rules! sql_store {
                     status.error = row.try_get("gateway_error")?;
                     status.node_id = row.try_get("gateway_node_id")?;
                     status.at = row.try_get("gateway_at")?;
+                    status.revision = row.try_get("gateway_revision")?;
                 }
                 Ok(Some(status))
             }

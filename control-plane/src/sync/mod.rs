@@ -161,15 +161,18 @@ impl NodeSyncService for SyncApi {
                     }
             })
             .map(|e| InstanceEventRecord {
+                // Time 0 is "never" to the store; an untimed event happened by now. Gateway
+                // reports are ordered by this control plane's clock, not the nodes' (an error
+                // is judged by `revision`, never by comparing times).
+                at: if e.kind != "gateway" && e.time_unix_ms > 0 { e.time_unix_ms } else { now },
                 instance_id: e.instance_id,
                 kind: e.kind,
                 state: e.state,
                 status_reason: i64::from(e.status_reason),
                 wuid: e.wuid,
                 profile_name: e.profile_name,
-                // Time 0 is "never" to the store; an untimed event happened by now.
-                at: if e.time_unix_ms > 0 { e.time_unix_ms } else { now },
                 detail: e.detail.chars().take(MAX_EVENT_DETAIL).collect(),
+                revision: e.revision.max(0),
                 node_id: report.node_id.clone(),
             })
             .collect();
@@ -353,9 +356,10 @@ impl Session {
     /// then run out on their own, which is safe, where ending the stream would gain nothing.
     async fn answer_with_leases(&self, sequence: u64) -> Result<(), End> {
         let ttl_ms = i64::try_from(self.settings.gateway_lease_ttl.as_millis()).unwrap_or(i64::MAX / 2);
-        let timeout_ms = i64::try_from(self.settings.node_timeout.as_millis()).unwrap_or(i64::MAX / 2);
         let now = now_millis();
-        let renewed = match self.store.count_live_nodes(now - timeout_ms).await {
+        // Nodes heartbeat at least three times a lease: one silent for a whole lease (cut off,
+        // say, with its stream not yet timed out) holds no bots, so it takes no share of them.
+        let renewed = match self.store.count_live_nodes(now - ttl_ms).await {
             Ok(live) => self.store.renew_gateway_leases(&self.node_id, now, ttl_ms, live).await,
             Err(e) => Err(e),
         };

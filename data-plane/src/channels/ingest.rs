@@ -46,7 +46,24 @@ pub struct Intake {
 impl Intake {
     /// Makes `candidates` durable (one commit) and submits those to answer. Returns only once
     /// they are on disk: the caller may then acknowledge them to the channel.
+    ///
+    /// The work runs in a task of its own: a caller dropped mid-way (a webhook client that hung
+    /// up, a gateway being closed) must not leave a message committed, its idempotency key
+    /// taken, and nobody to hand it to the pipeline.
     pub async fn accept(
+        &self,
+        instance: Arc<pb::InstanceConfig>,
+        channel: pb::Channel,
+        candidates: Vec<Candidate>,
+    ) -> Result<Counts, SpoolError> {
+        let intake = self.clone();
+        match tokio::spawn(async move { intake.accept_now(&instance, channel, candidates).await }).await {
+            Ok(counted) => counted,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn accept_now(
         &self,
         instance: &pb::InstanceConfig,
         channel: pb::Channel,

@@ -32,42 +32,94 @@ pub fn split(text: &str, limit: usize) -> Vec<String> {
 const FENCE_RESERVE: usize = 24;
 const MAX_FENCE_LANGUAGE: usize = 16;
 
-/// Like [`split`], but a code block cut between chunks is closed at the end of one and opened
-/// again (same language) at the start of the next, so each chunk renders on its own.
+/// For channels that render Markdown code blocks (Discord): chunks of at most `limit`
+/// characters cut at line ends, so code keeps its indentation; a code block cut between chunks
+/// is closed at the end of one and opened again, with its language, at the start of the next.
+/// A line longer than a chunk is cut between words (prose) or anywhere (code).
 pub fn split_code_aware(text: &str, limit: usize) -> Vec<String> {
     let text = text.trim();
     if text.chars().count() <= limit {
         return if text.is_empty() { Vec::new() } else { vec![text.to_owned()] };
     }
-    let mut open: Option<&str> = None;
-    split(text, limit.saturating_sub(FENCE_RESERVE).max(1))
-        .iter()
-        .map(|piece| {
-            let mut chunk = String::with_capacity(piece.len() + FENCE_RESERVE);
-            if let Some(language) = open {
+    let mut chunks = FencedChunks { budget: limit.saturating_sub(FENCE_RESERVE).max(1), ..Default::default() };
+    for line in text.split_inclusive('\n') {
+        let fence = line.trim_start().starts_with("```") && line.matches("```").count() % 2 == 1;
+        if fence || line.chars().count() <= chunks.budget {
+            chunks.push(line);
+        } else if chunks.open.is_some() {
+            let chars: Vec<char> = line.chars().collect();
+            for piece in chars.chunks(chunks.budget) {
+                chunks.push(&piece.iter().collect::<String>());
+            }
+        } else {
+            let pieces = split(line, chunks.budget);
+            let last = pieces.len().saturating_sub(1);
+            for (i, piece) in pieces.iter().enumerate() {
+                chunks.push(piece);
+                chunks.push(if i == last && line.ends_with('\n') { "\n" } else { " " });
+            }
+        }
+        if fence {
+            chunks.open = match chunks.open {
+                Some(_) => None,
+                None => {
+                    let language = line.trim().trim_start_matches('`').trim();
+                    Some(if language.len() <= MAX_FENCE_LANGUAGE && !language.contains('`') {
+                        language.to_owned()
+                    } else {
+                        String::new()
+                    })
+                }
+            };
+        }
+    }
+    chunks.flush();
+    chunks.done
+}
+
+/// Chunks being filled line by line, knowing whether a code block is open.
+#[derive(Default)]
+struct FencedChunks {
+    budget: usize,
+    done: Vec<String>,
+    lines: String,
+    chars: usize,
+    /// The language of the code block the current chunk starts inside of, if it does.
+    starts_in: Option<String>,
+    /// The language of the code block open after the lines so far, if one is.
+    open: Option<String>,
+}
+
+impl FencedChunks {
+    fn push(&mut self, piece: &str) {
+        let n = piece.chars().count();
+        if self.chars + n > self.budget && self.chars > 0 {
+            self.flush();
+        }
+        self.lines.push_str(piece);
+        self.chars += n;
+    }
+
+    fn flush(&mut self) {
+        // Inside code, leading whitespace is indentation: keep it.
+        let body = if self.starts_in.is_some() { self.lines.trim_end() } else { self.lines.trim() };
+        if !body.is_empty() {
+            let mut chunk = String::with_capacity(body.len() + FENCE_RESERVE);
+            if let Some(language) = &self.starts_in {
                 chunk.push_str("```");
                 chunk.push_str(language);
                 chunk.push('\n');
             }
-            chunk.push_str(piece);
-            let mut rest = piece.as_str();
-            while let Some(at) = rest.find("```") {
-                rest = &rest[at + 3..];
-                open = match open {
-                    Some(_) => None,
-                    None => {
-                        let language = rest.split('\n').next().unwrap_or_default().trim();
-                        let fits = language.len() <= MAX_FENCE_LANGUAGE && !language.contains('`');
-                        Some(if fits { language } else { "" })
-                    }
-                };
-            }
-            if open.is_some() {
+            chunk.push_str(body);
+            if self.open.is_some() {
                 chunk.push_str("\n```");
             }
-            chunk
-        })
-        .collect()
+            self.done.push(chunk);
+        }
+        self.lines.clear();
+        self.chars = 0;
+        self.starts_in = self.open.clone();
+    }
 }
 
 /// The byte offset just after the last of `separators` that ends at or after `from`.
@@ -97,6 +149,25 @@ mod tests {
         let rejoined: String = chunks.concat();
         assert_eq!(rejoined.matches("let line_").count(), 120, "no code lost");
         assert_eq!(split_code_aware("short ```x``` text", 2000), vec!["short ```x``` text".to_owned()]);
+    }
+
+    #[test]
+    fn code_keeps_its_indentation_and_long_lines_are_cut() {
+        let code: String = (0..60).map(|i| format!("def f{i}():\n    return {i}\n")).collect();
+        let long_line = "x".repeat(700);
+        let text = format!("```python\n{code}{long_line}\n```\nAfter the code, {}.", "some words ".repeat(80).trim());
+        let chunks = split_code_aware(&text, 300);
+        for chunk in &chunks {
+            assert!(chunk.chars().count() <= 300, "{} characters", chunk.chars().count());
+            assert_eq!(chunk.matches("```").count() % 2, 0, "unbalanced chunk: {chunk}");
+            for line in chunk.lines().filter(|l| l.contains("return")) {
+                assert!(line.starts_with("    return"), "indentation lost: {line:?}");
+            }
+        }
+        let all = chunks.concat();
+        assert_eq!(all.matches('x').count(), 700, "the long line is all there");
+        assert_eq!(all.matches("return").count(), 60);
+        assert!(chunks.last().unwrap().ends_with("some words."), "{:?}", chunks.last());
     }
 
     #[test]

@@ -62,6 +62,8 @@ const CLOSE_BOUND: Duration = Duration::from_secs(1);
 
 struct Running {
     token: String,
+    /// Tells this run apart from an earlier one of the same bot.
+    generation: u64,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -76,14 +78,17 @@ impl Drop for Running {
 /// What a bot task says when it ends.
 struct Ended {
     instance_id: String,
-    token: String,
-    /// A fatal close: the token that failed.
-    fatal_token: Option<String>,
+    generation: u64,
+    /// A fatal close: the config revision it happened with.
+    fatal_revision: Option<i64>,
 }
 
 struct Bot {
+    /// The config the gateway started with (its token); messages are judged by the current one.
     instance: Arc<pb::InstanceConfig>,
+    config: Arc<ConfigHandle>,
     token: String,
+    generation: u64,
     intake: Intake,
     events: ConnectionEvents,
     settings: GatewaySettings,
@@ -102,8 +107,10 @@ pub async fn run(
 ) {
     let mut applied = config.subscribe();
     let mut running: HashMap<String, Running> = HashMap::new();
-    // Bots that closed fatally, with the token that failed: not started again until it changes.
-    let mut failed: HashMap<String, String> = HashMap::new();
+    // Bots that closed fatally, with the config revision they failed on: not started again
+    // until the instance changes (the control plane applies the same rule to leases).
+    let mut failed: HashMap<String, i64> = HashMap::new();
+    let mut generations = 0u64;
     let (ended_tx, mut ended) = mpsc::unbounded_channel::<Ended>();
     loop {
         let current = leases.borrow().clone();
@@ -142,31 +149,39 @@ pub async fn run(
         }
         for (id, instance) in wanted {
             let token = instance.discord.as_ref().map(|d| d.token.clone()).unwrap_or_default();
-            if running.contains_key(&id) || failed.get(&id) == Some(&token) {
+            if running.contains_key(&id) || failed.get(&id).is_some_and(|r| *r >= instance.revision) {
                 continue;
             }
             failed.remove(&id);
+            generations += 1;
+            let generation = generations;
             let (stop, stopped) = watch::channel(false);
             let bot = Bot {
                 instance,
+                config: config.clone(),
                 token: token.clone(),
+                generation,
                 intake: intake.clone(),
                 events: events.clone(),
                 settings: settings.clone(),
             };
             let task = tokio::spawn(bot.run(stopped, ended_tx.clone()));
-            running.insert(id, Running { token, stop, task });
+            running.insert(id, Running { token, generation, stop, task });
         }
         let deadline = current.close_by.filter(|_| !running.is_empty());
         tokio::select! {
             changed = leases.changed() => if changed.is_err() { return },
-            _ = applied.changed() => {}
+            _ = applied.changed() => {
+                if let Some(config) = config.load() {
+                    failed.retain(|id, _| config.instances.values().any(|i| &i.id == id));
+                }
+            }
             Some(end) = ended.recv() => {
-                if running.get(&end.instance_id).is_some_and(|r| r.token == end.token) {
+                if running.get(&end.instance_id).is_some_and(|r| r.generation == end.generation) {
                     running.remove(&end.instance_id);
                 }
-                if let Some(token) = end.fatal_token {
-                    failed.insert(end.instance_id, token);
+                if let Some(revision) = end.fatal_revision {
+                    failed.insert(end.instance_id, revision);
                 }
             }
             _ = sleep_until(deadline) => {
@@ -190,6 +205,7 @@ impl Bot {
             kind: "gateway".into(),
             state: state.into(),
             detail,
+            revision: self.instance.revision,
             time_unix_ms: now_ms(),
             ..Default::default()
         });
@@ -206,7 +222,7 @@ impl Bot {
         self.report("connecting", String::new());
         let wanted = EventTypeFlags::READY | EventTypeFlags::MESSAGE_CREATE;
         let mut bot_user_id = 0;
-        let fatal_token = loop {
+        let fatal = loop {
             let item = tokio::select! {
                 _ = stop.changed() => {
                     shard.close(CloseFrame::NORMAL);
@@ -218,7 +234,7 @@ impl Bot {
                     }).await;
                     tracing::info!(instance = %name, "Discord gateway closed");
                     self.report("closed", String::new());
-                    break None;
+                    break false;
                 }
                 item = shard.next_event(wanted) => item,
             };
@@ -227,7 +243,7 @@ impl Bot {
                     let why = "the gateway connection ended and cannot be resumed".to_owned();
                     tracing::error!(instance = %name, "{why}");
                     self.report("error", why);
-                    break Some(self.token.clone());
+                    break true;
                 }
                 Some(Ok(Event::Ready(ready))) => {
                     bot_user_id = ready.user.id.get();
@@ -246,7 +262,7 @@ impl Bot {
                         );
                         tracing::error!(instance = %name, "{why}");
                         self.report("error", why);
-                        break Some(self.token.clone());
+                        break true;
                     }
                     tracing::info!(instance = %name, code, "Discord gateway closed; reconnecting");
                     self.report("connecting", String::new());
@@ -255,22 +271,26 @@ impl Bot {
                 Some(Err(e)) => tracing::warn!(instance = %name, error = %e, "Discord gateway error"),
             }
         };
-        let _ = ended.send(Ended { instance_id: self.instance.id.clone(), token: self.token.clone(), fatal_token });
+        let fatal_revision = fatal.then_some(self.instance.revision);
+        let _ =
+            ended.send(Ended { instance_id: self.instance.id.clone(), generation: self.generation, fatal_revision });
     }
 
     /// Makes a message durable (deduplicated on its id: a resumed session replays events) and
     /// hands it to the pipeline.
     async fn accept(&self, message: &twilight_model::channel::Message, bot_user_id: u64) {
-        let instance = &self.instance;
+        // Guild filters and reply rules as configured now, not when the gateway started.
+        let current = self.config.load().and_then(|c| c.instances.get(&self.instance.name).cloned());
+        let instance = current.filter(|i| i.id == self.instance.id).unwrap_or_else(|| self.instance.clone());
         let id = uuid::Uuid::new_v4().to_string();
-        let (inbound, ignore) = parse(message, instance, bot_user_id, now_ms(), id);
+        let (inbound, ignore) = parse(message, &instance, bot_user_id, now_ms(), id);
         // A bot's own replies come back on its gateway; they need no trace.
         if bot_user_id != 0 && message.author.id.get() == bot_user_id {
             return;
         }
         let dedupe_key = inbound.external_id.clone();
         let candidate = Candidate { inbound, ignore, dedupe_key };
-        if let Err(e) = self.intake.accept(instance, pb::Channel::Discord, vec![candidate]).await {
+        if let Err(e) = self.intake.accept(instance.clone(), pb::Channel::Discord, vec![candidate]).await {
             // The gateway has no redelivery: this message is lost, and says so loudly.
             tracing::error!(instance = %instance.name, error = %e, message_id = %message.id, "Discord message dropped: spool unavailable");
         }

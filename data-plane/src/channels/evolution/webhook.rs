@@ -61,7 +61,7 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
             Candidate { inbound, ignore: ignore.map(str::to_owned), dedupe_key }
         })
         .collect();
-    match state.intake.accept(&instance, pb::Channel::Whatsapp, candidates).await {
+    match state.intake.accept(instance, pb::Channel::Whatsapp, candidates).await {
         Ok(Counts { accepted, duplicates, ignored }) => {
             (StatusCode::OK, json!({ "accepted": accepted, "duplicates": duplicates, "ignored": ignored }))
         }

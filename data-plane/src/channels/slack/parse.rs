@@ -87,6 +87,8 @@ pub fn parse(
         Some("bot message".to_owned())
     } else if !ANSWERED_SUBTYPES.contains(&subtype) {
         Some(format!("message subtype {subtype} (edits, deletions and joins are not answered)"))
+    } else if event.get("edited").is_some_and(|e| !e.is_null()) {
+        Some("edited message".to_owned())
     } else if user.is_empty() {
         Some("message without a user".to_owned())
     } else if !bot_user.is_empty() && user == bot_user {
@@ -205,6 +207,10 @@ mod tests {
     #[test]
     fn what_is_not_answered() {
         let cases = [
+            (
+                json!({"type": "app_mention", "channel": "C1", "user": "U1", "text": "<@UBOT> x", "ts": "1.6", "edited": {"user": "U1", "ts": "1.7"}}),
+                "edited message",
+            ),
             (
                 json!({"type": "message", "channel": "D1", "channel_type": "im", "bot_id": "B1", "text": "x", "ts": "1.1"}),
                 "bot message",

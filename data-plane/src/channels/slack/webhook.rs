@@ -87,7 +87,7 @@ pub async fn ingest(state: &NodeState, instance: &str, headers: &HeaderMap, body
     };
     let dedupe_key = format!("{}\u{0}{}", inbound.conversation, inbound.external_id);
     let candidate = Candidate { inbound, ignore, dedupe_key };
-    match state.intake.accept(&instance, pb::Channel::Slack, vec![candidate]).await {
+    match state.intake.accept(instance, pb::Channel::Slack, vec![candidate]).await {
         Ok(Counts { accepted, duplicates, ignored }) => {
             (StatusCode::OK, json!({ "accepted": accepted, "duplicates": duplicates, "ignored": ignored }))
         }
