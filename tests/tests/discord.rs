@@ -103,7 +103,9 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     acme_agent.script(move |body| {
         let text = body["message"].as_str().unwrap_or_default();
         let answer = if text == "code please" { long_answer.clone() } else { format!("echo: {text}") };
-        (200, json!({ "message": answer }), Duration::ZERO)
+        // A slow first answer: typing shows while the agent works.
+        let delay = if text == "hello" { Duration::from_millis(600) } else { Duration::ZERO };
+        (200, json!({ "message": answer }), delay)
     });
     beta_agent.script(|body| {
         (200, json!({ "message": format!("beta: {}", body["message"].as_str().unwrap()) }), Duration::ZERO)
