@@ -75,6 +75,7 @@ fn spawn_node(cp: &ControlPlane, id: String) -> (Arc<ConfigHandle>, tokio::task:
         settings: SyncSettings::default(),
         sends: None,
         leases: None,
+        release: None,
         beats: Default::default(),
     };
     (handle, tokio::spawn(client.run()))

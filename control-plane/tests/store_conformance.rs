@@ -938,6 +938,53 @@ async fn gateway_errors_stop_a_bot_until_it_is_updated(store: Shared) {
     );
 }
 
+/// A node shutting down hands its leases back: another node claims the bots at once (same
+/// `now`), without waiting for the leases to run out, and counts the leaving node out of the
+/// shares. The other nodes' leases are untouched.
+async fn released_gateway_leases_are_claimed_at_once(store: Shared) {
+    for name in ["a", "b", "c", "d"] {
+        store.create_instance(&record(name, Channel::Discord)).await.unwrap();
+    }
+    let t0 = now_millis();
+    for id in ["na", "nb"] {
+        let node = NodeRecord {
+            id: id.into(),
+            address: String::new(),
+            version: "0.1.0".into(),
+            applied_revision: 4,
+            first_seen_at: t0,
+            last_seen_at: t0,
+            connected: true,
+            last_error: String::new(),
+        };
+        store.node_connected(&node).await.unwrap();
+    }
+    assert_eq!(store.count_live_nodes(t0 - TTL).await.unwrap(), 2);
+    assert_eq!(store.renew_gateway_leases("na", t0, TTL, 2).await.unwrap(), ["id-a", "id-b"]);
+    assert_eq!(store.renew_gateway_leases("nb", t0, TTL, 2).await.unwrap(), ["id-c", "id-d"]);
+
+    // Long before its leases would run out, na (seen, as every heartbeat) releases them.
+    let t1 = t0 + 1_000;
+    store.node_seen("na", t1).await.unwrap();
+    assert_eq!(store.release_gateway_leases("na", t1).await.unwrap(), 2);
+    assert_eq!(lease_holder(&store, "id-a").await, Some(("na".into(), t1)), "ended now");
+    assert_eq!(lease_holder(&store, "id-c").await, Some(("nb".into(), t0 + TTL)), "nb's untouched");
+
+    // nb, now the only live node, takes every bot at the same instant.
+    let live = store.count_live_nodes(t1 - TTL).await.unwrap();
+    assert_eq!(live, 1, "a node that released is not counted live");
+    assert_eq!(store.renew_gateway_leases("nb", t1, TTL, live).await.unwrap(), ["id-a", "id-b", "id-c", "id-d"]);
+    assert_eq!(lease_holder(&store, "id-a").await, Some(("nb".into(), t1 + TTL)));
+    assert_eq!(lease_holder(&store, "id-c").await, Some(("nb".into(), t1 + TTL)));
+
+    // Releasing again ends nothing: the bots are nb's now.
+    assert_eq!(store.release_gateway_leases("na", t1 + 1).await.unwrap(), 0);
+    assert_eq!(lease_holder(&store, "id-b").await, Some(("nb".into(), t1 + TTL)));
+    // A node that speaks again is live again.
+    store.node_seen("na", t1 + 2).await.unwrap();
+    assert_eq!(store.count_live_nodes(t1 - TTL).await.unwrap(), 2);
+}
+
 /// Nodes renewing at once while bots are switched off and back on. Each of four nodes in turn
 /// falls silent for two rounds (its leases outlive the first and end exactly at the second),
 /// and a fifth falls silent for good while still counted live for a while. At any time a bot
@@ -1138,6 +1185,7 @@ conformance!(
         gateway_leases_follow_eligibility,
         gateway_errors_stop_a_bot_until_it_is_updated,
         concurrent_gateway_renewals_never_share_a_bot,
+        released_gateway_leases_are_claimed_at_once,
     ],
     fixtures: [
         the_change_log_is_compacted_past_its_retention,

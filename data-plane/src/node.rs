@@ -168,6 +168,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
     let (commands, commands_rx) = tokio::sync::mpsc::channel(256);
     let (results_tx, results) = tokio::sync::mpsc::channel(256);
     let (leases, leases_rx) = tokio::sync::watch::channel(Leases::default());
+    let release = Arc::new(crate::sync::LeaseRelease::default());
     let client = SyncClient {
         endpoint: endpoint.clone(),
         token: token.clone(),
@@ -179,6 +180,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         settings: options.sync.clone(),
         sends: Some(Sends { commands, results: tokio::sync::Mutex::new(results) }),
         leases: Some(leases),
+        release: Some(release.clone()),
         beats: Default::default(),
     };
     let sync_task = tokio::spawn(client.run());
@@ -221,14 +223,16 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
             token.clone(),
             node_id.clone(),
         )),
-        tokio::spawn(gateway::run(
-            leases_rx,
-            config.clone(),
-            intake.clone(),
-            connection_events.clone(),
-            GatewaySettings { gateway_url: options.channels.discord_gateway_url.clone() },
-        )),
     ];
+    let (stop_gateways, gateways_stopped) = tokio::sync::watch::channel(false);
+    let gateways = tokio::spawn(gateway::run(
+        leases_rx,
+        config.clone(),
+        intake.clone(),
+        connection_events.clone(),
+        GatewaySettings { gateway_url: options.channels.discord_gateway_url.clone() },
+        gateways_stopped,
+    ));
     let (stop_cache, cache_stopped) = tokio::sync::watch::channel(false);
     let cache_task = tokio::spawn(write_behind(cache, config.clone(), cache_stopped));
 
@@ -248,6 +252,13 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         let _ = tcp.set_nodelay(true);
     });
     let served = axum::serve(listener, router(state, options.max_body_bytes)).with_graceful_shutdown(shutdown).await;
+    // Close the bots' gateways, then hand their leases back, so that other nodes take the bots
+    // now rather than when the leases expire. Both bounded: shutdown must not hang.
+    let _ = stop_gateways.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), gateways).await;
+    if tokio::time::timeout(Duration::from_secs(2), release.release()).await.is_err() {
+        tracing::info!("gateway leases not handed back (control plane unreachable); they will expire");
+    }
     sync_task.abort();
     for task in background {
         task.abort();

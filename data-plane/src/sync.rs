@@ -86,6 +86,8 @@ pub struct SyncClient {
     pub sends: Option<Sends>,
     /// Where the Discord gateway leases the control plane grants go.
     pub leases: Option<watch::Sender<Leases>>,
+    /// Asked at shutdown to hand the leases back.
+    pub release: Option<Arc<LeaseRelease>>,
     /// Heartbeats sent, across sessions.
     pub beats: AtomicU64,
 }
@@ -93,6 +95,28 @@ pub struct SyncClient {
 pub struct Sends {
     pub commands: mpsc::Sender<pb::SendCommand>,
     pub results: tokio::sync::Mutex<mpsc::Receiver<pb::SendResult>>,
+}
+
+/// A node's request, at shutdown and with its gateways closed, to hand its Discord leases back
+/// so that other nodes take the bots at once.
+pub struct LeaseRelease {
+    requested: watch::Sender<bool>,
+    done: tokio::sync::Notify,
+}
+
+impl Default for LeaseRelease {
+    fn default() -> Self {
+        LeaseRelease { requested: watch::channel(false).0, done: tokio::sync::Notify::new() }
+    }
+}
+
+impl LeaseRelease {
+    /// Returns once the control plane has taken the leases back (a stream must be open).
+    pub async fn release(&self) {
+        let done = self.done.notified();
+        self.requested.send_replace(true);
+        done.await
+    }
 }
 
 /// Send commands carry media of up to 12 MiB.
@@ -146,6 +170,8 @@ impl SyncClient {
         let mut heartbeat = tokio::time::interval(every);
         // When recent heartbeats were sent: a lease counts from the heartbeat it answers.
         let mut sent_beats: VecDeque<(u64, Instant)> = VecDeque::with_capacity(8);
+        let mut release = self.release.as_ref().map(|r| r.requested.subscribe());
+        let mut release_sequence = None;
         // A snapshot in chunks: its revision and the instances so far.
         let mut snapshot: Option<(i64, Vec<pb::InstanceConfig>)> = None;
         // One session at a time reports send results; the others have ended.
@@ -162,6 +188,14 @@ impl SyncClient {
                     let Some(message) = message.map_err(|_| SessionError::Silent(self.settings.silence_timeout))?? else {
                         return Ok(());
                     };
+                    if let Some(watch_response::Kind::Leases(leases)) = &message.kind
+                        && release_sequence == Some(leases.heartbeat_sequence)
+                    {
+                        if let Some(release) = &self.release {
+                            release.done.notify_one();
+                        }
+                        continue;
+                    }
                     if let Some(watch_response::Kind::Leases(leases)) = &message.kind {
                         let ttl = Duration::from_millis(leases.ttl_ms.max(0) as u64);
                         self.leases_granted(leases, ttl, &sent_beats);
@@ -181,6 +215,13 @@ impl SyncClient {
                         heartbeat.reset_immediately();
                     }
                 }
+                _ = release_requested(&mut release), if release_sequence.is_none() => {
+                    let sequence = self.beats.fetch_add(1, Ordering::Relaxed) + 1;
+                    release_sequence = Some(sequence);
+                    let applied_revision = self.config.revision();
+                    let beat = pb::NodeHeartbeat { applied_revision, sequence, release_leases: true };
+                    send(&outbound, watch_request::Kind::Heartbeat(beat)).await;
+                }
                 _ = heartbeat.tick() => {
                     let applied_revision = self.config.revision();
                     // 0 takes no leases: a node that runs no gateways must not be given bots.
@@ -189,7 +230,7 @@ impl SyncClient {
                         sent_beats.pop_front();
                     }
                     sent_beats.push_back((sequence, Instant::now()));
-                    let beat = pb::NodeHeartbeat { applied_revision, sequence };
+                    let beat = pb::NodeHeartbeat { applied_revision, sequence, release_leases: false };
                     send(&outbound, watch_request::Kind::Heartbeat(beat)).await;
                 }
             }
@@ -269,6 +310,17 @@ impl SyncClient {
             }
         }
         Ok(())
+    }
+}
+
+async fn release_requested(release: &mut Option<watch::Receiver<bool>>) {
+    match release {
+        Some(requested) => {
+            if requested.wait_for(|r| *r).await.is_err() {
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -14,9 +14,13 @@ use std::time::Duration;
 const LEASE_TTL: &str = "2s";
 
 async fn control_plane(dir: &Path, listen: &str) -> ControlPlane {
+    control_plane_with_ttl(dir, listen, LEASE_TTL).await
+}
+
+async fn control_plane_with_ttl(dir: &Path, listen: &str, ttl: &str) -> ControlPlane {
     let options = ControlPlaneOptions {
         listen: Some(listen.to_owned()),
-        extra_args: vec!["--gateway-lease-ttl".into(), LEASE_TTL.into()],
+        extra_args: vec!["--gateway-lease-ttl".into(), ttl.into()],
         ..Default::default()
     };
     ControlPlane::start(&dir.join("cp"), &options).await
@@ -186,6 +190,14 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     let bad = ctl(&cp, &["send", "text", "acme-discord", "--to", "not-a-channel", "--text", "x"]).await;
     assert!(bad.failed().contains("not a channel id"), "{bad:?}");
 
+    // One bot serves one instance: a second instance with beta's token would answer twice.
+    #[rustfmt::skip]
+    let twice = ctl(&cp, &[
+        "instance", "create", "beta-again", "--channel", "discord", "--agent-url", &acme_agent.url, "--discord-token", "beta-token",
+    ]).await;
+    assert!(twice.failed().contains("already used by another instance"), "{twice:?}");
+    assert!(!twice.stderr.contains("beta-discord"), "the other instance is not named: {twice:?}");
+
     // A token change restarts only that bot.
     let before = discord.identifies("beta-token");
     discord.bot("acme-token-2", "999", "acmebot");
@@ -284,6 +296,42 @@ async fn discord_bots_move_on_partition_and_death_and_never_run_twice() {
         assert_eq!(discord.max_concurrent(token), 1, "{token} ran on two nodes at once");
     }
     drop(node_a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_hands_its_bots_over_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let discord = FakeDiscord::start().await;
+    let tokens = ["t-one", "t-two", "t-three", "t-four"];
+    for (i, token) in tokens.iter().enumerate() {
+        discord.bot(token, &format!("90{i}"), &format!("bot{i}"));
+    }
+    // Leases long enough that only handing them back can move the bots within the test.
+    let cp = control_plane_with_ttl(dir.path(), &format!("127.0.0.1:{}", free_port()), "120s").await;
+    let node_a = node(dir.path(), &cp, &discord, "node-a").await;
+    let agent = FakeAgent::start().await;
+    let mut revision = 0;
+    for (i, token) in tokens.iter().enumerate() {
+        revision = create_bot(&cp, &format!("bot-{i}"), &agent, token).await;
+    }
+    node_a.wait_for_revision(revision).await;
+    wait_live(&discord, &tokens).await;
+    assert!(holders(&cp).await.iter().all(|h| h == "node-a"));
+    let node_b = node(dir.path(), &cp, &discord, "node-b").await;
+    // SIGTERM: A closes its gateways, hands the leases back, and B takes every bot.
+    let log_a = node_a.log_path.clone();
+    assert!(node_a.terminate().await.success());
+    let log_a = std::fs::read_to_string(log_a).unwrap();
+    assert!(!log_a.contains("not handed back"), "the control plane confirmed the release: {log_a}");
+    wait_for("every bot to run on node B", Duration::from_secs(30), || async {
+        let now = holders(&cp).await;
+        (now.iter().all(|h| h == "node-b") && tokens.iter().all(|t| discord.live(t))).then_some(())
+    })
+    .await;
+    for token in tokens {
+        assert_eq!(discord.max_concurrent(token), 1, "{token} ran on two nodes at once");
+    }
+    drop(node_b);
 }
 
 /// The node holding each of bot-0..bot-3's lease.

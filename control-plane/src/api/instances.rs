@@ -3,9 +3,9 @@
 use super::ApiContext;
 use super::error::{ApiError, ApiResult};
 use super::spec::{self, Secrets};
-use crate::crypto::random_token;
+use crate::crypto::{constant_time_eq, random_token};
 use crate::evolution::{Connect, Evolution, EvolutionError, Webhook};
-use crate::store::{InstanceRecord, ListInstances, Scope, StoreError, now_millis};
+use crate::store::{InstanceRecord, InstanceSpec, ListInstances, Scope, StoreError, now_millis};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use omni_core::kinds::Channel;
@@ -17,6 +17,8 @@ const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 /// Optimistic-concurrency retries of one update before giving up with ABORTED.
 const UPDATE_ATTEMPTS: usize = 5;
+/// Instances read at once when looking for a Discord token in use.
+const TOKEN_CHECK_PAGE: u32 = 500;
 
 pub struct InstanceApi {
     ctx: ApiContext,
@@ -51,6 +53,7 @@ impl InstanceApi {
             spec::apply(path, &src, channel, &mut active, &mut spec, &secrets)?;
         }
         spec::normalize_and_validate(&src.name, channel, &mut spec)?;
+        self.check_discord_token_unused(&id, &src.name, &spec).await?;
         if provision {
             if channel != Channel::Whatsapp {
                 return Err(ApiError::invalid("--provision is for WhatsApp instances (Evolution)"));
@@ -123,6 +126,9 @@ impl InstanceApi {
             }
             spec::normalize_and_validate(&current.name, current.channel, &mut spec)?;
             spec::check_keys_follow_targets(&current.spec, &spec, &paths)?;
+            if paths.contains(&"discord.token") {
+                self.check_discord_token_unused(&current.id, &current.name, &spec).await?;
+            }
             if spec.evolution.url != current.spec.evolution.url
                 || spec.evolution.instance_name != current.spec.evolution.instance_name
             {
@@ -156,6 +162,41 @@ impl InstanceApi {
         self.ctx.store.delete_instance(&caller.scope, &req.name).await?;
         tracing::info!(instance = %req.name, deprovisioned = req.deprovision, key_id = %caller.key_id, "instance deleted");
         Ok(pb::DeleteInstanceResponse {})
+    }
+
+    /// Refuses a Discord bot token that another instance already has (active or not): two
+    /// instances of one bot would both run it and answer every message twice. Every instance is
+    /// looked at, whatever the caller's scope, so the answer never names the other one. Tokens
+    /// are sealed with random nonces, so they are compared opened. The instance itself (`id`,
+    /// or `name` for a create whose name is taken, which the store then refuses) does not count.
+    async fn check_discord_token_unused(&self, id: &str, name: &str, spec: &InstanceSpec) -> ApiResult<()> {
+        let Some(sealed) = &spec.discord.token else {
+            return Ok(());
+        };
+        let token = Secrets { keyring: &self.ctx.keyring, instance_id: id }.open("discord.token", sealed)?;
+        let token = token.trim();
+        let mut query = ListInstances { after: None, limit: TOKEN_CHECK_PAGE, channel: Some(Channel::Discord) };
+        loop {
+            let page = self.ctx.store.list_instances(&Scope::Admin, &query).await?;
+            for other in page.iter().filter(|other| other.id != id && other.name != name) {
+                let Some(other_sealed) = &other.spec.discord.token else { continue };
+                let secrets = Secrets { keyring: &self.ctx.keyring, instance_id: &other.id };
+                match secrets.open("discord.token", other_sealed) {
+                    Ok(other_token) if constant_time_eq(other_token.trim().as_bytes(), token.as_bytes()) => {
+                        return Err(ApiError::invalid(
+                            "this Discord bot token is already used by another instance (one bot can serve only one instance)",
+                        ));
+                    }
+                    Ok(_) => {}
+                    // Such an instance cannot run anyway; it must not block every other one.
+                    Err(e) => tracing::warn!(instance = %other.name, error = %e, "stored discord token does not open"),
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() as u32 == TOKEN_CHECK_PAGE => query.after = Some(last.name.clone()),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Creates the instance on its Evolution server (or rewires an existing one there), then
@@ -329,5 +370,129 @@ impl InstanceService for InstanceApi {
         request: Request<pb::GetInstanceQrRequest>,
     ) -> Result<Response<pb::InstanceQr>, Status> {
         Ok(Response::new(self.qr(request).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Authenticator;
+    use crate::crypto::{Keyring, sha256_hex};
+    use crate::store::ApiKeyRecord;
+    use omni_proto::FieldMask;
+    use std::sync::Arc;
+
+    const ADMIN_KEY: &str = "omni_admin_secret";
+    const BETA_KEY: &str = "omni_beta_secret";
+    const SHARED: &str = "shared-bot-token-0123456789";
+    const TAKEN: &str = "this Discord bot token is already used by another instance";
+
+    async fn api(dir: &std::path::Path) -> InstanceApi {
+        let store = crate::store::connect(&format!("sqlite://{}", dir.join("omni.db").display())).await.unwrap();
+        for (id, key, scope) in
+            [("admin", ADMIN_KEY, Scope::Admin), ("beta", BETA_KEY, Scope::Instances(vec!["beta-*".into()]))]
+        {
+            let record = ApiKeyRecord {
+                id: id.into(),
+                key_hash: sha256_hex(key),
+                scope,
+                description: String::new(),
+                created_at: now_millis(),
+                last_used_at: None,
+                revoked_at: None,
+            };
+            store.create_api_key(&record).await.unwrap();
+        }
+        InstanceApi::new(ApiContext {
+            auth: Arc::new(Authenticator::new(store.clone())),
+            store,
+            keyring: Arc::new(Keyring::parse(&Keyring::generate_encoded()).unwrap()),
+            // Never used here: nothing in these tests talks to Evolution.
+            http: {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::new()
+            },
+        })
+    }
+
+    fn request<T>(key: &str, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+        request
+    }
+
+    fn bot(name: &str, token: &str) -> pb::Instance {
+        pb::Instance {
+            name: name.into(),
+            channel: pb::Channel::Discord as i32,
+            agent: Some(pb::AgentSettings { url: "http://agent:1".into(), ..Default::default() }),
+            discord: Some(pb::DiscordSettings { token: token.into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    async fn create(api: &InstanceApi, key: &str, name: &str, token: &str) -> ApiResult<pb::CreateInstanceResponse> {
+        api.create(request(key, pb::CreateInstanceRequest { instance: Some(bot(name, token)), ..Default::default() }))
+            .await
+    }
+
+    async fn update(api: &InstanceApi, key: &str, instance: pb::Instance, paths: &[&str]) -> ApiResult<pb::Instance> {
+        let paths = paths.iter().map(|p| p.to_string()).collect();
+        api.update(request(
+            key,
+            pb::UpdateInstanceRequest { instance: Some(instance), update_mask: Some(FieldMask { paths }) },
+        ))
+        .await
+    }
+
+    fn refused(result: ApiResult<impl std::fmt::Debug>) -> String {
+        let error = result.unwrap_err();
+        assert!(matches!(error, ApiError::InvalidArgument(_)), "{error:?}");
+        let message = error.to_string();
+        assert!(message.starts_with(TAKEN), "{message}");
+        assert!(!message.contains("acme"), "names the other instance: {message}");
+        message
+    }
+
+    async fn token_of(api: &InstanceApi, name: &str) -> String {
+        let record = api.ctx.store.get_instance(&Scope::Admin, name).await.unwrap();
+        let secrets = Secrets { keyring: &api.ctx.keyring, instance_id: &record.id };
+        secrets.open("discord.token", record.spec.discord.token.as_ref().unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_discord_token_serves_one_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api(dir.path()).await;
+        create(&api, ADMIN_KEY, "acme-bot", SHARED).await.unwrap();
+
+        // Another tenant's key, which cannot see acme-bot, is refused all the same, on create
+        // and on update, and told nothing about which instance has the token.
+        refused(create(&api, BETA_KEY, "beta-bot", SHARED).await);
+        refused(create(&api, BETA_KEY, "beta-bot", &format!(" {SHARED}\n")).await);
+        create(&api, BETA_KEY, "beta-bot", "beta-bot-token-0123456789").await.unwrap();
+        refused(update(&api, BETA_KEY, bot("beta-bot", SHARED), &["discord.token"]).await);
+        refused(update(&api, BETA_KEY, bot("beta-bot", SHARED), &["discord"]).await);
+        assert_eq!(token_of(&api, "beta-bot").await, "beta-bot-token-0123456789", "unchanged");
+
+        // Updates that leave the token alone are not checked; an instance may keep (or set
+        // again) its own token.
+        update(&api, BETA_KEY, bot("beta-bot", SHARED), &["agent.url"]).await.unwrap();
+        update(&api, ADMIN_KEY, bot("acme-bot", SHARED), &["discord.token"]).await.unwrap();
+
+        // A stopped instance still holds its token (starting it again must not run it twice).
+        let stopped = pb::Instance { active: Some(false), ..bot("acme-bot", SHARED) };
+        update(&api, ADMIN_KEY, stopped, &["active"]).await.unwrap();
+        refused(update(&api, ADMIN_KEY, bot("beta-bot", SHARED), &["discord.token"]).await);
+
+        // Creating a name that is taken says so, rather than that the token is.
+        let again = create(&api, ADMIN_KEY, "acme-bot", SHARED).await.unwrap_err();
+        assert!(matches!(again, ApiError::AlreadyExists(_)), "{again:?}");
+
+        // Once its instance is gone, the token is free.
+        api.ctx.store.delete_instance(&Scope::Admin, "acme-bot").await.unwrap();
+        update(&api, BETA_KEY, bot("beta-bot", SHARED), &["discord.token"]).await.unwrap();
+        assert_eq!(token_of(&api, "beta-bot").await, SHARED);
+        refused(create(&api, ADMIN_KEY, "acme-bot", SHARED).await);
     }
 }

@@ -147,11 +147,18 @@ pub trait Store: Send + Sync + 'static {
     /// instances not stopped by an `error` gateway report for their current revision) to
     /// `now + ttl_ms`, and claims free or expired ones (in instance-id order) up to its share of
     /// the eligible bots among `live_nodes` (counting only the eligible ones it holds). Returns
-    /// the eligible bots `node_id` now holds unexpired, sorted. A lease is never freed early:
-    /// one on a bot no longer eligible is left to run out (its holder may still run the bot
-    /// until it hears so), and nobody else gets the bot before then. So a bot never has two
-    /// unexpired holders.
+    /// the eligible bots `node_id` now holds unexpired, sorted. A lease is never freed early
+    /// (only its holder may hand it back: [`Store::release_gateway_leases`]): one on a bot no
+    /// longer eligible is left to run out (its holder may still run the bot until it hears so),
+    /// and nobody else gets the bot before then. So a bot never has two unexpired holders.
     async fn renew_gateway_leases(&self, node_id: &str, now: i64, ttl_ms: i64, live_nodes: i64) -> Result<Vec<String>>;
+    /// For a node that has closed every gateway and is shutting down: in one transaction, ends
+    /// each unexpired lease `node_id` holds (its `expires_at` becomes `now`, so any node may
+    /// claim the bot from `now` on, as if the lease had run out) and stops counting the node as
+    /// live (`connected` false, as at a disconnect) so the other nodes' shares cover its bots.
+    /// Anything the node says next (a heartbeat, an ACK) counts it again. Other nodes' leases
+    /// are untouched. Returns how many leases it ended.
+    async fn release_gateway_leases(&self, node_id: &str, now: i64) -> Result<u64>;
     /// The instance's lease and last gateway report; `None` when it has neither.
     async fn gateway_status(&self, instance_id: &str) -> Result<Option<GatewayStatusRecord>>;
 

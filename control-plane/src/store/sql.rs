@@ -1559,6 +1559,28 @@ macro_rules! sql_store {
                 Ok(held)
             }
 
+            async fn release_gateway_leases(&self, node_id: &str, now: i64) -> Result<u64> {
+                let mut tx = self.pool.begin().await?;
+                // Ended, not deleted: a claim takes a row with `expires_at <= now` like any
+                // expired lease, and the status still shows who ran the bot last. Rows already
+                // expired are free already and left as they are.
+                let released = sqlx::query(
+                    "UPDATE gateway_leases SET expires_at = $1 WHERE node_id = $2 AND expires_at > $1",
+                )
+                .bind(now)
+                .bind(node_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                sqlx::query("UPDATE nodes SET connected = $1 WHERE id = $2")
+                    .bind(false)
+                    .bind(node_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(released)
+            }
+
             async fn gateway_status(&self, instance_id: &str) -> Result<Option<GatewayStatusRecord>> {
                 let lease = sqlx::query("SELECT node_id, expires_at FROM gateway_leases WHERE instance_id = $1")
                     .bind(instance_id)

@@ -30,6 +30,9 @@ pub struct Dispatcher {
     links: Mutex<HashMap<String, Link>>,
     pending: Mutex<HashMap<String, oneshot::Sender<pb::SendResult>>>,
     next: AtomicU64,
+    /// Counts gateway lease releases, so that sessions offer the freed bots to their nodes
+    /// without waiting for the next heartbeat.
+    freed: tokio::sync::watch::Sender<u64>,
 }
 
 /// What a session holds: commands for its node, and where it records the applied revision.
@@ -39,6 +42,15 @@ pub struct Registration {
 }
 
 impl Dispatcher {
+    /// A node handed its gateway leases back.
+    pub fn leases_freed(&self) {
+        self.freed.send_modify(|n| *n += 1);
+    }
+
+    pub fn watch_freed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.freed.subscribe()
+    }
+
     pub fn register(&self, node_id: &str, applied_revision: i64) -> Registration {
         let (tx, commands) = mpsc::channel(64);
         let applied = Arc::new(AtomicI64::new(applied_revision));

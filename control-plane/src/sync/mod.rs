@@ -228,6 +228,8 @@ impl NodeSyncService for SyncApi {
             tx,
             sent: 0,
             needs_snapshot: false,
+            freed: self.dispatcher.watch_freed(),
+            last_heartbeat: 0,
         };
         tokio::spawn(session.run(hello.resume_revision, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -268,6 +270,11 @@ struct Session {
     /// The revision the node has been sent (it may not have applied it yet).
     sent: i64,
     needs_snapshot: bool,
+    /// Lease releases by other nodes.
+    freed: tokio::sync::watch::Receiver<u64>,
+    /// The node's latest heartbeat; leases offered between heartbeats answer it (the node
+    /// counts them from when it sent it, earlier than now: safe).
+    last_heartbeat: u64,
 }
 
 impl Session {
@@ -309,6 +316,9 @@ impl Session {
                 Some(command) = self.commands.recv() => {
                     self.send(watch_response::Kind::Send(command)).await?;
                 }
+                Ok(()) = self.freed.changed(), if self.last_heartbeat > 0 => {
+                    self.answer_with_leases(self.last_heartbeat).await?;
+                }
                 message = inbound.message() => {
                     match message {
                         Ok(Some(message)) => {
@@ -338,9 +348,19 @@ impl Session {
             Some(watch_request::Kind::Heartbeat(beat)) => {
                 self.applied.store(beat.applied_revision, Ordering::Relaxed);
                 self.store.node_seen(&self.node_id, now).await?;
-                // Nodes number heartbeats from 1. One that does not predates leases: it would
-                // read the answer as an empty message and drop the stream.
-                if beat.sequence > 0 {
+                if beat.release_leases {
+                    // Shutting down with its gateways closed: nothing is renewed or granted;
+                    // the empty answer tells the node its bots were handed over.
+                    self.last_heartbeat = 0;
+                    if self.release_leases(now).await {
+                        self.dispatcher.leases_freed();
+                        let leases = pb::GatewayLeases { heartbeat_sequence: beat.sequence, ..Default::default() };
+                        self.send(watch_response::Kind::Leases(leases)).await?;
+                    }
+                } else if beat.sequence > 0 {
+                    self.last_heartbeat = beat.sequence;
+                    // Nodes number heartbeats from 1. One that does not predates leases: it
+                    // would read the answer as an empty message and drop the stream.
                     self.answer_with_leases(beat.sequence).await?;
                 }
             }
@@ -375,6 +395,22 @@ impl Session {
             Err(e) => {
                 tracing::warn!(node_id = %self.node_id, error = %e, "could not renew gateway leases; heartbeat unanswered");
                 Ok(())
+            }
+        }
+    }
+
+    /// Frees the leases of a node that has closed every gateway, so other nodes take its bots
+    /// at their next heartbeat rather than when the leases expire. When the store fails, the
+    /// leases run out on their own, which is safe. Whether they were released.
+    async fn release_leases(&self, now: i64) -> bool {
+        match self.store.release_gateway_leases(&self.node_id, now).await {
+            Ok(released) => {
+                tracing::info!(node_id = %self.node_id, released, "node handed its gateway leases back");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(node_id = %self.node_id, error = %e, "could not release gateway leases; they will expire");
+                false
             }
         }
     }

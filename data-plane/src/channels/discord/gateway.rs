@@ -96,14 +96,15 @@ struct Bot {
 
 pub const INTENTS: Intents = Intents::GUILD_MESSAGES.union(Intents::DIRECT_MESSAGES).union(Intents::MESSAGE_CONTENT);
 
-/// Keeps the gateways equal to the leased bots until the task is dropped (which drops every
-/// gateway with it).
+/// Keeps the gateways equal to the leased bots until `shutdown` turns true (then closes them
+/// all and returns) or the task is dropped (which drops every gateway with it).
 pub async fn run(
     mut leases: watch::Receiver<Leases>,
     config: Arc<ConfigHandle>,
     intake: Intake,
     events: ConnectionEvents,
     settings: GatewaySettings,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let mut applied = config.subscribe();
     let mut running: HashMap<String, Running> = HashMap::new();
@@ -137,16 +138,11 @@ pub async fn run(
         // bot of an instance must not overlap it, and a lease's margin is short. Past the bound
         // the task is aborted, which drops the connection.
         let closing: Vec<Running> = stale.iter().filter_map(|id| running.remove(id)).collect();
-        for bot in &closing {
-            let _ = bot.stop.send(true);
-        }
         let mut bound = Instant::now() + CLOSE_BOUND;
         if let Some(expires) = current.expires {
             bound = bound.min(expires.checked_sub(Duration::from_millis(50)).unwrap_or(expires));
         }
-        for mut bot in closing {
-            let _ = tokio::time::timeout_at(bound, &mut bot.task).await;
-        }
+        close_all(closing, bound).await;
         for (id, instance) in wanted {
             let token = instance.discord.as_ref().map(|d| d.token.clone()).unwrap_or_default();
             if running.contains_key(&id) || failed.get(&id).is_some_and(|r| *r >= instance.revision) {
@@ -170,6 +166,11 @@ pub async fn run(
         }
         let deadline = current.close_by.filter(|_| !running.is_empty());
         tokio::select! {
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                let closing: Vec<Running> = running.drain().map(|(_, bot)| bot).collect();
+                close_all(closing, Instant::now() + CLOSE_BOUND).await;
+                return;
+            }
             changed = leases.changed() => if changed.is_err() { return },
             _ = applied.changed() => {
                 if let Some(config) = config.load() {
@@ -188,6 +189,16 @@ pub async fn run(
                 tracing::warn!(bots = running.len(), "gateway leases ran out without renewal: closing gateways");
             }
         }
+    }
+}
+
+/// Closes `bots` at once; any still closing at `bound` is dropped (its connection with it).
+async fn close_all(bots: Vec<Running>, bound: Instant) {
+    for bot in &bots {
+        let _ = bot.stop.send(true);
+    }
+    for mut bot in bots {
+        let _ = tokio::time::timeout_at(bound, &mut bot.task).await;
     }
 }
 
