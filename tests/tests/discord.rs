@@ -3,6 +3,7 @@
 
 use omni_tests::discord::{FakeDiscord, dm_message, guild_message, snowflake};
 use omni_tests::fakes::FakeAgent;
+use omni_tests::postgres::TestDatabase;
 use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, Outcome, omnictl};
 use omni_tests::proxy::Partition;
 use omni_tests::{free_port, wait_for};
@@ -13,14 +14,20 @@ use std::time::Duration;
 /// Short leases so that failover and lease expiry happen within a test.
 const LEASE_TTL: &str = "2s";
 
+/// A master key for control planes on Postgres (which will not generate one).
+const MASTER_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
 async fn control_plane(dir: &Path, listen: &str) -> ControlPlane {
-    control_plane_with_ttl(dir, listen, LEASE_TTL).await
+    control_plane_with(dir, listen, LEASE_TTL, None).await
 }
 
-async fn control_plane_with_ttl(dir: &Path, listen: &str, ttl: &str) -> ControlPlane {
+/// A control plane on SQLite in `dir`, or on `database`.
+async fn control_plane_with(dir: &Path, listen: &str, ttl: &str, database: Option<&TestDatabase>) -> ControlPlane {
     let options = ControlPlaneOptions {
         listen: Some(listen.to_owned()),
         extra_args: vec!["--gateway-lease-ttl".into(), ttl.into()],
+        database_url: database.map(|db| db.url.clone()),
+        master_key: database.map(|_| MASTER_KEY.to_owned()),
         ..Default::default()
     };
     ControlPlane::start(&dir.join("cp"), &options).await
@@ -234,7 +241,17 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discord_bots_move_on_partition_and_death_and_never_run_twice() {
+async fn discord_bots_move_on_partition_and_death_and_never_run_twice_sqlite() {
+    bots_move_on_partition_and_death(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_bots_move_on_partition_and_death_and_never_run_twice_postgres() {
+    let Some(db) = TestDatabase::create().await else { return };
+    bots_move_on_partition_and_death(Some(db)).await;
+}
+
+async fn bots_move_on_partition_and_death(database: Option<TestDatabase>) {
     let dir = tempfile::tempdir().unwrap();
     let discord = FakeDiscord::start().await;
     let tokens = ["t-one", "t-two", "t-three", "t-four"];
@@ -242,7 +259,7 @@ async fn discord_bots_move_on_partition_and_death_and_never_run_twice() {
         discord.bot(token, &format!("90{i}"), &format!("bot{i}"));
     }
     let listen = format!("127.0.0.1:{}", free_port());
-    let cp = control_plane(dir.path(), &listen).await;
+    let cp = control_plane_with(dir.path(), &listen, LEASE_TTL, database.as_ref()).await;
     // Node A reaches the control plane through a link the test can cut; B directly. Both
     // always reach Discord.
     let link = Partition::start(&cp.addr).await;
@@ -289,7 +306,7 @@ async fn discord_bots_move_on_partition_and_death_and_never_run_twice() {
     })
     .await;
     // ...and opens them again when it is back.
-    let cp = control_plane(dir.path(), &listen).await;
+    let cp = control_plane_with(dir.path(), &listen, LEASE_TTL, database.as_ref()).await;
     wait_live(&discord, &tokens).await;
     assert!(holders(&cp).await.iter().all(|h| h == "node-a"));
     for token in tokens {
@@ -307,7 +324,7 @@ async fn a_node_that_stops_hands_its_bots_over_at_once() {
         discord.bot(token, &format!("90{i}"), &format!("bot{i}"));
     }
     // Leases long enough that only handing them back can move the bots within the test.
-    let cp = control_plane_with_ttl(dir.path(), &format!("127.0.0.1:{}", free_port()), "120s").await;
+    let cp = control_plane_with(dir.path(), &format!("127.0.0.1:{}", free_port()), "120s", None).await;
     let node_a = node(dir.path(), &cp, &discord, "node-a").await;
     let agent = FakeAgent::start().await;
     let mut revision = 0;
