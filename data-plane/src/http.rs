@@ -1,5 +1,6 @@
 //! The node's HTTP surface. Channel webhooks join these routes as channels arrive.
 
+use crate::channels::discord::gateway::GatewayStats;
 use crate::channels::evolution::webhook::{self, TOKEN_HEADER};
 use crate::channels::ingest::Intake;
 use crate::channels::slack;
@@ -28,6 +29,7 @@ pub struct NodeState {
     pub pipeline: Arc<Pipeline>,
     pub intake: Intake,
     pub connection_events: ConnectionEvents,
+    pub gateways: Arc<GatewayStats>,
 }
 
 pub fn router(state: Arc<NodeState>, max_body_bytes: usize) -> Router {
@@ -87,7 +89,8 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
     let (sync, ingest, handled) = (&state.sync, &state.intake.stats, &state.pipeline.stats);
     let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
     let (spool_depth, outbox_depth) = state.spool.depths().await.unwrap_or_default();
-    let metrics: [(&str, &str, &str, u64); 17] = [
+    let gateways = &state.gateways;
+    let metrics: [(&str, &str, &str, u64); 20] = [
         (
             "omni_node_config_revision",
             "gauge",
@@ -144,6 +147,19 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
         ),
         ("omni_node_spool_depth", "gauge", "Accepted messages not finished.", spool_depth),
         ("omni_node_trace_outbox_depth", "gauge", "Trace stages waiting to be shipped.", outbox_depth),
+        (
+            "omni_node_discord_leases",
+            "gauge",
+            "Discord bots this node holds a valid gateway lease for.",
+            load(&gateways.leased),
+        ),
+        ("omni_node_discord_gateways", "gauge", "Discord gateways running on this node.", load(&gateways.running)),
+        (
+            "omni_node_discord_fatal_closes_total",
+            "counter",
+            "Discord gateways closed for good (bad token, disallowed intents).",
+            load(&gateways.fatal_closes),
+        ),
         (
             "omni_node_conversations_queued",
             "gauge",

@@ -225,12 +225,14 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         )),
     ];
     let (stop_gateways, gateways_stopped) = tokio::sync::watch::channel(false);
+    let gateway_stats = Arc::new(gateway::GatewayStats::default());
     let gateways = tokio::spawn(gateway::run(
         leases_rx,
         config.clone(),
         intake.clone(),
         connection_events.clone(),
         GatewaySettings { gateway_url: options.channels.discord_gateway_url.clone() },
+        gateway_stats.clone(),
         gateways_stopped,
     ));
     let (stop_cache, cache_stopped) = tokio::sync::watch::channel(false);
@@ -244,6 +246,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         pipeline,
         intake,
         connection_events,
+        gateways: gateway_stats,
     });
     tracing::info!(%node_id, addr = %local, control_plane = %options.control_plane, "node listening");
     println!("omni-data-plane listening on {local}");

@@ -132,6 +132,12 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     })
     .await;
     assert_eq!(shown["node_id"], "node-a", "{shown}");
+    wait_for("the node's gateway metrics", Duration::from_secs(10), || async {
+        let (leases, gateways) =
+            (node.metric("omni_node_discord_leases").await, node.metric("omni_node_discord_gateways").await);
+        (leases == 2.0 && gateways == 2.0).then_some(())
+    })
+    .await;
 
     // A DM, a mention (stripped), chatter without a mention, another bot: two answers.
     let dm_id = snowflake();
@@ -226,6 +232,10 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     })
     .await;
     assert!(failed["gateway_error"].as_str().unwrap().contains("4004"), "{failed}");
+    wait_for("the fatal close to be counted", Duration::from_secs(10), || async {
+        (node.metric("omni_node_discord_fatal_closes_total").await == 1.0).then_some(())
+    })
+    .await;
     // Several lease renewals later, still one attempt.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(discord.identifies("bad-token"), 1, "no reconnect loop after a fatal close");

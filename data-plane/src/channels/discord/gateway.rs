@@ -15,6 +15,7 @@ use crate::traces::now_ms;
 use omni_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -48,6 +49,17 @@ impl Leases {
     fn valid(&self, now: Instant) -> bool {
         self.close_by.is_some_and(|at| at > now)
     }
+}
+
+/// What `/metrics` shows of the gateways.
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    /// Bots this node holds a valid lease for.
+    pub leased: AtomicU64,
+    /// Gateways running (connecting or ready).
+    pub running: AtomicU64,
+    /// Gateways that ended with a fatal close code.
+    pub fatal_closes: AtomicU64,
 }
 
 /// Where gateways connect and what their messages go to.
@@ -104,6 +116,7 @@ pub async fn run(
     intake: Intake,
     events: ConnectionEvents,
     settings: GatewaySettings,
+    stats: Arc<GatewayStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut applied = config.subscribe();
@@ -164,6 +177,9 @@ pub async fn run(
             let task = tokio::spawn(bot.run(stopped, ended_tx.clone()));
             running.insert(id, Running { token, generation, stop, task });
         }
+        let leased = if current.valid(Instant::now()) { current.instance_ids.len() } else { 0 };
+        stats.leased.store(leased as u64, Ordering::Relaxed);
+        stats.running.store(running.len() as u64, Ordering::Relaxed);
         let deadline = current.close_by.filter(|_| !running.is_empty());
         tokio::select! {
             _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
@@ -182,6 +198,7 @@ pub async fn run(
                     running.remove(&end.instance_id);
                 }
                 if let Some(revision) = end.fatal_revision {
+                    stats.fatal_closes.fetch_add(1, Ordering::Relaxed);
                     failed.insert(end.instance_id, revision);
                 }
             }
