@@ -258,8 +258,14 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
     // Close the bots' gateways, then hand their leases back, so that other nodes take the bots
     // now rather than when the leases expire. Both bounded: shutdown must not hang.
     let _ = stop_gateways.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(3), gateways).await;
-    if tokio::time::timeout(Duration::from_secs(2), release.release()).await.is_err() {
+    let mut gateways = gateways;
+    let closed = tokio::time::timeout(Duration::from_secs(3), &mut gateways).await.is_ok();
+    if !closed {
+        // Dropping every gateway now; a bot not known to be closed is not handed back.
+        gateways.abort();
+        let _ = gateways.await;
+        tracing::warn!("gateways did not close in time: leases left to expire");
+    } else if tokio::time::timeout(Duration::from_secs(2), release.release()).await.is_err() {
         tracing::info!("gateway leases not handed back (control plane unreachable); they will expire");
     }
     sync_task.abort();

@@ -188,9 +188,17 @@ impl SyncClient {
                     let Some(message) = message.map_err(|_| SessionError::Silent(self.settings.silence_timeout))?? else {
                         return Ok(());
                     };
+                    // The release is confirmed by an empty set with no TTL (a control plane that
+                    // does not know releases answers as for a heartbeat: not a confirmation).
                     if let Some(watch_response::Kind::Leases(leases)) = &message.kind
-                        && release_sequence == Some(leases.heartbeat_sequence)
+                        && release_sequence.is_some()
                     {
+                        let confirmed = release_sequence == Some(leases.heartbeat_sequence)
+                            && leases.ttl_ms == 0
+                            && leases.instance_ids.is_empty();
+                        if !confirmed {
+                            continue;
+                        }
                         if let Some(release) = &self.release {
                             release.done.notify_one();
                         }
@@ -222,7 +230,8 @@ impl SyncClient {
                     let beat = pb::NodeHeartbeat { applied_revision, sequence, release_leases: true };
                     send(&outbound, watch_request::Kind::Heartbeat(beat)).await;
                 }
-                _ = heartbeat.tick() => {
+                // Once leaving, no heartbeat may ask for bots again.
+                _ = heartbeat.tick(), if release_sequence.is_none() && !release_pending(&release) => {
                     let applied_revision = self.config.revision();
                     // 0 takes no leases: a node that runs no gateways must not be given bots.
                     let sequence = if self.leases.is_some() { self.beats.fetch_add(1, Ordering::Relaxed) + 1 } else { 0 };
@@ -311,6 +320,10 @@ impl SyncClient {
         }
         Ok(())
     }
+}
+
+fn release_pending(release: &Option<watch::Receiver<bool>>) -> bool {
+    release.as_ref().is_some_and(|r| *r.borrow())
 }
 
 async fn release_requested(release: &mut Option<watch::Receiver<bool>>) {

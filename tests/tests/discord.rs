@@ -345,16 +345,23 @@ async fn a_node_that_stops_hands_its_bots_over_at_once() {
     wait_live(&discord, &tokens).await;
     assert!(holders(&cp).await.iter().all(|h| h == "node-a"));
     let node_b = node(dir.path(), &cp, &discord, "node-b").await;
+    // B has heartbeated (and got nothing: A holds every bot), so only a lease offered between
+    // heartbeats can reach it before its next one, 10 s later.
+    wait_for("node B's first lease answer", Duration::from_secs(10), || async {
+        cp.log().contains("node-b").then_some(())
+    })
+    .await;
     // SIGTERM: A closes its gateways, hands the leases back, and B takes every bot.
     let log_a = node_a.log_path.clone();
     assert!(node_a.terminate().await.success());
     let log_a = std::fs::read_to_string(log_a).unwrap();
     assert!(!log_a.contains("not handed back"), "the control plane confirmed the release: {log_a}");
-    wait_for("every bot to run on node B", Duration::from_secs(30), || async {
+    wait_for("every bot to run on node B, well before its next heartbeat", Duration::from_secs(5), || async {
         let now = holders(&cp).await;
         (now.iter().all(|h| h == "node-b") && tokens.iter().all(|t| discord.live(t))).then_some(())
     })
     .await;
+    assert!(cp.log().contains("released=4"), "{}", cp.log());
     for token in tokens {
         assert_eq!(discord.max_concurrent(token), 1, "{token} ran on two nodes at once");
     }

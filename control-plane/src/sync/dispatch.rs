@@ -67,6 +67,11 @@ impl Dispatcher {
         }
     }
 
+    /// Whether the session holding `applied` is still the node's newest.
+    pub fn is_current(&self, node_id: &str, applied: &Arc<AtomicI64>) -> bool {
+        self.links.lock().expect("dispatcher lock").get(node_id).is_some_and(|l| Arc::ptr_eq(&l.applied, applied))
+    }
+
     /// A node whose applied config includes `revision`, taken in turn across calls.
     fn pick(&self, revision: i64) -> Option<(String, mpsc::Sender<pb::SendCommand>)> {
         let links = self.links.lock().expect("dispatcher lock");

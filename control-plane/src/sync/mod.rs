@@ -230,6 +230,8 @@ impl NodeSyncService for SyncApi {
             needs_snapshot: false,
             freed: self.dispatcher.watch_freed(),
             last_heartbeat: 0,
+            last_heartbeat_at: Instant::now(),
+            released: false,
         };
         tokio::spawn(session.run(hello.resume_revision, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -275,6 +277,9 @@ struct Session {
     /// The node's latest heartbeat; leases offered between heartbeats answer it (the node
     /// counts them from when it sent it, earlier than now: safe).
     last_heartbeat: u64,
+    last_heartbeat_at: Instant,
+    /// The node handed its leases back (it is shutting down).
+    released: bool,
 }
 
 impl Session {
@@ -317,7 +322,13 @@ impl Session {
                     self.send(watch_response::Kind::Send(command)).await?;
                 }
                 Ok(()) = self.freed.changed(), if self.last_heartbeat > 0 => {
-                    self.answer_with_leases(self.last_heartbeat).await?;
+                    // Only to a node that is listening: one that has not heartbeated for a
+                    // third of a lease is cut off, or about to be replaced by a newer session.
+                    let listening = self.last_heartbeat_at.elapsed() < self.settings.gateway_lease_ttl / 3
+                        && self.dispatcher.is_current(&self.node_id, &self.applied);
+                    if listening {
+                        self.answer_with_leases(self.last_heartbeat).await?;
+                    }
                 }
                 message = inbound.message() => {
                     match message {
@@ -345,23 +356,31 @@ impl Session {
                 self.store.node_nacked(&self.node_id, &nack.error, now).await?;
                 self.needs_snapshot = true;
             }
+            // After a release the node is leaving: it is neither seen again nor given bots.
+            Some(watch_request::Kind::Heartbeat(_)) if self.released => {}
             Some(watch_request::Kind::Heartbeat(beat)) => {
                 self.applied.store(beat.applied_revision, Ordering::Relaxed);
                 self.store.node_seen(&self.node_id, now).await?;
                 if beat.release_leases {
                     // Shutting down with its gateways closed: nothing is renewed or granted;
-                    // the empty answer tells the node its bots were handed over.
+                    // the empty answer tells the node its bots were handed over. A session
+                    // replaced by a newer one of the same node (a restart) releases nothing:
+                    // the leases are the new process's now.
                     self.last_heartbeat = 0;
-                    if self.release_leases(now).await {
+                    self.released = true;
+                    if self.dispatcher.is_current(&self.node_id, &self.applied) && self.release_leases(now).await {
                         self.dispatcher.leases_freed();
                         let leases = pb::GatewayLeases { heartbeat_sequence: beat.sequence, ..Default::default() };
                         self.send(watch_response::Kind::Leases(leases)).await?;
                     }
                 } else if beat.sequence > 0 {
                     self.last_heartbeat = beat.sequence;
+                    self.last_heartbeat_at = Instant::now();
                     // Nodes number heartbeats from 1. One that does not predates leases: it
                     // would read the answer as an empty message and drop the stream.
                     self.answer_with_leases(beat.sequence).await?;
+                    // Bots freed before this answer were offered in it.
+                    self.freed.mark_unchanged();
                 }
             }
             Some(watch_request::Kind::Hello(_)) | None => {
