@@ -39,6 +39,16 @@ string_enum!(
     AgentProtocol { Omni = "omni", Automagik = "automagik", Openai = "openai" }
 );
 
+/// The media type (image, video, audio, document) a MIME type implies, as channels name them.
+pub fn media_kind(mime_type: &str) -> &'static str {
+    match mime_type.split('/').next().unwrap_or_default() {
+        "image" => "image",
+        "video" => "video",
+        "audio" => "audio",
+        _ => "document",
+    }
+}
+
 impl Channel {
     /// The longest message the platform accepts, which is also the default reply chunk size.
     pub fn default_split_limit(self) -> u32 {

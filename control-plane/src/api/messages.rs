@@ -23,15 +23,7 @@ pub struct MessageApi {
     dispatcher: Arc<Dispatcher>,
 }
 
-/// The media type a MIME type implies.
-fn media_type_of(mime_type: &str) -> &'static str {
-    match mime_type.split('/').next().unwrap_or_default() {
-        "image" => "image",
-        "video" => "video",
-        "audio" => "audio",
-        _ => "document",
-    }
-}
+use omni_core::kinds::media_kind as media_type_of;
 
 impl MessageApi {
     pub fn new(ctx: ApiContext, dispatcher: Arc<Dispatcher>) -> MessageApi {

@@ -61,6 +61,15 @@ impl Inbound {
     }
 }
 
+/// Why a channel's body could not be read (a 400 for webhooks).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ParseError {
+    #[error("body is not JSON: {0}")]
+    Json(String),
+    #[error("{0}")]
+    Shape(String),
+}
+
 /// How a send to a channel went wrong. What matters to callers is whether the message may
 /// have gone out: a send whose outcome is unknown is never repeated.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +92,13 @@ impl SendError {
 
     pub fn outcome_unknown(&self) -> bool {
         matches!(self, SendError::Unknown(..))
+    }
+
+    /// A request to `service` that failed without an answer: never sent if the connection
+    /// was never made, else perhaps delivered.
+    pub fn without_answer(service: &'static str, error: &reqwest::Error) -> SendError {
+        let why = omni_core::errors::root_cause(error);
+        if error.is_connect() { SendError::NotSent(service, why) } else { SendError::Unknown(service, why) }
     }
 }
 

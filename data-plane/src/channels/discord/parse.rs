@@ -3,6 +3,7 @@
 //! messages are never answered.
 
 use crate::channels::{Inbound, Media};
+use omni_core::kinds::media_kind;
 use omni_proto::v1 as pb;
 use twilight_model::channel::Message;
 use twilight_model::channel::message::MessageType;
@@ -43,14 +44,8 @@ pub fn parse(
         .iter()
         .map(|a| {
             let mime = a.content_type.clone().unwrap_or_default();
-            let kind = match mime.split('/').next().unwrap_or_default() {
-                "image" => "image",
-                "video" => "video",
-                "audio" => "audio",
-                _ => "document",
-            };
             Media {
-                kind: kind.to_owned(),
+                kind: media_kind(&mime).to_owned(),
                 mime_type: mime,
                 url: a.url.clone(),
                 base64: None,

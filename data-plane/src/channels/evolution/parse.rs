@@ -4,6 +4,7 @@
 //! `data` as a base64 string of a whole envelope. Binary and Long fields arrive in several
 //! encodings, so everything is read from `serde_json::Value`.
 
+pub use crate::channels::ParseError;
 use crate::channels::{Inbound, Media};
 use base64::Engine as _;
 use serde_json::{Map, Value};
@@ -28,14 +29,6 @@ pub struct Message {
     pub from_me: bool,
     /// The bot's own JID appears in the message's mentions.
     pub mentions_bot: bool,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ParseError {
-    #[error("body is not JSON: {0}")]
-    Json(String),
-    #[error("{0}")]
-    Shape(String),
 }
 
 /// Why a message is accepted but not answered.

@@ -96,13 +96,7 @@ impl EvolutionClient {
             .json(body)
             .send()
             .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    SendError::NotSent(SERVICE, root_cause(&e))
-                } else {
-                    SendError::Unknown(SERVICE, root_cause(&e))
-                }
-            })?;
+            .map_err(|e| SendError::without_answer(SERVICE, &e))?;
         let status = response.status().as_u16();
         let answer = response.text().await.unwrap_or_default();
         if (200..300).contains(&status) {

@@ -106,13 +106,7 @@ impl SlackClient {
                 .body(body.clone())
                 .send()
                 .await
-                .map_err(|e| {
-                    if e.is_connect() {
-                        SendError::NotSent(SERVICE, root_cause(&e))
-                    } else {
-                        SendError::Unknown(SERVICE, root_cause(&e))
-                    }
-                })?;
+                .map_err(|e| SendError::without_answer(SERVICE, &e))?;
             let status = response.status().as_u16();
             if status == 429 {
                 rate_limited += 1;

@@ -4,7 +4,9 @@
 //! `event_id`s but the same (channel, ts): that pair is the idempotency key, and it also covers
 //! Slack's retries of one event (same event, same ts).
 
+pub use crate::channels::ParseError;
 use crate::channels::{Inbound, Media};
+use omni_core::kinds::media_kind;
 use serde_json::Value;
 
 /// Why a message is accepted but not answered.
@@ -21,14 +23,6 @@ pub enum Event {
     RateLimited,
     /// Anything else; acknowledged and dropped.
     Other(String),
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ParseError {
-    #[error("body is not JSON: {0}")]
-    Json(String),
-    #[error("{0}")]
-    Shape(String),
 }
 
 fn text<'a>(value: &'a Value, key: &str) -> &'a str {
@@ -148,15 +142,6 @@ pub fn parse(
         raw: Value::Null,
     };
     Ok(Event::Message(Box::new(Inbound { raw: envelope, ..inbound }), ignore))
-}
-
-fn media_kind(mime: &str) -> &'static str {
-    match mime.split('/').next().unwrap_or_default() {
-        "image" => "image",
-        "video" => "video",
-        "audio" => "audio",
-        _ => "document",
-    }
 }
 
 #[cfg(test)]
