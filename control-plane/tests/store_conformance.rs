@@ -52,6 +52,7 @@ fn record(name: &str, channel: Channel) -> InstanceRecord {
         created_at: 0,
         updated_at: 0,
         revision: 0,
+        discord_token_sha256: None,
     }
 }
 
@@ -85,22 +86,99 @@ async fn instance_lifecycle(store: Shared) {
         store.create_instance(&InstanceRecord { id: "other-id".into(), ..record("acme-wa", Channel::Slack) }).await;
     assert!(matches!(dup, Err(StoreError::AlreadyExists(_))), "{dup:?}");
 
-    let updated =
-        store.update_instance(&Scope::Admin, "acme-wa", created.revision, false, &spec("http://new:1")).await.unwrap();
+    let updated = store
+        .update_instance(&Scope::Admin, "acme-wa", created.revision, false, &spec("http://new:1"), None)
+        .await
+        .unwrap();
     assert!(!updated.active);
     assert_eq!(updated.spec.agent.url, "http://new:1");
     assert_eq!(updated.revision, 2, "the failed duplicate create consumed no revision");
     assert!(updated.updated_at >= created.updated_at);
 
     // A writer holding an old revision loses.
-    let stale = store.update_instance(&Scope::Admin, "acme-wa", created.revision, true, &spec("http://x:1")).await;
+    let stale =
+        store.update_instance(&Scope::Admin, "acme-wa", created.revision, true, &spec("http://x:1"), None).await;
     assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
 
     store.delete_instance(&Scope::Admin, "acme-wa").await.unwrap();
     assert!(matches!(store.get_instance(&Scope::Admin, "acme-wa").await, Err(StoreError::NotFound(_))));
     assert!(matches!(store.delete_instance(&Scope::Admin, "acme-wa").await, Err(StoreError::NotFound(_))));
-    let missing = store.update_instance(&Scope::Admin, "acme-wa", 2, true, &spec("http://x:1")).await;
+    let missing = store.update_instance(&Scope::Admin, "acme-wa", 2, true, &spec("http://x:1"), None).await;
     assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+}
+
+fn bot(name: &str, fingerprint: Option<&str>) -> InstanceRecord {
+    InstanceRecord { discord_token_sha256: fingerprint.map(str::to_owned), ..record(name, Channel::Discord) }
+}
+
+async fn fingerprint_of(store: &Shared, name: &str) -> Option<String> {
+    store.get_instance(&Scope::Admin, name).await.unwrap().discord_token_sha256
+}
+
+/// One Discord bot serves one instance: the database refuses a second instance with the same
+/// token fingerprint, however the writes interleave.
+async fn a_discord_token_fingerprint_is_unique(store: Shared) {
+    let in_use = |r: &Result<InstanceRecord, StoreError>| matches!(r, Err(StoreError::DiscordTokenInUse));
+
+    // Creates at once with one fingerprint: exactly one succeeds, the others change nothing.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.create_instance(&bot(&format!("bot{i}"), Some("sha-shared"))).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert!(results.iter().filter(|r| r.is_err()).all(in_use), "{results:?}");
+    let winner = results.into_iter().find_map(Result::ok).unwrap();
+    assert_eq!(winner.discord_token_sha256.as_deref(), Some("sha-shared"));
+    assert_eq!(fingerprint_of(&store, &winner.name).await.as_deref(), Some("sha-shared"));
+    let all = store.list_instances(&Scope::Admin, &ListInstances { limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(store.config_revision().await.unwrap(), 1, "refused creates consume no revision");
+
+    // A taken name is reported as such, even when the fingerprint is taken too.
+    let again = store.create_instance(&InstanceRecord { id: "id-again".into(), ..winner.clone() }).await;
+    assert!(matches!(again, Err(StoreError::AlreadyExists(_))), "{again:?}");
+
+    // Instances without a fingerprint (other channels) never collide.
+    store.create_instance(&bot("tokenless-1", None)).await.unwrap();
+    store.create_instance(&bot("tokenless-2", None)).await.unwrap();
+    store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    assert_eq!(fingerprint_of(&store, "acme-wa").await, None);
+
+    // An update may not take a fingerprint another instance has, and then changes nothing.
+    let other = store.create_instance(&bot("other", Some("sha-other"))).await.unwrap();
+    let taken =
+        store.update_instance(&Scope::Admin, "other", other.revision, false, &other.spec, Some("sha-shared")).await;
+    assert!(in_use(&taken), "{taken:?}");
+    let unchanged = store.get_instance(&Scope::Admin, "other").await.unwrap();
+    assert_eq!(unchanged, other);
+    // It may keep its own, and a fingerprint it gives up is free at once.
+    let kept =
+        store.update_instance(&Scope::Admin, "other", other.revision, false, &other.spec, Some("sha-other")).await;
+    let kept = kept.unwrap();
+    assert_eq!(kept.discord_token_sha256.as_deref(), Some("sha-other"));
+    assert!(in_use(&store.create_instance(&bot("late", Some("sha-other"))).await));
+    store.update_instance(&Scope::Admin, "other", kept.revision, true, &kept.spec, Some("sha-moved")).await.unwrap();
+    store.create_instance(&bot("late", Some("sha-other"))).await.unwrap();
+
+    // The fingerprint travels with the instance's config, in the snapshot as in the log.
+    let (_, snapshot) = store.config_snapshot().await.unwrap();
+    let late = snapshot.iter().find(|c| c.instance.name == "late").unwrap();
+    assert_eq!(late.instance.discord_token_sha256.as_deref(), Some("sha-other"));
+    let head = store.config_revision().await.unwrap();
+    let logged: InstanceConfig =
+        serde_json::from_str(store.config_changes(head - 1, head).await.unwrap()[0].payload.as_deref().unwrap())
+            .unwrap();
+    assert_eq!(logged.instance, late.instance);
+
+    // Deleting an instance frees its fingerprint.
+    store.delete_instance(&Scope::Admin, &winner.name).await.unwrap();
+    store.create_instance(&bot("heir", Some("sha-shared"))).await.unwrap();
 }
 
 async fn listing_pages_filters_and_scopes(store: Shared) {
@@ -153,7 +231,7 @@ async fn scope_hides_other_tenants(store: Shared) {
     assert!(store.get_instance(&acme, "acme-wa").await.is_ok());
     assert!(not_found(store.get_instance(&acme, "other-wa").await.map(drop)));
     assert!(not_found(
-        store.update_instance(&acme, "other-wa", other.revision, false, &spec("http://x:1")).await.map(drop)
+        store.update_instance(&acme, "other-wa", other.revision, false, &spec("http://x:1"), None).await.map(drop)
     ));
     assert!(not_found(store.delete_instance(&acme, "other-wa").await));
     assert!(not_found(store.list_access_rules(&acme, "other-wa").await.map(drop)));
@@ -211,7 +289,7 @@ async fn every_change_is_one_revision_in_the_log(store: Shared) {
     assert_eq!(store.config_revision().await.unwrap(), 0);
     store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
     let rule = store.put_access_rule(&Scope::Admin, "acme-wa", "+55*", Action::Block).await.unwrap();
-    store.update_instance(&Scope::Admin, "acme-wa", 2, true, &spec("http://new:1")).await.unwrap();
+    store.update_instance(&Scope::Admin, "acme-wa", 2, true, &spec("http://new:1"), None).await.unwrap();
     store.remove_access_rule(&Scope::Admin, "acme-wa", rule.id).await.unwrap();
     store.delete_instance(&Scope::Admin, "acme-wa").await.unwrap();
     // Failed changes leave no trace.
@@ -846,11 +924,17 @@ async fn gateway_leases_follow_eligibility(store: Shared) {
     // Deactivated: n1's renewal no longer returns it (so n1 closes it), but the lease is not
     // freed: n1 may run the bot until it hears so. It is not extended either, and nobody else
     // gets the bot before it runs out, even once the instance is active again.
-    let d1 = store.update_instance(&Scope::Admin, "d1", d1.revision, false, &d1.spec).await.unwrap();
+    let d1 = store
+        .update_instance(&Scope::Admin, "d1", d1.revision, false, &d1.spec, d1.discord_token_sha256.as_deref())
+        .await
+        .unwrap();
     assert_eq!(store.renew_gateway_leases("n1", t0 + 1_000, TTL, 1).await.unwrap(), ["id-d2"]);
     assert_eq!(lease_holder(&store, "id-d1").await, Some(("n1".into(), t0 + TTL)), "kept, not extended");
     assert!(store.renew_gateway_leases("n2", t0 + 1_000, TTL, 2).await.unwrap().is_empty());
-    store.update_instance(&Scope::Admin, "d1", d1.revision, true, &d1.spec).await.unwrap();
+    store
+        .update_instance(&Scope::Admin, "d1", d1.revision, true, &d1.spec, d1.discord_token_sha256.as_deref())
+        .await
+        .unwrap();
     assert!(store.renew_gateway_leases("n2", t0 + TTL - 1, TTL, 2).await.unwrap().is_empty(), "n1's until it ends");
     assert_eq!(lease_holder(&store, "id-d1").await, Some(("n1".into(), t0 + TTL)));
     // Once it has run out, the bot is free like any other.
@@ -859,7 +943,10 @@ async fn gateway_leases_follow_eligibility(store: Shared) {
 
     // A lease left to run out on a bot no longer eligible does not count toward its holder's
     // share: n1 still claims its share of the eligible bots.
-    store.update_instance(&Scope::Admin, "d2", d2.revision, false, &d2.spec).await.unwrap();
+    store
+        .update_instance(&Scope::Admin, "d2", d2.revision, false, &d2.spec, d2.discord_token_sha256.as_deref())
+        .await
+        .unwrap();
     store.create_instance(&record("d3", Channel::Discord)).await.unwrap();
     assert_eq!(store.renew_gateway_leases("n1", t0 + TTL + 2, TTL, 2).await.unwrap(), ["id-d3"]);
     assert_eq!(lease_holder(&store, "id-d2").await, Some(("n1".into(), t0 + 2 * TTL + 1)));
@@ -909,7 +996,7 @@ async fn gateway_errors_stop_a_bot_until_it_is_updated(store: Shared) {
     // A new token (any update) raises the instance's revision: the bot may try again.
     let mut spec = created.spec.clone();
     spec.discord.token = Some(Sealed("v1.k.new-token".into()));
-    let updated = store.update_instance(&Scope::Admin, "d1", rev, true, &spec).await.unwrap();
+    let updated = store.update_instance(&Scope::Admin, "d1", rev, true, &spec, Some("sha-new-token")).await.unwrap();
     assert!(updated.revision > rev);
     assert_eq!(store.renew_gateway_leases("n2", expired + 2, TTL, 2).await.unwrap(), ["id-d1"]);
     store
@@ -930,7 +1017,10 @@ async fn gateway_errors_stop_a_bot_until_it_is_updated(store: Shared) {
     // An error at the current revision stops it again, until the next update.
     store.record_instance_events(&[gateway_event("id-d1", "n2", "error", updated.revision, t0 + 10)]).await.unwrap();
     assert!(store.renew_gateway_leases("n2", expired + 4, TTL, 2).await.unwrap().is_empty());
-    store.update_instance(&Scope::Admin, "d1", updated.revision, true, &spec).await.unwrap();
+    store
+        .update_instance(&Scope::Admin, "d1", updated.revision, true, &spec, updated.discord_token_sha256.as_deref())
+        .await
+        .unwrap();
     assert_eq!(
         store.renew_gateway_leases("n2", expired + 5, TTL, 2).await.unwrap(),
         ["id-d1"],
@@ -1010,7 +1100,17 @@ async fn concurrent_gateway_renewals_never_share_a_bot(store: Shared) {
             let k = ((round - 4) / 2 % 8) as usize;
             let active = round % 2 == 1;
             let bot = &bots[k];
-            bots[k] = store.update_instance(&Scope::Admin, &bot.name, bot.revision, active, &bot.spec).await.unwrap();
+            bots[k] = store
+                .update_instance(
+                    &Scope::Admin,
+                    &bot.name,
+                    bot.revision,
+                    active,
+                    &bot.spec,
+                    bot.discord_token_sha256.as_deref(),
+                )
+                .await
+                .unwrap();
             if !active {
                 off = Some(bots[k].id.clone());
             }
@@ -1163,6 +1263,7 @@ macro_rules! conformance {
 conformance!(
     stores: [
         instance_lifecycle,
+        a_discord_token_fingerprint_is_unique,
         listing_pages_filters_and_scopes,
         scope_hides_other_tenants,
         access_rules,

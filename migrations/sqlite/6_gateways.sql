@@ -20,3 +20,11 @@ ALTER TABLE instance_connections ADD COLUMN gateway_error TEXT NOT NULL DEFAULT 
 ALTER TABLE instance_connections ADD COLUMN gateway_node_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE instance_connections ADD COLUMN gateway_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE instance_connections ADD COLUMN gateway_revision BIGINT NOT NULL DEFAULT 0;
+
+-- One Discord bot serves one instance (two would both run it and answer every message twice):
+-- the lowercase hex SHA-256 of the instance's trimmed bot token, NULL unless it is a Discord
+-- instance with a token. Bot tokens are long random secrets, so an unkeyed hash gives nothing
+-- away (API keys are stored the same way). NULLs are distinct in a unique index, so instances
+-- without a token never collide.
+ALTER TABLE instances ADD COLUMN discord_token_sha256 TEXT;
+CREATE UNIQUE INDEX instances_by_discord_token ON instances (discord_token_sha256);

@@ -50,6 +50,10 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::NotFound(what),
             StoreError::AlreadyExists(what) => ApiError::AlreadyExists(what),
             StoreError::Conflict(what) => ApiError::Aborted(format!("{what} was changed concurrently")),
+            // Whatever the caller's scope: the other instance is not named.
+            StoreError::DiscordTokenInUse => ApiError::invalid(
+                "this Discord bot token is already used by another instance (one bot can serve only one instance)",
+            ),
             StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
                 ApiError::Unavailable("the database is unreachable".to_owned())
             }

@@ -3,9 +3,9 @@
 use super::ApiContext;
 use super::error::{ApiError, ApiResult};
 use super::spec::{self, Secrets};
-use crate::crypto::{constant_time_eq, random_token};
+use crate::crypto::random_token;
 use crate::evolution::{Connect, Evolution, EvolutionError, Webhook};
-use crate::store::{InstanceRecord, InstanceSpec, ListInstances, Scope, StoreError, now_millis};
+use crate::store::{InstanceRecord, ListInstances, Scope, StoreError, now_millis};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use omni_core::kinds::Channel;
@@ -17,8 +17,6 @@ const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 /// Optimistic-concurrency retries of one update before giving up with ABORTED.
 const UPDATE_ATTEMPTS: usize = 5;
-/// Instances read at once when looking for a Discord token in use.
-const TOKEN_CHECK_PAGE: u32 = 500;
 
 pub struct InstanceApi {
     ctx: ApiContext,
@@ -53,7 +51,8 @@ impl InstanceApi {
             spec::apply(path, &src, channel, &mut active, &mut spec, &secrets)?;
         }
         spec::normalize_and_validate(&src.name, channel, &mut spec)?;
-        self.check_discord_token_unused(&id, &src.name, &spec).await?;
+        // One bot, one instance: the store refuses a token another instance has.
+        let discord_token_sha256 = spec::discord_token_sha256(&src, &spec);
         if provision {
             if channel != Channel::Whatsapp {
                 return Err(ApiError::invalid("--provision is for WhatsApp instances (Evolution)"));
@@ -61,8 +60,17 @@ impl InstanceApi {
             spec::validate_http_url("public url", &public_url)?;
         }
         let now = now_millis();
-        let record =
-            InstanceRecord { id, name: src.name, channel, active, spec, created_at: now, updated_at: now, revision: 0 };
+        let record = InstanceRecord {
+            id,
+            name: src.name,
+            channel,
+            active,
+            spec,
+            created_at: now,
+            updated_at: now,
+            revision: 0,
+            discord_token_sha256,
+        };
         let created = if provision {
             self.create_provisioned(record, &public_url).await?
         } else {
@@ -126,16 +134,28 @@ impl InstanceApi {
             }
             spec::normalize_and_validate(&current.name, current.channel, &mut spec)?;
             spec::check_keys_follow_targets(&current.spec, &spec, &paths)?;
-            if paths.contains(&"discord.token") {
-                self.check_discord_token_unused(&current.id, &current.name, &spec).await?;
-            }
+            // A new token takes a new fingerprint, which the store refuses if another instance
+            // has it; otherwise the instance keeps its own.
+            let discord_token_sha256 = if paths.contains(&"discord.token") {
+                spec::discord_token_sha256(&src, &spec)
+            } else {
+                current.discord_token_sha256.clone()
+            };
             if spec.evolution.url != current.spec.evolution.url
                 || spec.evolution.instance_name != current.spec.evolution.instance_name
             {
                 // The token belongs to the instance it came from.
                 spec.evolution.instance_token = None;
             }
-            match self.ctx.store.update_instance(&caller.scope, &current.name, current.revision, active, &spec).await {
+            let update = self.ctx.store.update_instance(
+                &caller.scope,
+                &current.name,
+                current.revision,
+                active,
+                &spec,
+                discord_token_sha256.as_deref(),
+            );
+            match update.await {
                 Ok(updated) => {
                     tracing::info!(instance = %updated.name, revision = updated.revision, fields = ?paths, key_id = %caller.key_id, "instance updated");
                     return Ok(spec::instance_to_pb(&updated, &self.ctx.keyring));
@@ -162,41 +182,6 @@ impl InstanceApi {
         self.ctx.store.delete_instance(&caller.scope, &req.name).await?;
         tracing::info!(instance = %req.name, deprovisioned = req.deprovision, key_id = %caller.key_id, "instance deleted");
         Ok(pb::DeleteInstanceResponse {})
-    }
-
-    /// Refuses a Discord bot token that another instance already has (active or not): two
-    /// instances of one bot would both run it and answer every message twice. Every instance is
-    /// looked at, whatever the caller's scope, so the answer never names the other one. Tokens
-    /// are sealed with random nonces, so they are compared opened. The instance itself (`id`,
-    /// or `name` for a create whose name is taken, which the store then refuses) does not count.
-    async fn check_discord_token_unused(&self, id: &str, name: &str, spec: &InstanceSpec) -> ApiResult<()> {
-        let Some(sealed) = &spec.discord.token else {
-            return Ok(());
-        };
-        let token = Secrets { keyring: &self.ctx.keyring, instance_id: id }.open("discord.token", sealed)?;
-        let token = token.trim();
-        let mut query = ListInstances { after: None, limit: TOKEN_CHECK_PAGE, channel: Some(Channel::Discord) };
-        loop {
-            let page = self.ctx.store.list_instances(&Scope::Admin, &query).await?;
-            for other in page.iter().filter(|other| other.id != id && other.name != name) {
-                let Some(other_sealed) = &other.spec.discord.token else { continue };
-                let secrets = Secrets { keyring: &self.ctx.keyring, instance_id: &other.id };
-                match secrets.open("discord.token", other_sealed) {
-                    Ok(other_token) if constant_time_eq(other_token.trim().as_bytes(), token.as_bytes()) => {
-                        return Err(ApiError::invalid(
-                            "this Discord bot token is already used by another instance (one bot can serve only one instance)",
-                        ));
-                    }
-                    Ok(_) => {}
-                    // Such an instance cannot run anyway; it must not block every other one.
-                    Err(e) => tracing::warn!(instance = %other.name, error = %e, "stored discord token does not open"),
-                }
-            }
-            match page.last() {
-                Some(last) if page.len() as u32 == TOKEN_CHECK_PAGE => query.after = Some(last.name.clone()),
-                _ => return Ok(()),
-            }
-        }
     }
 
     /// Creates the instance on its Evolution server (or rewires an existing one there), then
@@ -445,13 +430,18 @@ mod tests {
         .await
     }
 
-    fn refused(result: ApiResult<impl std::fmt::Debug>) -> String {
+    /// Refused by the store's unique index, as INVALID_ARGUMENT that names no instance.
+    fn refused(result: ApiResult<impl std::fmt::Debug>) {
         let error = result.unwrap_err();
         assert!(matches!(error, ApiError::InvalidArgument(_)), "{error:?}");
-        let message = error.to_string();
-        assert!(message.starts_with(TAKEN), "{message}");
-        assert!(!message.contains("acme"), "names the other instance: {message}");
-        message
+        let status = Status::from(error);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(TAKEN), "{status:?}");
+        assert!(!status.message().contains("acme"), "names the other instance: {status:?}");
+    }
+
+    async fn fingerprint_of(api: &InstanceApi, name: &str) -> Option<String> {
+        api.ctx.store.get_instance(&Scope::Admin, name).await.unwrap().discord_token_sha256
     }
 
     async fn token_of(api: &InstanceApi, name: &str) -> String {
@@ -465,6 +455,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let api = api(dir.path()).await;
         create(&api, ADMIN_KEY, "acme-bot", SHARED).await.unwrap();
+        assert_eq!(fingerprint_of(&api, "acme-bot").await, Some(sha256_hex(SHARED)));
 
         // Another tenant's key, which cannot see acme-bot, is refused all the same, on create
         // and on update, and told nothing about which instance has the token.
@@ -475,10 +466,12 @@ mod tests {
         refused(update(&api, BETA_KEY, bot("beta-bot", SHARED), &["discord"]).await);
         assert_eq!(token_of(&api, "beta-bot").await, "beta-bot-token-0123456789", "unchanged");
 
-        // Updates that leave the token alone are not checked; an instance may keep (or set
-        // again) its own token.
+        // Updates that leave the token alone keep its fingerprint; an instance may keep (or
+        // set again, surrounding whitespace and all) its own token.
         update(&api, BETA_KEY, bot("beta-bot", SHARED), &["agent.url"]).await.unwrap();
-        update(&api, ADMIN_KEY, bot("acme-bot", SHARED), &["discord.token"]).await.unwrap();
+        assert_eq!(fingerprint_of(&api, "beta-bot").await, Some(sha256_hex("beta-bot-token-0123456789")));
+        update(&api, ADMIN_KEY, bot("acme-bot", &format!("{SHARED} ")), &["discord.token"]).await.unwrap();
+        assert_eq!(fingerprint_of(&api, "acme-bot").await, Some(sha256_hex(SHARED)));
 
         // A stopped instance still holds its token (starting it again must not run it twice).
         let stopped = pb::Instance { active: Some(false), ..bot("acme-bot", SHARED) };
@@ -489,10 +482,32 @@ mod tests {
         let again = create(&api, ADMIN_KEY, "acme-bot", SHARED).await.unwrap_err();
         assert!(matches!(again, ApiError::AlreadyExists(_)), "{again:?}");
 
-        // Once its instance is gone, the token is free.
+        // Once its instance is gone, the token is free; the token an instance changes from
+        // is free at once.
         api.ctx.store.delete_instance(&Scope::Admin, "acme-bot").await.unwrap();
         update(&api, BETA_KEY, bot("beta-bot", SHARED), &["discord.token"]).await.unwrap();
         assert_eq!(token_of(&api, "beta-bot").await, SHARED);
+        assert_eq!(fingerprint_of(&api, "beta-bot").await, Some(sha256_hex(SHARED)));
         refused(create(&api, ADMIN_KEY, "acme-bot", SHARED).await);
+        create(&api, ADMIN_KEY, "acme-bot", "beta-bot-token-0123456789").await.unwrap();
+
+        // Other channels have no fingerprint, so they never collide.
+        for name in ["acme-slack", "acme-slack-2"] {
+            let slack = pb::Instance {
+                name: name.into(),
+                channel: pb::Channel::Slack as i32,
+                agent: Some(pb::AgentSettings { url: "http://agent:1".into(), ..Default::default() }),
+                slack: Some(pb::SlackSettings {
+                    bot_token: "xoxb-slack-token".into(),
+                    signing_secret: "signing-secret".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            api.create(request(ADMIN_KEY, pb::CreateInstanceRequest { instance: Some(slack), ..Default::default() }))
+                .await
+                .unwrap();
+            assert_eq!(fingerprint_of(&api, name).await, None);
+        }
     }
 }

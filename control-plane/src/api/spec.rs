@@ -3,7 +3,7 @@
 //! an update the paths of its field mask; either way an unset or zero value means the default.
 
 use super::error::{ApiError, ApiResult};
-use crate::crypto::Keyring;
+use crate::crypto::{Keyring, sha256_hex};
 use crate::store::{AgentSpec, BehaviorSpec, EvolutionSpec, InstanceRecord, InstanceSpec, Sealed};
 use omni_core::access::Action;
 use omni_core::kinds::{AgentProtocol, Channel};
@@ -94,6 +94,16 @@ pub fn evolution_instance_key(secrets: &Secrets<'_>, evolution: &EvolutionSpec) 
         (None, Some(key)) => secrets.open("evolution.key", key).map(Some),
         (None, None) => Ok(None),
     }
+}
+
+/// The fingerprint stored beside an instance's sealed Discord token (`discord_token_sha256`,
+/// unique across instances, so one bot serves one instance), from the request that set the
+/// token: `None` when the validated `spec` has no token (other channels). The SHA-256 of the
+/// trimmed token, unkeyed like API keys' (bot tokens are long random secrets), so it is
+/// computed here, where the token is plain, and never needs a token opened again.
+pub fn discord_token_sha256(src: &pb::Instance, spec: &InstanceSpec) -> Option<String> {
+    spec.discord.token.as_ref()?;
+    Some(sha256_hex(src.discord.as_ref().map_or("", |d| d.token.trim())))
 }
 
 /// The spec a new instance starts from, before the request's fields are applied.

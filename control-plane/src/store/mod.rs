@@ -22,6 +22,9 @@ pub enum StoreError {
     AlreadyExists(String),
     #[error("{0} was changed concurrently")]
     Conflict(String),
+    /// Another instance has the same `discord_token_sha256`.
+    #[error("this Discord bot token is already used by another instance")]
+    DiscordTokenInUse,
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
     #[error("unsupported database URL {0:?}: use postgres://... or sqlite://...")]
@@ -84,11 +87,15 @@ pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     // Instances. Each change is one config revision.
+    /// Refuses a taken name with [`StoreError::AlreadyExists`] (even when the Discord token is
+    /// taken too), else a taken `discord_token_sha256` with [`StoreError::DiscordTokenInUse`].
     async fn create_instance(&self, instance: &InstanceRecord) -> Result<InstanceRecord>;
     async fn get_instance(&self, scope: &Scope, name: &str) -> Result<InstanceRecord>;
     async fn list_instances(&self, scope: &Scope, query: &ListInstances) -> Result<Vec<InstanceRecord>>;
-    /// Replaces `active` and `spec` if the instance is still at `expected_revision`
-    /// (else [`StoreError::Conflict`]).
+    /// Replaces `active`, `spec` and `discord_token_sha256` (the caller passes the current one
+    /// when the token does not change) if the instance is still at `expected_revision` (else
+    /// [`StoreError::Conflict`]). A fingerprint another instance has gives
+    /// [`StoreError::DiscordTokenInUse`].
     async fn update_instance(
         &self,
         scope: &Scope,
@@ -96,6 +103,7 @@ pub trait Store: Send + Sync + 'static {
         expected_revision: i64,
         active: bool,
         spec: &InstanceSpec,
+        discord_token_sha256: Option<&str>,
     ) -> Result<InstanceRecord>;
     async fn delete_instance(&self, scope: &Scope, name: &str) -> Result<()>;
 

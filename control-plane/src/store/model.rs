@@ -49,6 +49,12 @@ pub struct InstanceRecord {
     pub updated_at: i64,
     /// The config revision that last changed the instance or its access rules.
     pub revision: i64,
+    /// A Discord instance's bot token fingerprint: the lowercase hex SHA-256 of the trimmed
+    /// token, `None` for other channels. Unique across instances (the store refuses a second
+    /// one with [`StoreError::DiscordTokenInUse`](super::StoreError::DiscordTokenInUse)), so
+    /// one bot serves one instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discord_token_sha256: Option<String>,
 }
 
 /// Everything configurable about an instance apart from its identity, stored as one JSON

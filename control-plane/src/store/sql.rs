@@ -16,7 +16,8 @@ use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::Duration;
 
-const INSTANCE_COLUMNS: &str = "id, name, channel, active, spec, created_at, updated_at, revision";
+const INSTANCE_COLUMNS: &str =
+    "id, name, channel, active, spec, created_at, updated_at, revision, discord_token_sha256";
 const API_KEY_COLUMNS: &str =
     "id, key_hash, admin, instance_patterns, description, created_at, last_used_at, revoked_at";
 
@@ -255,6 +256,20 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 
 fn instance_not_found(name: &str) -> StoreError {
     StoreError::NotFound(format!("instance {name:?}"))
+}
+
+/// The unique index that holds one Discord bot to one instance (migration 6).
+const DISCORD_TOKEN_INDEX: &str = "instances_by_discord_token";
+
+/// Whether a write failed on [`DISCORD_TOKEN_INDEX`]. Postgres names the violated index; SQLite
+/// names only its column ("UNIQUE constraint failed: instances.discord_token_sha256").
+fn is_discord_token_violation(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(e) if e.is_unique_violation() => {
+            e.constraint() == Some(DISCORD_TOKEN_INDEX) || e.message().ends_with("instances.discord_token_sha256")
+        }
+        _ => false,
+    }
 }
 
 fn encode_scope(scope: &Scope) -> (bool, String) {
@@ -517,6 +532,7 @@ macro_rules! sql_store {
                     created_at: row.try_get("created_at")?,
                     updated_at: row.try_get("updated_at")?,
                     revision: row.try_get("revision")?,
+                    discord_token_sha256: row.try_get("discord_token_sha256")?,
                     name,
                 })
             }
@@ -625,9 +641,13 @@ macro_rules! sql_store {
                 let (mut tx, revision) = self.begin_change().await?;
                 let now = now_millis();
                 let spec = serde_json::to_string(&instance.spec).map_err(|e| corrupt(e))?;
+                // A taken name is checked first (as the conflict target), so it is what a create
+                // that repeats an existing instance, token and all, is told. Which unique index
+                // each backend would check first otherwise differs.
                 let inserted = sqlx::query(
-                    "INSERT INTO instances (id, name, channel, active, spec, created_at, updated_at, revision) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "INSERT INTO instances \
+                     (id, name, channel, active, spec, created_at, updated_at, revision, discord_token_sha256) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (name) DO NOTHING",
                 )
                 .bind(&instance.id)
                 .bind(&instance.name)
@@ -637,14 +657,17 @@ macro_rules! sql_store {
                 .bind(now)
                 .bind(now)
                 .bind(revision)
+                .bind(&instance.discord_token_sha256)
                 .execute(&mut *tx)
                 .await;
+                let taken = || StoreError::AlreadyExists(format!("instance {:?}", instance.name));
                 match inserted {
-                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                        return Err(StoreError::AlreadyExists(format!("instance {:?}", instance.name)));
-                    }
-                    other => other?,
-                };
+                    Ok(done) if done.rows_affected() == 0 => return Err(taken()),
+                    Ok(_) => {}
+                    Err(e) if is_discord_token_violation(&e) => return Err(StoreError::DiscordTokenInUse),
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(taken()),
+                    Err(e) => return Err(e.into()),
+                }
                 let config = Self::log_instance(&mut tx, revision, &instance.name).await?;
                 self.commit_change(tx, revision).await?;
                 Ok(config.instance)
@@ -682,13 +705,14 @@ macro_rules! sql_store {
                 expected_revision: i64,
                 active: bool,
                 spec: &InstanceSpec,
+                discord_token_sha256: Option<&str>,
             ) -> Result<InstanceRecord> {
                 let (mut tx, revision) = self.begin_change().await?;
                 let spec = serde_json::to_string(spec).map_err(|e| corrupt(e))?;
-                let (filter, binds) = scope_filter(scope, "name", 7);
+                let (filter, binds) = scope_filter(scope, "name", 8);
                 let sql = format!(
-                    "UPDATE instances SET active = $1, spec = $2, updated_at = $3, revision = $4 \
-                     WHERE name = $5 AND revision = $6 AND {filter}"
+                    "UPDATE instances SET active = $1, spec = $2, updated_at = $3, revision = $4, \
+                     discord_token_sha256 = $7 WHERE name = $5 AND revision = $6 AND {filter}"
                 );
                 let mut q = sqlx::query(&sql)
                     .bind(active)
@@ -696,11 +720,16 @@ macro_rules! sql_store {
                     .bind(now_millis())
                     .bind(revision)
                     .bind(name)
-                    .bind(expected_revision);
+                    .bind(expected_revision)
+                    .bind(discord_token_sha256);
                 for bind in &binds {
                     q = q.bind(bind);
                 }
-                if q.execute(&mut *tx).await?.rows_affected() == 0 {
+                let updated = match q.execute(&mut *tx).await {
+                    Err(e) if is_discord_token_violation(&e) => return Err(StoreError::DiscordTokenInUse),
+                    other => other?,
+                };
+                if updated.rows_affected() == 0 {
                     // Tell a lost race from an instance that is not there (for this caller).
                     Self::find_instance(&mut tx, scope, name).await?;
                     return Err(StoreError::Conflict(format!("instance {name:?}")));
