@@ -1,4 +1,6 @@
 use clap::Parser;
+use omni_data_plane::channels::discord::client::DiscordClients;
+use omni_data_plane::channels::slack::client::SlackClient;
 use omni_data_plane::config::Limits;
 use omni_data_plane::daemon::{init_logging, shutdown_signal};
 use omni_data_plane::node::{self, ChannelEndpoints, NodeOptions};
@@ -45,10 +47,10 @@ struct Args {
     #[arg(long, env = "OMNI_MAX_INSTANCES", default_value_t = 1_000_000)]
     max_instances: usize,
     /// Slack's Web API.
-    #[arg(long, env = "OMNI_SLACK_API_URL", default_value = "https://slack.com/api")]
+    #[arg(long, env = "OMNI_SLACK_API_URL", default_value = SlackClient::DEFAULT_API_URL)]
     slack_api_url: String,
     /// Discord's REST API (an http:// URL means plain HTTP).
-    #[arg(long, env = "OMNI_DISCORD_API_URL", default_value = "https://discord.com")]
+    #[arg(long, env = "OMNI_DISCORD_API_URL", default_value = DiscordClients::DEFAULT_API_URL)]
     discord_api_url: String,
     /// Discord's gateway (default: Discord's own; a ws:// URL works).
     #[arg(long, env = "OMNI_DISCORD_GATEWAY_URL")]

@@ -165,11 +165,7 @@ impl SyncClient {
         self.status.connected.store(true, Ordering::Relaxed);
         tracing::info!(resume_revision = self.config.revision(), "config stream open");
 
-        // The first heartbeat goes at once: its answer brings this node's gateway leases.
-        let mut every = self.settings.heartbeat_interval;
-        let mut heartbeat = tokio::time::interval(every);
-        // When recent heartbeats were sent: a lease counts from the heartbeat it answers.
-        let mut sent_beats: VecDeque<(u64, Instant)> = VecDeque::with_capacity(8);
+        let mut beats = Heartbeats::new(self.settings.heartbeat_interval);
         let mut release = self.release.as_ref().map(|r| r.requested.subscribe());
         let mut release_sequence = None;
         // A snapshot in chunks: its revision and the instances so far.
@@ -188,39 +184,18 @@ impl SyncClient {
                     let Some(message) = message.map_err(|_| SessionError::Silent(self.settings.silence_timeout))?? else {
                         return Ok(());
                     };
-                    // The release is confirmed by an empty set with no TTL (a control plane that
-                    // does not know releases answers as for a heartbeat: not a confirmation).
-                    if let Some(watch_response::Kind::Leases(leases)) = &message.kind
-                        && release_sequence.is_some()
-                    {
-                        let confirmed = release_sequence == Some(leases.heartbeat_sequence)
-                            && leases.ttl_ms == 0
-                            && leases.instance_ids.is_empty();
-                        if !confirmed {
-                            continue;
-                        }
-                        if let Some(release) = &self.release {
-                            release.done.notify_one();
-                        }
-                        continue;
-                    }
                     if let Some(watch_response::Kind::Leases(leases)) = &message.kind {
-                        let ttl = Duration::from_millis(leases.ttl_ms.max(0) as u64);
-                        self.leases_granted(leases, ttl, &sent_beats);
-                        // Renew well within the lease: three heartbeats per TTL at least.
-                        let wanted = self.settings.heartbeat_interval.min(ttl / 3).max(Duration::from_millis(50));
-                        if wanted != every {
-                            every = wanted;
-                            heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+                        match release_sequence {
+                            Some(sequence) => self.release_answered(leases, sequence),
+                            None => self.leases_granted(leases, &mut beats),
                         }
                         continue;
                     }
-                    let acks = self.status.acks.load(Ordering::Relaxed);
                     let bots_changed = self.leases.is_some() && touches_bots(&message);
-                    self.handle(message, &mut snapshot, &outbound).await?;
-                    if bots_changed && self.status.acks.load(Ordering::Relaxed) != acks {
+                    let applied = self.handle(message, &mut snapshot, &outbound).await?;
+                    if bots_changed && applied {
                         // New or changed bots: ask for leases now, not a beat later.
-                        heartbeat.reset_immediately();
+                        beats.timer.reset_immediately();
                     }
                 }
                 _ = release_requested(&mut release), if release_sequence.is_none() => {
@@ -231,14 +206,13 @@ impl SyncClient {
                     send(&outbound, watch_request::Kind::Heartbeat(beat)).await;
                 }
                 // Once leaving, no heartbeat may ask for bots again.
-                _ = heartbeat.tick(), if release_sequence.is_none() && !release_pending(&release) => {
+                _ = beats.timer.tick(), if !release_pending(&release) => {
                     let applied_revision = self.config.revision();
                     // 0 takes no leases: a node that runs no gateways must not be given bots.
-                    let sequence = if self.leases.is_some() { self.beats.fetch_add(1, Ordering::Relaxed) + 1 } else { 0 };
-                    if sent_beats.len() == sent_beats.capacity() {
-                        sent_beats.pop_front();
-                    }
-                    sent_beats.push_back((sequence, Instant::now()));
+                    let sequence = match self.leases {
+                        Some(_) => beats.sent(self.beats.fetch_add(1, Ordering::Relaxed) + 1),
+                        None => 0,
+                    };
                     let beat = pb::NodeHeartbeat { applied_revision, sequence, release_leases: false };
                     send(&outbound, watch_request::Kind::Heartbeat(beat)).await;
                 }
@@ -246,28 +220,38 @@ impl SyncClient {
         }
     }
 
-    /// Hands the leases on, valid from when the heartbeat they answer was sent. An answer to
-    /// a heartbeat this session did not send (or no longer remembers) is ignored: the next
-    /// one renews.
-    fn leases_granted(&self, leases: &pb::GatewayLeases, ttl: Duration, sent_beats: &VecDeque<(u64, Instant)>) {
+    /// Hands the leases on, valid from when the heartbeat they answer was sent, and fits the
+    /// heartbeat period to their TTL. An answer to a heartbeat this session did not send (or no
+    /// longer remembers) is ignored: the next one renews.
+    fn leases_granted(&self, leases: &pb::GatewayLeases, beats: &mut Heartbeats) {
         let Some(tx) = &self.leases else { return };
-        let Some((_, sent)) = sent_beats.iter().find(|(seq, _)| *seq == leases.heartbeat_sequence) else {
-            return;
-        };
-        tx.send_replace(Leases::granted(leases.instance_ids.clone(), *sent, ttl));
+        let Some(sent) = beats.sent_at(leases.heartbeat_sequence) else { return };
+        let ttl = Duration::from_millis(leases.ttl_ms.max(0) as u64);
+        tx.send_replace(Leases::granted(leases.instance_ids.clone(), sent, ttl));
+        beats.fit_lease(ttl);
     }
 
+    /// The release is confirmed by an empty set with no TTL for its heartbeat; a control plane
+    /// that does not know releases answers as for any heartbeat, which is no confirmation.
+    fn release_answered(&self, leases: &pb::GatewayLeases, sequence: u64) {
+        let confirmed = leases.heartbeat_sequence == sequence && leases.ttl_ms == 0 && leases.instance_ids.is_empty();
+        if let (true, Some(release)) = (confirmed, &self.release) {
+            release.done.notify_one();
+        }
+    }
+
+    /// Applies what the control plane sent; true when a revision was applied.
     async fn handle(
         &self,
         message: pb::WatchResponse,
         snapshot: &mut Option<(i64, Vec<pb::InstanceConfig>)>,
         outbound: &mpsc::Sender<pb::WatchRequest>,
-    ) -> Result<(), SessionError> {
+    ) -> Result<bool, SessionError> {
         let Some(kind) = message.kind else {
             return Err(SessionError::Protocol("empty message".into()));
         };
         let (revision, applied) = match kind {
-            watch_response::Kind::Progress(_) | watch_response::Kind::Leases(_) => return Ok(()),
+            watch_response::Kind::Progress(_) | watch_response::Kind::Leases(_) => return Ok(false),
             watch_response::Kind::Send(command) => {
                 let id = command.id.clone();
                 let refusal = match &self.sends {
@@ -278,7 +262,7 @@ impl SyncClient {
                     let result = pb::SendResult { id, error: error.to_owned(), ..Default::default() };
                     send(outbound, watch_request::Kind::SendResult(result)).await;
                 }
-                return Ok(());
+                return Ok(false);
             }
             watch_response::Kind::Snapshot(chunk) => {
                 let (revision, instances) = snapshot.get_or_insert_with(|| (chunk.revision, Vec::new()));
@@ -287,7 +271,7 @@ impl SyncClient {
                 }
                 instances.extend(chunk.instances);
                 if !chunk.last {
-                    return Ok(());
+                    return Ok(false);
                 }
                 let (revision, instances) = snapshot.take().expect("just filled");
                 self.status.snapshots.fetch_add(1, Ordering::Relaxed);
@@ -308,6 +292,7 @@ impl SyncClient {
                 self.status.acks.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(revision, instances, "config applied");
                 send(outbound, watch_request::Kind::Ack(pb::ConfigAck { revision })).await;
+                return Ok(true);
             }
             Err(ApplyError::Gap { from, held }) => {
                 return Err(SessionError::Gap(format!("changes from {from}, holding {held}")));
@@ -318,7 +303,53 @@ impl SyncClient {
                 send(outbound, watch_request::Kind::Nack(pb::ConfigNack { revision, error })).await;
             }
         }
-        Ok(())
+        Ok(false)
+    }
+}
+
+/// Heartbeats kept in memory: a lease answers one of the latest few.
+const RECENT_BEATS: usize = 8;
+
+/// A session's heartbeats: their timer (the first fires at once, its answer bringing the
+/// node's gateway leases), their period, and when the recent ones were sent, since a lease
+/// counts from the heartbeat it answers.
+struct Heartbeats {
+    timer: tokio::time::Interval,
+    every: Duration,
+    longest: Duration,
+    recent: VecDeque<(u64, Instant)>,
+}
+
+impl Heartbeats {
+    fn new(every: Duration) -> Heartbeats {
+        Heartbeats {
+            timer: tokio::time::interval(every),
+            every,
+            longest: every,
+            recent: VecDeque::with_capacity(RECENT_BEATS),
+        }
+    }
+
+    /// Notes that heartbeat `sequence` goes out now; returns it.
+    fn sent(&mut self, sequence: u64) -> u64 {
+        if self.recent.len() == RECENT_BEATS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((sequence, Instant::now()));
+        sequence
+    }
+
+    fn sent_at(&self, sequence: u64) -> Option<Instant> {
+        self.recent.iter().find(|(seq, _)| *seq == sequence).map(|(_, at)| *at)
+    }
+
+    /// Renews well within a lease: three heartbeats per TTL at least.
+    fn fit_lease(&mut self, ttl: Duration) {
+        let wanted = self.longest.min(ttl / 3).max(Duration::from_millis(50));
+        if wanted != self.every {
+            self.every = wanted;
+            self.timer = tokio::time::interval_at(Instant::now() + wanted, wanted);
+        }
     }
 }
 

@@ -1548,9 +1548,11 @@ macro_rules! sql_store {
                 if wanted > 0 {
                     let candidates: Vec<String> = sqlx::query_scalar(&format!(
                         "SELECT i.id FROM {GATEWAY_SOURCES} LEFT JOIN gateway_leases l ON l.instance_id = i.id \
-                         WHERE {GATEWAY_ELIGIBLE} AND (l.instance_id IS NULL OR l.expires_at <= $1) ORDER BY i.id"
+                         WHERE {GATEWAY_ELIGIBLE} AND (l.instance_id IS NULL OR l.expires_at <= $1) \
+                         ORDER BY i.id LIMIT $2"
                     ))
                     .bind(now)
+                    .bind(wanted)
                     .fetch_all(&mut *tx)
                     .await?;
                     for instance_id in candidates {

@@ -7,6 +7,7 @@ pub mod ingest;
 pub mod slack;
 
 use crate::pipeline::split;
+use omni_core::kinds::Channel;
 use omni_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -107,13 +108,26 @@ pub fn channel_of(instance: &pb::InstanceConfig) -> pb::Channel {
     pb::Channel::try_from(instance.channel).unwrap_or(pb::Channel::Unspecified)
 }
 
-pub fn channel_name(channel: pb::Channel) -> &'static str {
+/// The channel as both planes name it (`omni_core::kinds`).
+fn kind_of(channel: pb::Channel) -> Option<Channel> {
     match channel {
-        pb::Channel::Whatsapp => "whatsapp",
-        pb::Channel::Slack => "slack",
-        pb::Channel::Discord => "discord",
-        pb::Channel::Unspecified => "unknown",
+        pb::Channel::Whatsapp => Some(Channel::Whatsapp),
+        pb::Channel::Slack => Some(Channel::Slack),
+        pb::Channel::Discord => Some(Channel::Discord),
+        pb::Channel::Unspecified => None,
     }
+}
+
+pub fn channel_name(channel: pb::Channel) -> &'static str {
+    kind_of(channel).map_or("unknown", Channel::as_str)
+}
+
+/// The instance's Evolution settings, which a WhatsApp send cannot do without.
+fn evolution_of(instance: &pb::InstanceConfig) -> Result<&pb::NodeEvolution, SendError> {
+    instance
+        .evolution
+        .as_ref()
+        .ok_or_else(|| SendError::Refused("Evolution", "the instance has no Evolution settings".into()))
 }
 
 /// The clients of every channel: one place that sends, splits and shows typing the way the
@@ -128,10 +142,11 @@ pub struct Channels {
 impl Channels {
     /// The reply cut into chunks the channel accepts (Discord keeps code fences balanced).
     pub fn split(&self, instance: &pb::InstanceConfig, text: &str) -> Vec<String> {
-        let default = if channel_of(instance) == pb::Channel::Discord { 2000 } else { 4000 };
-        let limit = instance.behavior.as_ref().map(|b| b.split_limit as usize).filter(|l| *l > 0).unwrap_or(default);
-        match channel_of(instance) {
-            pb::Channel::Discord => split::split_code_aware(text, limit.min(2000)),
+        let channel = kind_of(channel_of(instance));
+        let most = channel.map_or(4000, Channel::default_split_limit) as usize;
+        let limit = instance.behavior.as_ref().map(|b| b.split_limit as usize).filter(|l| *l > 0).unwrap_or(most);
+        match channel {
+            Some(Channel::Discord) => split::split_code_aware(text, limit.min(most)),
             _ => split::split(text, limit),
         }
     }
@@ -146,10 +161,7 @@ impl Channels {
         text: &str,
     ) -> Result<String, SendError> {
         match channel_of(instance) {
-            pb::Channel::Whatsapp => {
-                let evolution = instance.evolution.clone().unwrap_or_default();
-                self.evolution.send_text(&evolution, to, text).await
-            }
+            pb::Channel::Whatsapp => self.evolution.send_text(evolution_of(instance)?, to, text).await,
             pb::Channel::Slack => {
                 let token = instance.slack.as_ref().map(|s| s.bot_token.as_str()).unwrap_or_default();
                 self.slack.post_message(token, to, thread, text).await
@@ -168,10 +180,7 @@ impl Channels {
         caption: &str,
     ) -> Result<String, SendError> {
         match channel_of(instance) {
-            pb::Channel::Whatsapp => {
-                let evolution = instance.evolution.clone().unwrap_or_default();
-                self.evolution.send_media(&evolution, to, media, caption).await
-            }
+            pb::Channel::Whatsapp => self.evolution.send_media(evolution_of(instance)?, to, media, caption).await,
             pb::Channel::Slack => {
                 let token = instance.slack.as_ref().map(|s| s.bot_token.as_str()).unwrap_or_default();
                 self.slack.send_media(token, to, media, caption).await
@@ -186,8 +195,9 @@ impl Channels {
     pub async fn typing(&self, instance: &pb::InstanceConfig, to: &str) {
         match channel_of(instance) {
             pb::Channel::Whatsapp => {
-                let evolution = instance.evolution.clone().unwrap_or_default();
-                self.evolution.typing(&evolution, to, 15_000).await
+                if let Ok(evolution) = evolution_of(instance) {
+                    self.evolution.typing(evolution, to, 15_000).await
+                }
             }
             // Discord shows typing for ten seconds per trigger.
             pb::Channel::Discord => {

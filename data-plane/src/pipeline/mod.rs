@@ -76,7 +76,7 @@ pub struct Pipeline {
     spool: Spool,
     config: Arc<ConfigHandle>,
     agent: AgentClient,
-    channels: Channels,
+    channels: Arc<Channels>,
     tenant_concurrency: usize,
     conversations: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -156,7 +156,7 @@ impl Pipeline {
             spool,
             config,
             agent,
-            channels,
+            channels: Arc::new(channels),
             tenant_concurrency: tenant_concurrency.max(1),
             conversations: Mutex::new(HashMap::new()),
             tenants: Mutex::new(HashMap::new()),
@@ -287,7 +287,7 @@ impl Pipeline {
     async fn handle(
         &self,
         job: &Job,
-        instance: &pb::InstanceConfig,
+        instance: &Arc<pb::InstanceConfig>,
         trace: &mut Recorder<'_>,
         pending: &mut Pending,
     ) -> (Ending, u32) {
@@ -333,7 +333,7 @@ impl Pipeline {
     async fn ask_agent(
         &self,
         inbound: &Inbound,
-        instance: &pb::InstanceConfig,
+        instance: &Arc<pb::InstanceConfig>,
         trace: &mut Recorder<'_>,
         pending: &mut Pending,
     ) -> Result<String, AgentError> {

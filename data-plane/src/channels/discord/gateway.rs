@@ -5,7 +5,7 @@
 //! leased bots: it starts a gateway when a lease arrives, closes it when the lease goes away or
 //! runs out (before the control plane could give it to another node), and restarts only a bot
 //! whose token changed. A fatal close (bad token, disallowed intents) stops that bot and is
-//! reported; it is not tried again with the same token.
+//! reported; it is not tried again until the instance's config changes (a new revision).
 
 use super::parse::parse;
 use crate::channels::ingest::{Candidate, Intake};

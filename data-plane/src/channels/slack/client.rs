@@ -95,6 +95,8 @@ impl SlackClient {
     }
 
     async fn send(&self, token: &str, method: &str, content_type: &str, body: Vec<u8>) -> Result<Value, SendError> {
+        // Shared, not copied, by each attempt.
+        let body = axum::body::Bytes::from(body);
         let mut rate_limited = 0;
         loop {
             let response = self
