@@ -90,7 +90,7 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
     let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
     let (spool_depth, outbox_depth) = state.spool.depths().await.unwrap_or_default();
     let gateways = &state.gateways;
-    let metrics: [(&str, &str, &str, u64); 20] = [
+    let metrics: [(&str, &str, &str, u64); 21] = [
         (
             "omni_node_config_revision",
             "gauge",
@@ -154,6 +154,12 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
             load(&gateways.leased),
         ),
         ("omni_node_discord_gateways", "gauge", "Discord gateways running on this node.", load(&gateways.running)),
+        (
+            "omni_node_discord_lease_answers_total",
+            "counter",
+            "Gateway lease sets received from the control plane (each renews the leases).",
+            load(&sync.lease_answers),
+        ),
         (
             "omni_node_discord_fatal_closes_total",
             "counter",

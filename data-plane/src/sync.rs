@@ -45,6 +45,8 @@ pub struct SyncStatus {
     /// Snapshots received (full resyncs); a resume by changes does not count.
     pub snapshots: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Gateway lease sets received (each renews the node's leases).
+    pub lease_answers: AtomicU64,
 }
 
 #[derive(Debug, Error)]
@@ -228,6 +230,7 @@ impl SyncClient {
         let Some(sent) = beats.sent_at(leases.heartbeat_sequence) else { return };
         let ttl = Duration::from_millis(leases.ttl_ms.max(0) as u64);
         tx.send_replace(Leases::granted(leases.instance_ids.clone(), sent, ttl));
+        self.status.lease_answers.fetch_add(1, Ordering::Relaxed);
         beats.fit_lease(ttl);
     }
 

@@ -222,10 +222,9 @@ impl FakeDiscord {
             .route("/api/v10/users/@me", get(current_user))
             .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"message": "404: Not Found", "code": 0}))) })
             .with_state(state.clone());
-        let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api_host = rest.local_addr().unwrap().to_string();
-        tokio::spawn(async move { axum::serve(rest, router).await.unwrap() });
-        FakeDiscord { gateway_url, api_url: format!("http://{api_host}"), api_host, state }
+        let api_url = crate::fakes::serve(router).await;
+        let api_host = api_url.trim_start_matches("http://").to_owned();
+        FakeDiscord { gateway_url, api_url, api_host, state }
     }
 
     /// Accepts `token` (without "Bot ") as the bot user `user_id` named `username`.
@@ -298,7 +297,8 @@ impl FakeDiscord {
         conns.len()
     }
 
-    /// The next `n` REST requests get 429 with `reset_after_secs` in body and headers.
+    /// The next `n` message posts or typing triggers get 429 with `reset_after_secs` in body
+    /// and headers.
     pub fn rate_limit_next(&self, n: usize, reset_after_secs: f64) {
         self.state.lock().unwrap().rate_limit = (n, reset_after_secs);
     }

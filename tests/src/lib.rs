@@ -63,6 +63,17 @@ pub fn now_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
+/// Waits until `count` traces of `instance` reached a final status, and returns them all.
+pub async fn finished_traces(server: &str, api_key: &str, instance: &str, count: usize) -> Vec<serde_json::Value> {
+    wait_for(&format!("{count} finished traces of {instance}"), Duration::from_secs(20), || async {
+        let listed = process::omnictl(server, api_key, &["trace", "list", "--instance", instance, "-o", "json"]).await;
+        let traces = listed.json().as_array().cloned().unwrap_or_default();
+        let done = traces.iter().filter(|t| !matches!(t["status"].as_str(), Some("received" | "processing"))).count();
+        (done >= count).then_some(traces)
+    })
+    .await
+}
+
 /// A free loopback port (for listeners whose address must be known before they start).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -162,6 +162,11 @@ impl ControlPlane {
         self.child.id()
     }
 
+    /// The admin API key the control plane generated into its data dir at first start.
+    pub fn admin_key(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin-api-key")).expect("admin-api-key file").trim().to_owned()
+    }
+
     /// The node token the control plane generated into its data dir.
     pub fn node_token(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("node-token")).expect("node-token file").trim().to_owned()

@@ -26,7 +26,10 @@ impl Partition {
                 let (target, cut) = (target.clone(), relay_cut.clone());
                 tokio::spawn(async move {
                     if cut.load(Ordering::SeqCst) {
-                        return; // a dark link accepts nothing
+                        // A dark link: the connection opens, and what is sent goes nowhere.
+                        let (mut read, _write) = inbound.into_split();
+                        let _ = tokio::io::copy(&mut read, &mut tokio::io::sink()).await;
+                        return;
                     }
                     let Ok(outbound) = TcpStream::connect(&target).await else { return };
                     let (a_read, a_write) = inbound.into_split();

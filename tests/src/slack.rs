@@ -70,11 +70,9 @@ impl FakeSlack {
             .route("/upload/{id}", post(upload))
             .route("/api/files.completeUploadExternal", post(complete_upload))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        state.lock().unwrap().base = format!("http://{addr}");
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        FakeSlack { api_url: format!("http://{addr}/api"), state }
+        let base = crate::fakes::serve(router).await;
+        state.lock().unwrap().base = base.clone();
+        FakeSlack { api_url: format!("{base}/api"), state }
     }
 
     /// Accepts `token` (an `xoxb-…` bot token) as a bearer token.
@@ -188,12 +186,7 @@ async fn complete_upload(State(state): State<SlackState>, headers: HeaderMap, bo
 }
 
 async fn post_message(State(state): State<SlackState>, headers: HeaderMap, body: Bytes) -> Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .to_owned();
+    let token = bearer(&headers);
     let body = fields(&headers, &body);
     let mut state = state.lock().unwrap();
     if !state.tokens.contains(&token) {

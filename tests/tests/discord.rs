@@ -54,12 +54,36 @@ async fn node_via(dir: &Path, cp: &ControlPlane, control_plane: &str, discord: &
     node
 }
 
-fn admin(cp: &ControlPlane) -> String {
-    std::fs::read_to_string(cp.data_dir.join("admin-api-key")).unwrap().trim().to_owned()
+async fn ctl(cp: &ControlPlane, args: &[&str]) -> Outcome {
+    omnictl(&cp.url(), &cp.admin_key(), args).await
 }
 
-async fn ctl(cp: &ControlPlane, args: &[&str]) -> Outcome {
-    omnictl(&cp.url(), &admin(cp), args).await
+/// The bots of the failover tests: bot-0..bot-3, one token each.
+const TOKENS: [&str; 4] = ["t-one", "t-two", "t-three", "t-four"];
+
+fn register_bots(discord: &FakeDiscord) {
+    for (i, token) in TOKENS.iter().enumerate() {
+        discord.bot(token, &format!("90{i}"), &format!("bot{i}"));
+    }
+}
+
+/// Creates bot-0..bot-3; returns the revision of the last.
+async fn create_bots(cp: &ControlPlane, agent: &FakeAgent) -> i64 {
+    let mut revision = 0;
+    for (i, token) in TOKENS.iter().enumerate() {
+        revision = create_bot(cp, &format!("bot-{i}"), agent, token).await;
+    }
+    revision
+}
+
+/// Waits until `node` has received `more` gateway lease answers (renewals) beyond `since`;
+/// returns its count then.
+async fn lease_answers(node: &DataPlane, since: f64, more: f64) -> f64 {
+    wait_for(&format!("{more} more lease answers"), Duration::from_secs(15), || async {
+        let answers = node.metric("omni_node_discord_lease_answers_total").await;
+        (answers >= since + more).then_some(answers)
+    })
+    .await
 }
 
 async fn create_bot(cp: &ControlPlane, name: &str, agent: &FakeAgent, token: &str) -> i64 {
@@ -81,8 +105,9 @@ async fn wait_live(discord: &FakeDiscord, tokens: &[&str]) {
     .await
 }
 
-async fn replies(discord: &FakeDiscord, channel: &str, n: usize) -> Vec<omni_tests::discord::DiscordPost> {
-    wait_for(&format!("{n} replies in channel {channel}"), Duration::from_secs(15), || async {
+/// Waits until `n` messages were posted in `channel` (replies and API sends), and returns them.
+async fn posts_in(discord: &FakeDiscord, channel: &str, n: usize) -> Vec<omni_tests::discord::DiscordPost> {
+    wait_for(&format!("{n} posts in channel {channel}"), Duration::from_secs(15), || async {
         let posts: Vec<_> = discord.messages().into_iter().filter(|p| p.channel_id == channel).collect();
         (posts.len() >= n).then_some(posts)
     })
@@ -90,13 +115,7 @@ async fn replies(discord: &FakeDiscord, channel: &str, n: usize) -> Vec<omni_tes
 }
 
 async fn finished_traces(cp: &ControlPlane, instance: &str, n: usize) -> Vec<Value> {
-    wait_for(&format!("{n} finished traces of {instance}"), Duration::from_secs(15), || async {
-        let traces = ctl(cp, &["trace", "list", "--instance", instance, "-o", "json"]).await.json();
-        let traces = traces.as_array().cloned().unwrap_or_default();
-        let done = traces.iter().filter(|t| !matches!(t["status"].as_str(), Some("received" | "processing"))).count();
-        (done >= n).then_some(traces)
-    })
-    .await
+    omni_tests::finished_traces(&cp.url(), &cp.admin_key(), instance, n).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,6 +161,13 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     // A DM, a mention (stripped), chatter without a mention, another bot: two answers.
     let dm_id = snowflake();
     assert!(discord.dispatch_message("acme-token", dm_message(&dm_id, "501", "42", "alice", "hello")));
+    let dm_replies = posts_in(&discord, "501", 1).await;
+    assert_eq!((dm_replies[0].content.as_str(), dm_replies[0].token.as_str()), ("echo: hello", "acme-token"));
+    assert!(discord.typing("501") >= 1, "typing shown while the agent worked");
+    // The same event delivered again (as a resumed session replays it), and once more: not
+    // answered again.
+    assert!(discord.replay_last("acme-token"));
+    discord.dispatch_message("acme-token", dm_message(&dm_id, "501", "42", "alice", "hello"));
     let mention =
         guild_message(&snowflake(), "502", "456", "42", "alice", "<@999> how are you?", &[("999", "acmebot")], false);
     assert!(discord.dispatch_message("acme-token", mention));
@@ -153,22 +179,17 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
         "acme-token",
         guild_message(&snowflake(), "502", "456", "77", "otherbot", "<@999> hi", &[("999", "acmebot")], true),
     );
-    let dm_replies = replies(&discord, "501", 1).await;
-    assert_eq!((dm_replies[0].content.as_str(), dm_replies[0].token.as_str()), ("echo: hello", "acme-token"));
-    let mention_replies = replies(&discord, "502", 1).await;
+    let mention_replies = posts_in(&discord, "502", 1).await;
     assert_eq!(mention_replies[0].content, "echo: how are you?");
-    assert!(discord.typing("501") >= 1, "typing shown while the agent worked");
-    // A resumed session replays the last event: not answered again.
-    assert!(discord.replay_last("acme-token"));
-    discord.dispatch_message("acme-token", dm_message(&dm_id, "501", "42", "alice", "hello"));
     let traces = finished_traces(&cp, "acme-discord", 6).await;
     let count = |status: &str| traces.iter().filter(|t| t["status"] == status).count();
     assert_eq!((count("completed"), count("ignored")), (2, 4), "{traces:#?}");
     assert_eq!(discord.messages().len(), 2, "one reply per message");
+    assert_eq!(posts_in(&discord, "501", 1).await.len(), 1, "the DM delivered three times was answered once");
 
     // A long answer: chunks of at most 2000 characters, every code fence closed and reopened.
     discord.dispatch_message("acme-token", dm_message(&snowflake(), "503", "42", "alice", "code please"));
-    let chunks = replies(&discord, "503", 2).await;
+    let chunks = posts_in(&discord, "503", 2).await;
     for chunk in &chunks {
         assert!(chunk.content.chars().count() <= 2000, "{}", chunk.content.chars().count());
         assert_eq!(chunk.content.matches("```").count() % 2, 0, "balanced: {}", chunk.content);
@@ -177,7 +198,7 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
 
     // Beta's bot is beta's: its own agent and token.
     discord.dispatch_message("beta-token", dm_message(&snowflake(), "601", "43", "bob", "hi beta"));
-    let beta = replies(&discord, "601", 1).await;
+    let beta = posts_in(&discord, "601", 1).await;
     assert_eq!((beta[0].content.as_str(), beta[0].token.as_str()), ("beta: hi beta", "beta-token"));
     assert!(acme_agent.requests().iter().all(|r| r.body["message"] != "hi beta"));
 
@@ -186,7 +207,7 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
         .await
         .json();
     assert_eq!(sent["message_ids"].as_array().map(Vec::len), Some(1), "{sent}");
-    assert_eq!(replies(&discord, "777", 1).await[0].content, "Release is out");
+    assert_eq!(posts_in(&discord, "777", 1).await[0].content, "Release is out");
     let file = dir.path().join("notes.txt");
     std::fs::write(&file, b"release notes").unwrap();
     let attached = ctl(
@@ -195,7 +216,7 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     )
     .await;
     assert!(attached.ok().starts_with("sent 1 message(s)"), "{attached:?}");
-    let posted = replies(&discord, "777", 2).await;
+    let posted = posts_in(&discord, "777", 2).await;
     assert_eq!(
         (posted[1].content.as_str(), posted[1].files.as_slice()),
         ("Notes", [("notes.txt".to_owned(), 13)].as_slice())
@@ -236,8 +257,9 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
         (node.metric("omni_node_discord_fatal_closes_total").await == 1.0).then_some(())
     })
     .await;
-    // Several lease renewals later, still one attempt.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Three lease renewals later, still one attempt.
+    let answers = node.metric("omni_node_discord_lease_answers_total").await;
+    let answers = lease_answers(&node, answers, 3.0).await;
     assert_eq!(discord.identifies("bad-token"), 1, "no reconnect loop after a fatal close");
     // Updating the instance (say, after enabling the intent in Discord's portal) lets it try
     // once more, on the new config; the token is still refused, so once.
@@ -246,7 +268,8 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
         (discord.identifies("bad-token") == 2).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let answers = answers.max(node.metric("omni_node_discord_lease_answers_total").await);
+    lease_answers(&node, answers, 3.0).await;
     assert_eq!(discord.identifies("bad-token"), 2, "one attempt per config");
 }
 
@@ -264,10 +287,8 @@ async fn discord_bots_move_on_partition_and_death_and_never_run_twice_postgres()
 async fn bots_move_on_partition_and_death(database: Option<TestDatabase>) {
     let dir = tempfile::tempdir().unwrap();
     let discord = FakeDiscord::start().await;
-    let tokens = ["t-one", "t-two", "t-three", "t-four"];
-    for (i, token) in tokens.iter().enumerate() {
-        discord.bot(token, &format!("90{i}"), &format!("bot{i}"));
-    }
+    register_bots(&discord);
+    let tokens = TOKENS;
     let listen = format!("127.0.0.1:{}", free_port());
     let cp = control_plane_with(dir.path(), &listen, LEASE_TTL, database.as_ref()).await;
     // Node A reaches the control plane through a link the test can cut; B directly. Both
@@ -276,10 +297,7 @@ async fn bots_move_on_partition_and_death(database: Option<TestDatabase>) {
     let node_a = node_via(dir.path(), &cp, &format!("http://{}", link.addr), &discord, "node-a").await;
     let node_b = node(dir.path(), &cp, &discord, "node-b").await;
     let agent = FakeAgent::start().await;
-    let mut revision = 0;
-    for (i, token) in tokens.iter().enumerate() {
-        revision = create_bot(&cp, &format!("bot-{i}"), &agent, token).await;
-    }
+    let revision = create_bots(&cp, &agent).await;
     node_a.wait_for_revision(revision).await;
     node_b.wait_for_revision(revision).await;
     wait_live(&discord, &tokens).await;
@@ -298,7 +316,7 @@ async fn bots_move_on_partition_and_death(database: Option<TestDatabase>) {
         assert_eq!(discord.max_concurrent(token), 1, "{token} ran on two nodes at once");
     }
     discord.dispatch_message("t-one", dm_message(&snowflake(), "701", "42", "alice", "still there?"));
-    assert_eq!(replies(&discord, "701", 1).await[0].content, "echo: still there?");
+    assert_eq!(posts_in(&discord, "701", 1).await[0].content, "echo: still there?");
 
     // A is back; B dies: its bots come up on A once B's leases ran out.
     link.heal();
@@ -329,33 +347,27 @@ async fn bots_move_on_partition_and_death(database: Option<TestDatabase>) {
 async fn a_node_that_stops_hands_its_bots_over_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let discord = FakeDiscord::start().await;
-    let tokens = ["t-one", "t-two", "t-three", "t-four"];
-    for (i, token) in tokens.iter().enumerate() {
-        discord.bot(token, &format!("90{i}"), &format!("bot{i}"));
-    }
+    register_bots(&discord);
+    let tokens = TOKENS;
     // Leases long enough that only handing them back can move the bots within the test.
     let cp = control_plane_with(dir.path(), &format!("127.0.0.1:{}", free_port()), "120s", None).await;
     let node_a = node(dir.path(), &cp, &discord, "node-a").await;
     let agent = FakeAgent::start().await;
-    let mut revision = 0;
-    for (i, token) in tokens.iter().enumerate() {
-        revision = create_bot(&cp, &format!("bot-{i}"), &agent, token).await;
-    }
+    let revision = create_bots(&cp, &agent).await;
     node_a.wait_for_revision(revision).await;
     wait_live(&discord, &tokens).await;
     assert!(holders(&cp).await.iter().all(|h| h == "node-a"));
     let node_b = node(dir.path(), &cp, &discord, "node-b").await;
     // B has heartbeated (and got nothing: A holds every bot), so only a lease offered between
     // heartbeats can reach it before its next one, 10 s later.
-    wait_for("node B's first lease answer", Duration::from_secs(10), || async {
-        cp.log().contains("node-b").then_some(())
-    })
-    .await;
+    lease_answers(&node_b, 0.0, 1.0).await;
     // SIGTERM: A closes its gateways, hands the leases back, and B takes every bot.
     let log_a = node_a.log_path.clone();
     assert!(node_a.terminate().await.success());
     let log_a = std::fs::read_to_string(log_a).unwrap();
-    assert!(!log_a.contains("not handed back"), "the control plane confirmed the release: {log_a}");
+    for failure in ["not handed back", "leases left to expire"] {
+        assert!(!log_a.contains(failure), "A closed its gateways and the release was confirmed: {log_a}");
+    }
     wait_for("every bot to run on node B, well before its next heartbeat", Duration::from_secs(5), || async {
         let now = holders(&cp).await;
         (now.iter().all(|h| h == "node-b") && tokens.iter().all(|t| discord.live(t))).then_some(())
@@ -371,7 +383,7 @@ async fn a_node_that_stops_hands_its_bots_over_at_once() {
 /// The node holding each of bot-0..bot-3's lease.
 async fn holders(cp: &ControlPlane) -> Vec<String> {
     let mut holders = Vec::new();
-    for i in 0..4 {
+    for i in 0..TOKENS.len() {
         let s = status(cp, &format!("bot-{i}")).await;
         holders.push(s["node_id"].as_str().unwrap_or_default().to_owned());
     }

@@ -27,7 +27,7 @@ impl Hub {
     async fn start_with(node_options: DataPlaneOptions) -> Hub {
         let dir = tempfile::tempdir().unwrap();
         let cp = ControlPlane::start(&dir.path().join("cp"), &ControlPlaneOptions::default()).await;
-        let admin = std::fs::read_to_string(cp.data_dir.join("admin-api-key")).unwrap().trim().to_owned();
+        let admin = cp.admin_key();
         let node = start_node(dir.path(), &cp, node_options).await;
         Hub { cp, node, admin, dir }
     }
@@ -92,13 +92,7 @@ impl Hub {
 
     /// Waits until `count` traces of `instance` reached a final status, and returns them.
     async fn finished_traces(&self, instance: &str, count: usize) -> Vec<Value> {
-        wait_for(&format!("{count} finished traces of {instance}"), Duration::from_secs(20), || async {
-            let traces = self.traces(instance).await;
-            let done =
-                traces.iter().filter(|t| !matches!(t["status"].as_str(), Some("received" | "processing"))).count();
-            (done >= count).then_some(traces)
-        })
-        .await
+        omni_tests::finished_traces(&self.cp.url(), &self.admin, instance, count).await
     }
 }
 
@@ -465,7 +459,7 @@ async fn messages_are_answered_while_the_control_plane_is_down() {
         ..Default::default()
     };
     let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
-    let admin = std::fs::read_to_string(cp.data_dir.join("admin-api-key")).unwrap().trim().to_owned();
+    let admin = cp.admin_key();
     let node = start_node(dir.path(), &cp, DataPlaneOptions::default()).await;
     let hub = Hub { cp, node, admin, dir };
     let (agent, evolution) = (FakeAgent::start().await, FakeEvolution::start().await);
