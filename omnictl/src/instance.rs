@@ -329,22 +329,11 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
         }
         InstanceCommand::Status { name } => {
             let status = api
-                .get_instance_status(pb::GetInstanceStatusRequest { name: name.clone() })
+                .get_instance_status(pb::GetInstanceStatusRequest { name })
                 .await
                 .map_err(|s| client.error(s))?
                 .into_inner();
-            // A WhatsApp status always carries Evolution's state or why it is unknown; any
-            // other status says nothing of its channel, which decides what to print.
-            let channel = if status.state.is_empty() && status.state_error.is_empty() {
-                api.get_instance(pb::GetInstanceRequest { name })
-                    .await
-                    .map_err(|s| client.error(s))?
-                    .into_inner()
-                    .channel
-            } else {
-                pb::Channel::Whatsapp as i32
-            };
-            print_status(&status, channel, format);
+            print_status(&status, format);
         }
         InstanceCommand::Qr { name, png } => {
             let qr = api
@@ -393,7 +382,8 @@ pub async fn run(command: InstanceCommand, client: &Client, format: Format) -> a
     Ok(())
 }
 
-fn print_status(status: &pb::InstanceStatus, channel: i32, format: Format) {
+fn print_status(status: &pb::InstanceStatus, format: Format) {
+    let channel = status.channel;
     let last = status.last_connection.as_ref();
     if format == Format::Json {
         output::json(&json!({

@@ -151,6 +151,7 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     })
     .await;
     assert_eq!(shown["node_id"], "node-a", "{shown}");
+    assert_eq!(shown["channel"], "discord", "the status says which channel it describes");
     wait_for("the node's gateway metrics", Duration::from_secs(10), || async {
         let (leases, gateways) =
             (node.metric("omni_node_discord_leases").await, node.metric("omni_node_discord_gateways").await);

@@ -240,12 +240,14 @@ impl InstanceApi {
     async fn status(&self, request: Request<pb::GetInstanceStatusRequest>) -> ApiResult<pb::InstanceStatus> {
         let caller = self.ctx.auth.authenticate(&request).await?;
         let record = self.ctx.store.get_instance(&caller.scope, &request.get_ref().name).await?;
-        match record.channel {
-            Channel::Whatsapp => self.whatsapp_status(record).await,
-            Channel::Discord => self.discord_status(record).await,
+        let channel = spec::channel_to_pb(record.channel) as i32;
+        let status = match record.channel {
+            Channel::Whatsapp => self.whatsapp_status(record).await?,
+            Channel::Discord => self.discord_status(record).await?,
             // Slack calls the hub's webhook; there is no connection to report on.
-            Channel::Slack => Ok(pb::InstanceStatus { name: record.name, ..Default::default() }),
-        }
+            Channel::Slack => pb::InstanceStatus { name: record.name, ..Default::default() },
+        };
+        Ok(pb::InstanceStatus { channel, ..status })
     }
 
     async fn whatsapp_status(&self, record: InstanceRecord) -> ApiResult<pb::InstanceStatus> {
