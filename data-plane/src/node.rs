@@ -193,6 +193,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         .build()
         .map_err(|e| NodeError::HttpClient(e.to_string()))?;
     let spool = Spool::open(&dir.join("spool.redb"))?;
+    let discord = DiscordClients::new(&options.channels.discord_api_url);
     let pipeline = Arc::new(Pipeline::new(
         spool.clone(),
         config.clone(),
@@ -200,7 +201,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         Channels {
             evolution: EvolutionClient::new(http.clone()),
             slack: SlackClient::new(http, &options.channels.slack_api_url),
-            discord: DiscordClients::new(&options.channels.discord_api_url),
+            discord: discord.clone(),
         },
         options.tenant_concurrency,
     ));
@@ -216,6 +217,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
             pipeline.trace_wake.clone(),
         )),
         tokio::spawn(forget_old_deliveries(spool.clone())),
+        tokio::spawn(discord.forget_removed_bots(config.clone())),
         tokio::spawn(crate::pipeline::outbound::run(pipeline.clone(), commands_rx, results_tx)),
         tokio::spawn(crate::connection_events::report(
             connection_events.clone(),

@@ -2,8 +2,9 @@
 //! buckets are shared by all its sends (twilight waits on them and retries 429s itself).
 
 use crate::channels::SendError;
+use crate::config::ConfigHandle;
 use omni_proto::v1 as pb;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use twilight_http::error::ErrorType;
@@ -66,6 +67,17 @@ impl DiscordClients {
         let bot = Arc::new(DiscordBot { http: builder.build() });
         bots.insert(instance.id.clone(), (token.to_owned(), bot.clone()));
         Ok(bot)
+    }
+
+    /// Drops the clients (and their rate limiters) of bots no longer in `config`, whenever a
+    /// config is applied, until the task is dropped.
+    pub async fn forget_removed_bots(self, config: Arc<ConfigHandle>) {
+        let mut applied = config.subscribe();
+        while applied.changed().await.is_ok() {
+            let Some(current) = config.load() else { continue };
+            let present: HashSet<&str> = current.instances.values().map(|i| i.id.as_str()).collect();
+            self.bots.lock().expect("discord clients lock").retain(|id, _| present.contains(id.as_str()));
+        }
     }
 }
 
