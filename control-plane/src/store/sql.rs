@@ -1548,13 +1548,13 @@ macro_rules! sql_store {
                 if wanted > 0 {
                     let candidates: Vec<String> = sqlx::query_scalar(&format!(
                         "SELECT i.id FROM {GATEWAY_SOURCES} LEFT JOIN gateway_leases l ON l.instance_id = i.id \
-                         WHERE {GATEWAY_ELIGIBLE} AND (l.instance_id IS NULL OR l.expires_at <= $1) \
-                         ORDER BY i.id LIMIT $2"
+                         WHERE {GATEWAY_ELIGIBLE} AND (l.instance_id IS NULL OR l.expires_at <= $1) ORDER BY i.id"
                     ))
                     .bind(now)
-                    .bind(wanted)
                     .fetch_all(&mut *tx)
                     .await?;
+                    // Every free bot is a candidate, not just `wanted` of them: another control
+                    // plane may win the first few, and this node should then take the next.
                     for instance_id in candidates {
                         // Taken only if still free or expired when the row is locked, so of two
                         // control planes claiming it at once, one wins and the other skips it.
