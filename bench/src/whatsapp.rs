@@ -48,6 +48,11 @@ fn webhook(i: usize, prefix: &str) -> Vec<u8> {
     .unwrap()
 }
 
+/// The node's spool transactions so far: (count, seconds spent committing).
+async fn spool_commits(node: &DataPlane) -> (f64, f64) {
+    (node.metric("omni_node_spool_commit_seconds_count").await, node.metric("omni_node_spool_commit_seconds_sum").await)
+}
+
 /// Posts every body once over `connections` keep-alive connections; returns the rate of 2xx.
 async fn load(url: String, token: &str, bodies: Arc<Vec<Vec<u8>>>, connections: usize) -> anyhow::Result<f64> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(connections).build()?;
@@ -183,6 +188,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let pids = [cp.pid().unwrap_or(0), node.pid().unwrap_or(0)];
     let cpu_start: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
     let cpu_before: Duration = cpu_start.iter().sum();
+    let commits_before = spool_commits(&node).await;
     let mut sent_at = HashMap::with_capacity(total);
     let interval = Duration::from_secs_f64(1.0 / options.rate as f64);
     let started = Instant::now();
@@ -244,6 +250,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     );
     let per_message = |i: usize| (cpu_after[i] - cpu_start[i]).as_secs_f64() * 1e6 / total as f64;
     println!("    of which control plane {:.0} µs, node {:.0} µs", per_message(0), per_message(1));
+    let (commits, commit_seconds) = spool_commits(&node).await;
+    let (commits, commit_seconds) = (commits - commits_before.0, commit_seconds - commits_before.1);
+    println!(
+        "  spool: {:.2} transactions per message, {:.2} ms each on average (flush included)",
+        commits / total as f64,
+        commit_seconds * 1e3 / commits.max(1.0)
+    );
     println!(
         "  RSS: node {}, control plane {}",
         mib(node.pid().and_then(rss_bytes).unwrap_or(0)),

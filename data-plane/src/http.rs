@@ -188,6 +188,11 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
     }
     page.family("omni_node_agent_latency_seconds", "histogram", "Time waiting for agents, retries included.")
         .histogram("omni_node_agent_latency_seconds", &[], &handled.agent_latency);
+    page.family("omni_node_spool_commit_seconds", "histogram", "Spool transactions, from start to on disk.").histogram(
+        "omni_node_spool_commit_seconds",
+        &[],
+        &state.spool.commits,
+    );
     let out = page.finish();
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], out).into_response()
 }

@@ -214,7 +214,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
             endpoint.connect_lazy(),
             token.clone(),
             node_id.clone(),
-            pipeline.trace_wake.clone(),
+            spool.traces_added(),
         )),
         tokio::spawn(forget_old_deliveries(spool.clone())),
         tokio::spawn(discord.forget_removed_bots(config.clone())),
@@ -298,7 +298,7 @@ async fn forget_old_deliveries(spool: Spool) {
     loop {
         every.tick().await;
         let before_ms = crate::traces::now_ms() - KEEP_MS;
-        if let Err(e) = spool.commit(vec![Op::PruneSeen { before_ms }]).await {
+        if let Err(e) = spool.defer(vec![Op::PruneSeen { before_ms }]) {
             tracing::warn!(error = %e, "could not prune old idempotency keys");
         }
     }

@@ -6,12 +6,23 @@
 //! commit), which is what lets a webhook be durable before its 2xx without one disk flush per
 //! message. Dedupe is checked and recorded in the same transaction that accepts a message, so a
 //! redelivery racing the original is still caught.
+//!
+//! Only what must be on disk before something leaves the node waits for a commit: an accepted
+//! message (before its 2xx) and the intent to send a chunk (before the send). What follows an
+//! external effect (a message finished, trace stages shipped) is deferred: it joins the next
+//! commit, or is committed on its own [`DEFER_AT_MOST`] later, so under load it costs no
+//! transaction of its own. Losing it in a crash repeats no send: the message is resumed, its
+//! chunk found with an intent only and reported as of unknown outcome; shipped stages are
+//! shipped again and the control plane stores each once.
 
+use omni_core::metrics::Histogram;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 /// Accepted messages not finished yet: seq → normalized message (JSON).
 const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
@@ -30,6 +41,12 @@ const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Operations committed per transaction at most; more wait for the next one.
 const MAX_GROUP: usize = 1024;
+
+/// Commit times are mostly an fsync: finer buckets than request latencies.
+const SPOOL_COMMIT_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
+
+/// Deferred operations are committed at most this long after the first of them.
+pub const DEFER_AT_MOST: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Error)]
 pub enum SpoolError {
@@ -89,8 +106,10 @@ pub enum Op {
         id: String,
         chunks: u32,
     },
-    /// Trace stages shipped.
-    Shipped(Vec<u64>),
+    /// Trace stages shipped: every stage up to this one.
+    Shipped {
+        through: u64,
+    },
     /// Forget idempotency keys older than this.
     PruneSeen {
         before_ms: i64,
@@ -114,13 +133,18 @@ pub enum Outcome {
 
 struct Request {
     ops: Vec<Op>,
-    reply: oneshot::Sender<Result<Vec<Outcome>, SpoolError>>,
+    /// `None` for deferred operations: nobody waits for them.
+    reply: Option<oneshot::Sender<Result<Vec<Outcome>, SpoolError>>>,
 }
 
 #[derive(Clone)]
 pub struct Spool {
     db: Arc<Database>,
     requests: mpsc::Sender<Request>,
+    /// Woken after a commit that added trace stages.
+    traces_added: Arc<Notify>,
+    /// How long each transaction took to commit (flush included).
+    pub commits: Arc<Histogram>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -144,18 +168,22 @@ impl Spool {
             txn.open_table(ATTEMPTS).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        let (requests, rx) = mpsc::channel(4096);
-        let writer_db = db.clone();
+        // Unbounded: callers of `commit` wait for their reply, and deferred operations follow
+        // committed ones (a finish follows an accept), so what waits is bounded by the work.
+        let (requests, rx) = mpsc::channel();
+        let (writer_db, traces_added) = (db.clone(), Arc::new(Notify::new()));
+        let commits = Arc::new(Histogram::new(SPOOL_COMMIT_BUCKETS));
+        let (wake, timed) = (traces_added.clone(), commits.clone());
         let handle = std::thread::Builder::new()
             .name("omni-spool".into())
-            .spawn(move || writer(writer_db, rx))
+            .spawn(move || writer(writer_db, rx, &wake, &timed))
             .map_err(storage)?;
-        Ok(Spool { db, requests, writer: Arc::new(std::sync::Mutex::new(Some(handle))) })
+        Ok(Spool { db, requests, traces_added, commits, writer: Arc::new(std::sync::Mutex::new(Some(handle))) })
     }
 
     /// Stops the writer once every other handle is gone, and waits for it to release the file.
     pub async fn close(self) {
-        let Spool { db, requests, writer } = self;
+        let Spool { db, requests, writer, .. } = self;
         drop(requests);
         drop(db);
         let handle = writer.lock().ok().and_then(|mut h| h.take());
@@ -164,11 +192,23 @@ impl Spool {
         }
     }
 
-    /// Commits `ops` (with whatever else is pending) and returns one outcome per op.
+    /// Commits `ops` (with whatever else is pending) and returns one outcome per op once they
+    /// are on disk.
     pub async fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, SpoolError> {
         let (reply, done) = oneshot::channel();
-        self.requests.send(Request { ops, reply }).await.map_err(|_| SpoolError::Stopped)?;
+        self.requests.send(Request { ops, reply: Some(reply) }).map_err(|_| SpoolError::Stopped)?;
         done.await.map_err(|_| SpoolError::Stopped)?
+    }
+
+    /// Notified after each commit that added trace stages to the outbox.
+    pub fn traces_added(&self) -> Arc<Notify> {
+        self.traces_added.clone()
+    }
+
+    /// Hands `ops` over to be committed with the next commit, or within [`DEFER_AT_MOST`]; for
+    /// what may be lost in a crash without harm. Not readable before that.
+    pub fn defer(&self, ops: Vec<Op>) -> Result<(), SpoolError> {
+        self.requests.send(Request { ops, reply: None }).map_err(|_| SpoolError::Stopped)
     }
 
     async fn read<T: Send + 'static>(
@@ -214,13 +254,13 @@ impl Spool {
         .await
     }
 
-    /// Up to `limit` trace stages to ship, oldest first.
-    pub async fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+    /// Up to `limit` trace stages after stage `after`, oldest first.
+    pub async fn outbox(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
         self.read(move |db| {
             let txn = db.begin_read().map_err(storage)?;
             let table = txn.open_table(OUTBOX).map_err(storage)?;
             let mut out = Vec::new();
-            for entry in table.iter().map_err(storage)?.take(limit) {
+            for entry in table.range(after.saturating_add(1)..).map_err(storage)?.take(limit) {
                 let (seq, event) = entry.map_err(storage)?;
                 out.push((seq.value(), event.value().to_vec()));
             }
@@ -245,12 +285,24 @@ fn next_key(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<u64, Spool
     Ok(table.last().map_err(storage)?.map_or(1, |(k, _)| k.value() + 1))
 }
 
-/// The writer thread: takes whatever requests are waiting, applies them in one transaction,
-/// commits durably, then answers them all.
-fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Request>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut group = vec![first];
-        let mut ops = group[0].ops.len();
+/// The writer thread: takes whatever requests are waiting, applies them after the deferred
+/// operations in one transaction, commits, then answers them all. Deferred operations alone
+/// wait up to [`DEFER_AT_MOST`] for company before they are committed by themselves.
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<Request>, traces_added: &Notify, commits: &Histogram) {
+    let mut next = Next::default();
+    let mut deferred: Vec<Op> = Vec::new();
+    let mut deferred_since: Option<Instant> = None;
+    loop {
+        let received = match deferred_since {
+            Some(since) => rx.recv_timeout(DEFER_AT_MOST.saturating_sub(since.elapsed())),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        let mut group = match received {
+            Ok(first) => vec![first],
+            Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut ops = deferred.len() + group.iter().map(|r| r.ops.len()).sum::<usize>();
         while ops < MAX_GROUP {
             match rx.try_recv() {
                 Ok(next) => {
@@ -260,101 +312,167 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        match apply(&db, &mut group) {
-            Ok(outcomes) => {
+        group.retain_mut(|request| {
+            if request.reply.is_some() {
+                return true;
+            }
+            deferred.append(&mut request.ops);
+            deferred_since.get_or_insert_with(Instant::now);
+            false
+        });
+        let due = deferred_since.is_some_and(|since| since.elapsed() >= DEFER_AT_MOST);
+        if group.is_empty() && !due {
+            continue;
+        }
+        deferred_since = None;
+        let started = Instant::now();
+        let applied = apply(&db, &mut next, std::mem::take(&mut deferred), &mut group);
+        commits.observe(started.elapsed());
+        match applied {
+            Ok((outcomes, added)) => {
+                if added {
+                    traces_added.notify_one();
+                }
                 for (request, outcome) in group.into_iter().zip(outcomes) {
-                    let _ = request.reply.send(Ok(outcome));
+                    request.reply.map(|reply| reply.send(Ok(outcome)));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "spool commit failed");
                 for request in group {
-                    let _ = request.reply.send(Err(SpoolError::Storage(e.to_string())));
+                    request.reply.map(|reply| reply.send(Err(SpoolError::Storage(e.to_string()))));
                 }
             }
         }
     }
+    if !deferred.is_empty()
+        && let Err(e) = apply(&db, &mut next, deferred, &mut [])
+    {
+        tracing::error!(error = %e, "spool commit failed at close");
+    }
 }
 
-fn apply(db: &Database, group: &mut [Request]) -> Result<Vec<Vec<Outcome>>, SpoolError> {
+/// The next keys of the inbox and the outbox. Kept across transactions, so that a key is never
+/// used twice in one run even when its table empties: the shipper reads on from the last stage
+/// it shipped, and a reused stage number would be skipped.
+#[derive(Default, Clone, Copy)]
+struct Next {
+    inbox: u64,
+    outbox: u64,
+}
+
+/// The spool's tables, open in one write transaction.
+struct Tables<'t> {
+    inbox: redb::Table<'t, u64, &'static [u8]>,
+    seen: redb::Table<'t, &'static str, i64>,
+    answers: redb::Table<'t, &'static str, &'static str>,
+    sends: redb::Table<'t, &'static str, u8>,
+    outbox: redb::Table<'t, u64, &'static [u8]>,
+    attempts: redb::Table<'t, u64, u32>,
+    next_inbox: u64,
+    next_outbox: u64,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction, next: Next) -> Result<Tables<'t>, SpoolError> {
+        let inbox = txn.open_table(INBOX).map_err(storage)?;
+        let outbox = txn.open_table(OUTBOX).map_err(storage)?;
+        Ok(Tables {
+            next_inbox: next_key(&inbox)?.max(next.inbox),
+            next_outbox: next_key(&outbox)?.max(next.outbox),
+            inbox,
+            outbox,
+            seen: txn.open_table(SEEN).map_err(storage)?,
+            answers: txn.open_table(ANSWERS).map_err(storage)?,
+            sends: txn.open_table(SENDS).map_err(storage)?,
+            attempts: txn.open_table(ATTEMPTS).map_err(storage)?,
+        })
+    }
+
+    fn append(&mut self, events: &[Vec<u8>]) -> Result<(), SpoolError> {
+        for event in events {
+            self.outbox.insert(self.next_outbox, event.as_slice()).map_err(storage)?;
+            self.next_outbox += 1;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, op: Op) -> Result<Outcome, SpoolError> {
+        Ok(match op {
+            Op::Accept { dedupe_key, now_ms, message, trace } => {
+                if self.seen.get(dedupe_key.as_str()).map_err(storage)?.is_some() {
+                    Outcome::Duplicate
+                } else {
+                    self.seen.insert(dedupe_key.as_str(), now_ms).map_err(storage)?;
+                    let seq = self.next_inbox;
+                    self.next_inbox += 1;
+                    self.inbox.insert(seq, message.as_slice()).map_err(storage)?;
+                    self.append(&trace)?;
+                    Outcome::Accepted { seq }
+                }
+            }
+            Op::Trace(events) => {
+                self.append(&events)?;
+                Outcome::Done
+            }
+            Op::Answer { id, text } => {
+                self.answers.insert(id.as_str(), text.as_str()).map_err(storage)?;
+                Outcome::Done
+            }
+            Op::Send { id, chunk, state } => {
+                self.sends.insert(chunk_key(&id, chunk).as_str(), state as u8).map_err(storage)?;
+                Outcome::Done
+            }
+            Op::Resume { seq } => {
+                let n = self.attempts.get(seq).map_err(storage)?.map_or(0, |v| v.value()) + 1;
+                self.attempts.insert(seq, n).map_err(storage)?;
+                Outcome::Attempt(n)
+            }
+            Op::Finish { seq, id, chunks } => {
+                self.inbox.remove(seq).map_err(storage)?;
+                self.attempts.remove(seq).map_err(storage)?;
+                self.answers.remove(id.as_str()).map_err(storage)?;
+                for chunk in 0..chunks {
+                    self.sends.remove(chunk_key(&id, chunk).as_str()).map_err(storage)?;
+                }
+                Outcome::Done
+            }
+            Op::Shipped { through } => {
+                // Stages are shipped oldest first: everything up to `through` is gone.
+                self.outbox.retain_in(..=through, |_, _| false).map_err(storage)?;
+                Outcome::Done
+            }
+            Op::PruneSeen { before_ms } => {
+                self.seen.retain(|_, at| at >= before_ms).map_err(storage)?;
+                Outcome::Done
+            }
+        })
+    }
+}
+
+/// One transaction: the deferred operations, then each request's, one outcome per op; and
+/// whether trace stages were added.
+type Applied = (Vec<Vec<Outcome>>, bool);
+
+fn apply(db: &Database, next: &mut Next, deferred: Vec<Op>, group: &mut [Request]) -> Result<Applied, SpoolError> {
     let txn = db.begin_write().map_err(storage)?;
     let mut all = Vec::with_capacity(group.len());
-    {
-        let mut inbox = txn.open_table(INBOX).map_err(storage)?;
-        let mut seen = txn.open_table(SEEN).map_err(storage)?;
-        let mut answers = txn.open_table(ANSWERS).map_err(storage)?;
-        let mut sends = txn.open_table(SENDS).map_err(storage)?;
-        let mut outbox = txn.open_table(OUTBOX).map_err(storage)?;
-        let mut attempts = txn.open_table(ATTEMPTS).map_err(storage)?;
-        let mut next_inbox = next_key(&inbox)?;
-        let mut next_outbox = next_key(&outbox)?;
-        let mut append = |outbox: &mut redb::Table<u64, &[u8]>, events: &[Vec<u8>]| -> Result<(), SpoolError> {
-            for event in events {
-                outbox.insert(next_outbox, event.as_slice()).map_err(storage)?;
-                next_outbox += 1;
-            }
-            Ok(())
-        };
+    let added = {
+        let mut tables = Tables::open(&txn, *next)?;
+        let first_outbox = tables.next_outbox;
+        for op in deferred {
+            tables.apply(op)?;
+        }
         for request in group.iter_mut() {
-            let mut outcomes = Vec::with_capacity(request.ops.len());
-            for op in request.ops.drain(..) {
-                let outcome = match op {
-                    Op::Accept { dedupe_key, now_ms, message, trace } => {
-                        if seen.get(dedupe_key.as_str()).map_err(storage)?.is_some() {
-                            Outcome::Duplicate
-                        } else {
-                            seen.insert(dedupe_key.as_str(), now_ms).map_err(storage)?;
-                            let seq = next_inbox;
-                            next_inbox += 1;
-                            inbox.insert(seq, message.as_slice()).map_err(storage)?;
-                            append(&mut outbox, &trace)?;
-                            Outcome::Accepted { seq }
-                        }
-                    }
-                    Op::Trace(events) => {
-                        append(&mut outbox, &events)?;
-                        Outcome::Done
-                    }
-                    Op::Answer { id, text } => {
-                        answers.insert(id.as_str(), text.as_str()).map_err(storage)?;
-                        Outcome::Done
-                    }
-                    Op::Send { id, chunk, state } => {
-                        sends.insert(chunk_key(&id, chunk).as_str(), state as u8).map_err(storage)?;
-                        Outcome::Done
-                    }
-                    Op::Resume { seq } => {
-                        let n = attempts.get(seq).map_err(storage)?.map_or(0, |v| v.value()) + 1;
-                        attempts.insert(seq, n).map_err(storage)?;
-                        Outcome::Attempt(n)
-                    }
-                    Op::Finish { seq, id, chunks } => {
-                        inbox.remove(seq).map_err(storage)?;
-                        attempts.remove(seq).map_err(storage)?;
-                        answers.remove(id.as_str()).map_err(storage)?;
-                        for chunk in 0..chunks {
-                            sends.remove(chunk_key(&id, chunk).as_str()).map_err(storage)?;
-                        }
-                        Outcome::Done
-                    }
-                    Op::Shipped(seqs) => {
-                        for seq in seqs {
-                            outbox.remove(seq).map_err(storage)?;
-                        }
-                        Outcome::Done
-                    }
-                    Op::PruneSeen { before_ms } => {
-                        seen.retain(|_, at| at >= before_ms).map_err(storage)?;
-                        Outcome::Done
-                    }
-                };
-                outcomes.push(outcome);
-            }
+            let outcomes = request.ops.drain(..).map(|op| tables.apply(op)).collect::<Result<Vec<_>, _>>()?;
             all.push(outcomes);
         }
-    }
+        (tables.next_outbox > first_outbox, Next { inbox: tables.next_inbox, outbox: tables.next_outbox })
+    };
+    let (added, after) = added;
     txn.commit().map_err(storage)?;
-    Ok(all)
+    *next = after;
+    Ok((all, added))
 }
 
 #[cfg(test)]
@@ -392,17 +510,47 @@ mod tests {
         assert_eq!(spool.send_state("t1", 0).await.unwrap(), Some(SendState::Intent));
         assert_eq!(spool.send_state("t1", 1).await.unwrap(), None);
         assert_eq!(spool.commit(vec![accept("k1", "late")]).await.unwrap(), [Outcome::Duplicate]);
-        let events: Vec<Vec<u8>> = spool.outbox(10).await.unwrap().into_iter().map(|(_, e)| e).collect();
+        let events: Vec<Vec<u8>> = spool.outbox(0, 10).await.unwrap().into_iter().map(|(_, e)| e).collect();
         assert_eq!(events, [b"received".to_vec(), b"received".to_vec()], "a duplicate appends nothing");
 
-        let seqs: Vec<u64> = spool.outbox(1).await.unwrap().into_iter().map(|(s, _)| s).collect();
-        spool.commit(vec![Op::Shipped(seqs)]).await.unwrap();
+        let first = spool.outbox(0, 1).await.unwrap()[0].0;
+        assert_eq!(spool.outbox(first, 10).await.unwrap().len(), 1, "reading after a stage skips it");
+        spool.commit(vec![Op::Shipped { through: first }]).await.unwrap();
         assert_eq!(spool.depths().await.unwrap(), (1, 1));
         spool.commit(vec![Op::Finish { seq: 1, id: "t1".into(), chunks: 1 }]).await.unwrap();
         assert_eq!(spool.send_state("t1", 0).await.unwrap(), None);
         assert_eq!(spool.answer("t1").await.unwrap(), None);
         spool.commit(vec![Op::PruneSeen { before_ms: 2000 }]).await.unwrap();
         assert!(matches!(spool.commit(vec![accept("k1", "after prune")]).await.unwrap()[0], Outcome::Accepted { .. }));
+    }
+
+    #[tokio::test]
+    async fn deferred_operations_join_the_next_commit_or_are_committed_soon() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        spool.commit(vec![accept("k1", "m1"), accept("k2", "m2")]).await.unwrap();
+        let added = spool.traces_added();
+        added.notified().await; // the accepts' stages
+        spool
+            .defer(vec![Op::Finish { seq: 1, id: "t1".into(), chunks: 0 }, Op::Trace(vec![b"done".to_vec()])])
+            .unwrap();
+        // Alone, it is committed within DEFER_AT_MOST, and the shipper is woken.
+        tokio::time::timeout(Duration::from_secs(5), added.notified()).await.expect("deferred stages committed");
+        assert_eq!(spool.depths().await.unwrap(), (1, 3));
+        // With company, it joins the next commit.
+        spool.defer(vec![Op::Finish { seq: 2, id: "t2".into(), chunks: 0 }]).unwrap();
+        spool.commit(vec![accept("k3", "m3")]).await.unwrap();
+        assert_eq!(spool.depths().await.unwrap(), (1, 4));
+        // An emptied outbox does not number new stages from 1 again: the shipper reads on after
+        // the last stage it shipped.
+        spool.commit(vec![Op::Shipped { through: 4 }]).await.unwrap();
+        spool.commit(vec![Op::Trace(vec![b"later".to_vec()])]).await.unwrap();
+        assert_eq!(spool.outbox(4, 10).await.unwrap(), [(5, b"later".to_vec())]);
+        // What is deferred when the spool closes is committed before the file is released.
+        spool.defer(vec![Op::Shipped { through: 5 }]).unwrap();
+        spool.close().await;
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        assert_eq!(spool.depths().await.unwrap(), (1, 0));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

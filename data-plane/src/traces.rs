@@ -156,8 +156,10 @@ pub async fn ship(
 ) {
     let mut client = NodeSyncServiceClient::with_interceptor(channel, token);
     let mut backoff = Duration::from_millis(500);
+    // The last stage shipped: their deletion is deferred, so they may still be in the outbox.
+    let mut shipped = 0;
     loop {
-        let batch = match spool.outbox(SHIP_BATCH).await {
+        let batch = match spool.outbox(shipped, SHIP_BATCH).await {
             Ok(batch) => batch,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the trace outbox");
@@ -182,7 +184,7 @@ pub async fn ship(
         let fits = over.unwrap_or(batch.len()).max(1);
         let full = fits < batch.len() || batch.len() == SHIP_BATCH;
         batch.truncate(fits);
-        let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
+        let through = batch.last().map_or(shipped, |(seq, _)| *seq);
         let events: Vec<pb::TraceEvent> = batch
             .iter()
             .filter_map(|(seq, bytes)| match pb::TraceEvent::decode(bytes.as_slice()) {
@@ -195,7 +197,10 @@ pub async fn ship(
             .collect();
         match client.report_traces(pb::ReportTracesRequest { node_id: node_id.clone(), events }).await {
             Ok(_) => {
-                if let Err(e) = spool.commit(vec![Op::Shipped(seqs)]).await {
+                shipped = through;
+                // Lost in a crash, the deletion ships these stages again; the control plane keeps
+                // one of each (trace, stage number).
+                if let Err(e) = spool.defer(vec![Op::Shipped { through }]) {
                     tracing::error!(error = %e, "cannot clear shipped trace stages");
                 }
                 backoff = Duration::from_millis(500);

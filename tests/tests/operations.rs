@@ -406,6 +406,8 @@ async fn both_planes_export_metrics() {
     let completed = r#"omni_node_messages_total{instance="acme-wa",channel="whatsapp",outcome="completed"}"#;
     assert_eq!(sample(&node, completed), Some(1.0), "{node}");
     assert_eq!(sample(&node, "omni_node_agent_latency_seconds_count"), Some(1.0), "{node}");
+    // At least the accept and the send intent were committed.
+    assert!(sample(&node, "omni_node_spool_commit_seconds_count").is_some_and(|n| n >= 2.0), "{node}");
     assert!(
         sample(&node, "omni_node_spool_depth").is_some() && sample(&node, "omni_node_trace_outbox_depth").is_some()
     );

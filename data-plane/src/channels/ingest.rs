@@ -92,7 +92,6 @@ impl Intake {
         }
         let total = ops.len();
         let outcomes = self.spool.commit(ops).await?;
-        self.pipeline.trace_wake.notify_one();
         let mut counts = Counts::default();
         let mut duplicate_traces = Vec::new();
         for (index, inbound) in answered {
@@ -113,7 +112,7 @@ impl Intake {
             }
         }
         if !duplicate_traces.is_empty()
-            && let Err(e) = self.spool.commit(vec![Op::Trace(duplicate_traces)]).await
+            && let Err(e) = self.spool.defer(vec![Op::Trace(duplicate_traces)])
         {
             tracing::warn!(error = %e, "could not record duplicate deliveries");
         }

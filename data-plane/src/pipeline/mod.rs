@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
 /// An accepted message and its place in the spool.
 #[derive(Debug)]
@@ -81,7 +81,6 @@ pub struct Pipeline {
     conversations: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
     pub stats: PipelineStats,
-    pub trace_wake: Arc<Notify>,
 }
 
 /// Trace stages and spool writes waiting for the message's next commit. A message commits only
@@ -161,7 +160,6 @@ impl Pipeline {
             conversations: Mutex::new(HashMap::new()),
             tenants: Mutex::new(HashMap::new()),
             stats: PipelineStats::default(),
-            trace_wake: Arc::new(Notify::new()),
         }
     }
 
@@ -245,14 +243,17 @@ impl Pipeline {
         tenants.entry(instance.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.tenant_concurrency))).clone()
     }
 
-    /// Commits what is pending plus `ops`.
-    async fn commit(&self, pending: &mut Pending, ops: Vec<Op>) -> Result<(), crate::spool::SpoolError> {
+    /// What is pending plus `ops`, as one list of operations.
+    fn take(pending: &mut Pending, ops: Vec<Op>) -> Vec<Op> {
         let mut all = std::mem::take(&mut pending.ops);
         all.extend(ops);
         all.push(Op::Trace(std::mem::take(&mut pending.events)));
-        let committed = self.spool.commit(all).await;
-        self.trace_wake.notify_one();
-        committed.map(drop)
+        all
+    }
+
+    /// Commits what is pending plus `ops`.
+    async fn commit(&self, pending: &mut Pending, ops: Vec<Op>) -> Result<(), crate::spool::SpoolError> {
+        self.spool.commit(Self::take(pending, ops)).await.map(drop)
     }
 
     async fn process(&self, job: Job) {
@@ -277,7 +278,10 @@ impl Pipeline {
         let last = trace.stage(ending.stage, ending.status, now_ms(), ending.detail).duration(total);
         let last = if ending.error.is_empty() { last } else { last.error(ending.error) };
         pending.add([last.encode()], [Op::Finish { seq: job.seq, id: job.inbound.id.clone(), chunks }]);
-        if let Err(e) = self.commit(&mut pending, vec![]).await {
+        // Nothing leaves the node on the strength of this, so it joins the next commit: lost in
+        // a crash, the message is resumed and its last chunk reported as of unknown outcome,
+        // never sent twice.
+        if let Err(e) = self.spool.defer(Self::take(&mut pending, vec![])) {
             tracing::error!(error = %e, trace_id = %job.inbound.id, "could not record the end of a message");
         }
     }

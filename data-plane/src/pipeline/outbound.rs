@@ -134,7 +134,6 @@ impl Pipeline {
         if let Err(e) = self.spool.commit(vec![Op::Trace(stages)]).await {
             tracing::error!(error = %e, trace_id = %command.trace_id, "could not record the trace of a send");
         }
-        self.trace_wake.notify_one();
         match problem {
             None => pb::SendResult { id: command.id, ok: true, message_ids, ..Default::default() },
             Some((error, unknown)) => pb::SendResult { message_ids, ..failure(&command.id, error, unknown) },
