@@ -274,6 +274,10 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
     for task in background {
         task.abort();
     }
+    // Messages finished meanwhile are deferred in the spool: on disk before the process ends.
+    if let Err(e) = spool.flush().await {
+        tracing::error!(error = %e, "could not flush the spool at shutdown");
+    }
     // Leave the latest applied config on disk for the next start.
     let _ = stop_cache.send(true);
     let _ = cache_task.await;

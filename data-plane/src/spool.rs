@@ -1,8 +1,8 @@
 //! The node's durable local state: messages accepted but not finished, what was already sent
 //! for them, and trace stages waiting to be shipped.
 //!
-//! One redb database, written by one thread. Callers hand it operations and wait for the
-//! commit; operations that arrive together share one transaction and one fsync (group
+//! One redb database, written by one thread. Callers hand it operations and (but for deferred
+//! ones, below) wait for the commit; operations that arrive together share one transaction and one fsync (group
 //! commit), which is what lets a webhook be durable before its 2xx without one disk flush per
 //! message. Dedupe is checked and recorded in the same transaction that accepts a message, so a
 //! redelivery racing the original is still caught.
@@ -205,6 +205,11 @@ impl Spool {
         self.traces_added.clone()
     }
 
+    /// Commits whatever is deferred now (before the process exits, say).
+    pub async fn flush(&self) -> Result<(), SpoolError> {
+        self.commit(Vec::new()).await.map(drop)
+    }
+
     /// Hands `ops` over to be committed with the next commit, or within [`DEFER_AT_MOST`]; for
     /// what may be lost in a crash without harm. Not readable before that.
     pub fn defer(&self, ops: Vec<Op>) -> Result<(), SpoolError> {
@@ -326,7 +331,17 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Request>, traces_added: &Notify,
         }
         deferred_since = None;
         let started = Instant::now();
-        let applied = apply(&db, &mut next, std::mem::take(&mut deferred), &mut group);
+        let mut applied = apply(&db, &mut next, &deferred, &group);
+        if let Err(e) = &applied
+            && !deferred.is_empty()
+        {
+            // Whatever failed, the waiting requests are not to fail for operations nobody waits
+            // for: those are dropped (a crash would have lost them too), the requests tried alone.
+            tracing::error!(error = %e, dropped = deferred.len(), "deferred spool operations failed");
+            deferred.clear();
+            applied = apply(&db, &mut next, &[], &group);
+        }
+        deferred.clear();
         commits.observe(started.elapsed());
         match applied {
             Ok((outcomes, added)) => {
@@ -346,7 +361,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Request>, traces_added: &Notify,
         }
     }
     if !deferred.is_empty()
-        && let Err(e) = apply(&db, &mut next, deferred, &mut [])
+        && let Err(e) = apply(&db, &mut next, &deferred, &[])
     {
         tracing::error!(error = %e, "spool commit failed at close");
     }
@@ -397,9 +412,9 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn apply(&mut self, op: Op) -> Result<Outcome, SpoolError> {
-        Ok(match op {
-            Op::Accept { dedupe_key, now_ms, message, trace } => {
+    fn apply(&mut self, op: &Op) -> Result<Outcome, SpoolError> {
+        Ok(match *op {
+            Op::Accept { ref dedupe_key, now_ms, ref message, ref trace } => {
                 if self.seen.get(dedupe_key.as_str()).map_err(storage)?.is_some() {
                     Outcome::Duplicate
                 } else {
@@ -407,20 +422,20 @@ impl<'t> Tables<'t> {
                     let seq = self.next_inbox;
                     self.next_inbox += 1;
                     self.inbox.insert(seq, message.as_slice()).map_err(storage)?;
-                    self.append(&trace)?;
+                    self.append(trace)?;
                     Outcome::Accepted { seq }
                 }
             }
-            Op::Trace(events) => {
-                self.append(&events)?;
+            Op::Trace(ref events) => {
+                self.append(events)?;
                 Outcome::Done
             }
-            Op::Answer { id, text } => {
+            Op::Answer { ref id, ref text } => {
                 self.answers.insert(id.as_str(), text.as_str()).map_err(storage)?;
                 Outcome::Done
             }
-            Op::Send { id, chunk, state } => {
-                self.sends.insert(chunk_key(&id, chunk).as_str(), state as u8).map_err(storage)?;
+            Op::Send { ref id, chunk, state } => {
+                self.sends.insert(chunk_key(id, chunk).as_str(), state as u8).map_err(storage)?;
                 Outcome::Done
             }
             Op::Resume { seq } => {
@@ -428,12 +443,12 @@ impl<'t> Tables<'t> {
                 self.attempts.insert(seq, n).map_err(storage)?;
                 Outcome::Attempt(n)
             }
-            Op::Finish { seq, id, chunks } => {
+            Op::Finish { seq, ref id, chunks } => {
                 self.inbox.remove(seq).map_err(storage)?;
                 self.attempts.remove(seq).map_err(storage)?;
                 self.answers.remove(id.as_str()).map_err(storage)?;
                 for chunk in 0..chunks {
-                    self.sends.remove(chunk_key(&id, chunk).as_str()).map_err(storage)?;
+                    self.sends.remove(chunk_key(id, chunk).as_str()).map_err(storage)?;
                 }
                 Outcome::Done
             }
@@ -454,7 +469,7 @@ impl<'t> Tables<'t> {
 /// whether trace stages were added.
 type Applied = (Vec<Vec<Outcome>>, bool);
 
-fn apply(db: &Database, next: &mut Next, deferred: Vec<Op>, group: &mut [Request]) -> Result<Applied, SpoolError> {
+fn apply(db: &Database, next: &mut Next, deferred: &[Op], group: &[Request]) -> Result<Applied, SpoolError> {
     let txn = db.begin_write().map_err(storage)?;
     let mut all = Vec::with_capacity(group.len());
     let added = {
@@ -463,8 +478,8 @@ fn apply(db: &Database, next: &mut Next, deferred: Vec<Op>, group: &mut [Request
         for op in deferred {
             tables.apply(op)?;
         }
-        for request in group.iter_mut() {
-            let outcomes = request.ops.drain(..).map(|op| tables.apply(op)).collect::<Result<Vec<_>, _>>()?;
+        for request in group {
+            let outcomes = request.ops.iter().map(|op| tables.apply(op)).collect::<Result<Vec<_>, _>>()?;
             all.push(outcomes);
         }
         (tables.next_outbox > first_outbox, Next { inbox: tables.next_inbox, outbox: tables.next_outbox })

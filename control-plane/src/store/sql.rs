@@ -1753,7 +1753,8 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             // Trace ingest touches index pages all over the file (random trace ids): a larger page
-            // cache and reads through mmap keep it off pread; statement journals stay in memory.
+            // cache (16 MiB per connection, filled only as used) and reads through mmap keep it
+            // off pread; statement journals stay in memory.
             .pragma("cache_size", "-16384")
             .pragma("mmap_size", "268435456")
             .pragma("temp_store", "memory");

@@ -85,7 +85,7 @@ pub struct Pipeline {
 
 /// Trace stages and spool writes waiting for the message's next commit. A message commits only
 /// where durability matters: with the intent to send a chunk (which carries the agent's answer
-/// and the previous chunk's result along) and when it finishes.
+/// and the previous chunk's result along); its end is deferred to join a later commit.
 #[derive(Default)]
 struct Pending {
     events: Vec<Vec<u8>>,
@@ -278,9 +278,10 @@ impl Pipeline {
         let last = trace.stage(ending.stage, ending.status, now_ms(), ending.detail).duration(total);
         let last = if ending.error.is_empty() { last } else { last.error(ending.error) };
         pending.add([last.encode()], [Op::Finish { seq: job.seq, id: job.inbound.id.clone(), chunks }]);
-        // Nothing leaves the node on the strength of this, so it joins the next commit: lost in
-        // a crash, the message is resumed and its last chunk reported as of unknown outcome,
-        // never sent twice.
+        // Nothing leaves the node on the strength of this, so it joins the next commit. Lost in
+        // a crash, the message is resumed: a chunk already sent is found with its intent only,
+        // reported as of unknown outcome and not sent again; a message that sent nothing
+        // (denied, agent failed, empty answer) is handled again from the start.
         if let Err(e) = self.spool.defer(Self::take(&mut pending, vec![])) {
             tracing::error!(error = %e, trace_id = %job.inbound.id, "could not record the end of a message");
         }
