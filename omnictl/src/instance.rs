@@ -454,8 +454,12 @@ fn discord_rows(status: &pb::InstanceStatus, rows: &mut Vec<(&str, String)>) {
         }
     };
     rows.push(("gateway", gateway));
-    if status.gateway_state == "error" {
+    // The control plane gives the error only while it keeps the bot down: it was about the
+    // instance's current config.
+    if !status.gateway_error.is_empty() {
         rows.push(("note", "the bot stays down until the instance is updated (e.g. a new --discord-token)".to_owned()));
+    } else if status.gateway_state == "error" {
+        rows.push(("note", "that error was about an earlier config: nodes try the updated one".to_owned()));
     }
 }
 

@@ -277,11 +277,13 @@ impl InstanceApi {
         let gateway = self.ctx.store.gateway_status(&record.id).await?.unwrap_or_default();
         // An expired lease binds nobody: the bot is not running anywhere for sure.
         let leased = !gateway.lease_node_id.is_empty() && gateway.lease_expires_at > now_millis();
+        // An error about an older config no longer keeps the bot down (nodes try the update).
+        let stopped = gateway.state == "error" && gateway.revision >= record.revision;
         Ok(pb::InstanceStatus {
             name: record.name,
             node_id: if leased { gateway.lease_node_id } else { String::new() },
             lease_expire_time: leased.then(|| spec::timestamp(gateway.lease_expires_at)),
-            gateway_error: if gateway.state == "error" { gateway.error } else { String::new() },
+            gateway_error: if stopped { gateway.error } else { String::new() },
             gateway_state: gateway.state,
             gateway_node_id: gateway.node_id,
             gateway_time: (gateway.at > 0).then(|| spec::timestamp(gateway.at)),

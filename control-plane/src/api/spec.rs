@@ -237,7 +237,8 @@ pub fn apply(
         "evolution.url" => spec.evolution.url = evolution.url.trim().to_owned(),
         "evolution.key" => spec.evolution.key = secrets.seal(path, &evolution.key),
         "evolution.instance_name" => spec.evolution.instance_name = evolution.instance_name.trim().to_owned(),
-        "discord.token" => spec.discord.token = secrets.seal(path, &discord.token),
+        // Trimmed, as its fingerprint is: the stored token and the one checked for reuse agree.
+        "discord.token" => spec.discord.token = secrets.seal(path, discord.token.trim()),
         "discord.application_id" => spec.discord.application_id = discord.application_id.trim().to_owned(),
         "discord.guild_ids" => spec.discord.guild_ids = discord.guild_ids.iter().map(|g| g.trim().to_owned()).collect(),
         "slack.bot_token" => spec.slack.bot_token = secrets.seal(path, &slack.bot_token),
