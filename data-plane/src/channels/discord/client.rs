@@ -13,7 +13,10 @@ use twilight_model::id::Id;
 use twilight_model::id::marker::ChannelMarker;
 
 const SERVICE: &str = "Discord";
+/// Each request to Discord, up to its answer's headers (twilight's own timeout).
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// A whole send: rate-limit waits, the request and its answer's body.
+const SEND_BUDGET: Duration = Duration::from_secs(90);
 
 /// Where the REST API is: twilight takes a host and whether to speak plain HTTP.
 #[derive(Clone, Debug, Default)]
@@ -89,6 +92,13 @@ fn channel_id(to: &str) -> Result<Id<ChannelMarker>, SendError> {
         .ok_or_else(|| SendError::Refused(SERVICE, format!("{to:?} is not a channel id")))
 }
 
+/// Bounds a whole send; one cut short may or may not have been delivered.
+async fn within_budget<T>(send: impl Future<Output = Result<T, SendError>>) -> Result<T, SendError> {
+    tokio::time::timeout(SEND_BUDGET, send)
+        .await
+        .unwrap_or_else(|_| Err(SendError::Unknown(SERVICE, format!("no answer within {} s", SEND_BUDGET.as_secs()))))
+}
+
 fn send_error(error: twilight_http::Error) -> SendError {
     match error.kind() {
         ErrorType::Response { status, body, .. } => {
@@ -111,8 +121,12 @@ fn send_error(error: twilight_http::Error) -> SendError {
 impl DiscordBot {
     /// Posts one message (at most 2000 characters). Returns its id.
     pub async fn send_text(&self, to: &str, text: &str) -> Result<String, SendError> {
-        let response = self.http.create_message(channel_id(to)?).content(text).await.map_err(send_error)?;
-        Ok(response.model().await.map(|m| m.id.to_string()).unwrap_or_default())
+        let channel = channel_id(to)?;
+        within_budget(async {
+            let response = self.http.create_message(channel).content(text).await.map_err(send_error)?;
+            Ok(response.model().await.map(|m| m.id.to_string()).unwrap_or_default())
+        })
+        .await
     }
 
     /// A file: from a URL, posted as a link Discord embeds; from bytes, attached.
@@ -124,16 +138,21 @@ impl DiscordBot {
         }
         let name = if media.file_name.is_empty() { "file".to_owned() } else { media.file_name.clone() };
         let attachments = [Attachment::from_bytes(name, media.data.clone(), 1)];
-        let response =
-            self.http.create_message(channel).content(caption).attachments(&attachments).await.map_err(send_error)?;
-        Ok(response.model().await.map(|m| m.id.to_string()).unwrap_or_default())
+        within_budget(async {
+            let sent = self.http.create_message(channel).content(caption).attachments(&attachments).await;
+            let response = sent.map_err(send_error)?;
+            Ok(response.model().await.map(|m| m.id.to_string()).unwrap_or_default())
+        })
+        .await
     }
 
     /// Shows "typing" in the channel for about ten seconds (best effort).
     pub async fn typing(&self, to: &str) {
         let Ok(channel) = channel_id(to) else { return };
-        if let Err(e) = self.http.create_typing_trigger(channel).await {
-            tracing::debug!(error = %e, "typing indicator not shown");
+        match tokio::time::timeout(TIMEOUT, self.http.create_typing_trigger(channel)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "typing indicator not shown"),
+            Err(_) => tracing::debug!("typing indicator not shown: no answer in time"),
         }
     }
 }

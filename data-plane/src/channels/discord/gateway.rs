@@ -307,15 +307,15 @@ impl Bot {
     /// Makes a message durable (deduplicated on its id: a resumed session replays events) and
     /// hands it to the pipeline.
     async fn accept(&self, message: &twilight_model::channel::Message, bot_user_id: u64) {
+        // A bot's own replies come back on its gateway; they need no trace, nor parsing.
+        if bot_user_id != 0 && message.author.id.get() == bot_user_id {
+            return;
+        }
         // Guild filters and reply rules as configured now, not when the gateway started.
         let current = self.config.load().and_then(|c| c.instances.get(&self.instance.name).cloned());
         let instance = current.filter(|i| i.id == self.instance.id).unwrap_or_else(|| self.instance.clone());
         let id = uuid::Uuid::new_v4().to_string();
         let (inbound, ignore) = parse(message, &instance, bot_user_id, now_ms(), id);
-        // A bot's own replies come back on its gateway; they need no trace.
-        if bot_user_id != 0 && message.author.id.get() == bot_user_id {
-            return;
-        }
         let dedupe_key = inbound.external_id.clone();
         let candidate = Candidate { inbound, ignore, dedupe_key };
         if let Err(e) = self.intake.accept(instance.clone(), pb::Channel::Discord, vec![candidate]).await {

@@ -27,10 +27,7 @@ pub fn parse(
         Some("webhook message")
     } else if !matches!(message.kind, MessageType::Regular | MessageType::Reply) {
         Some("system message")
-    } else if let Some(guild) =
-        message.guild_id.filter(|g| !guild_ids.is_empty() && !guild_ids.contains(&g.to_string()))
-    {
-        let _ = guild;
+    } else if message.guild_id.is_some_and(|g| !guild_ids.is_empty() && !guild_ids.contains(&g.to_string())) {
         Some("guild not in the instance's guild list")
     } else if !is_dm && !reply_to_all && !mentions_bot {
         Some("guild message without a mention of the bot")
