@@ -318,7 +318,7 @@ const RECENT_BEATS: usize = 8;
 /// counts from the heartbeat it answers.
 struct Heartbeats {
     timer: tokio::time::Interval,
-    every: Duration,
+    /// The period asked for; shortened to fit leases.
     longest: Duration,
     recent: VecDeque<(u64, Instant)>,
 }
@@ -327,7 +327,6 @@ impl Heartbeats {
     fn new(every: Duration) -> Heartbeats {
         Heartbeats {
             timer: tokio::time::interval(every),
-            every,
             longest: every,
             recent: VecDeque::with_capacity(RECENT_BEATS),
         }
@@ -349,8 +348,7 @@ impl Heartbeats {
     /// Renews well within a lease: three heartbeats per TTL at least.
     fn fit_lease(&mut self, ttl: Duration) {
         let wanted = self.longest.min(ttl / 3).max(Duration::from_millis(50));
-        if wanted != self.every {
-            self.every = wanted;
+        if wanted != self.timer.period() {
             self.timer = tokio::time::interval_at(Instant::now() + wanted, wanted);
         }
     }

@@ -23,7 +23,7 @@ pub struct MessageApi {
     dispatcher: Arc<Dispatcher>,
 }
 
-use omni_core::kinds::media_kind as media_type_of;
+use omni_core::kinds::media_kind;
 
 impl MessageApi {
     pub fn new(ctx: ApiContext, dispatcher: Arc<Dispatcher>) -> MessageApi {
@@ -97,7 +97,7 @@ impl MessageApi {
             _ => return Err(ApiError::invalid("media needs a url or data")),
         };
         let media_type = match req.media_type.trim() {
-            "" => media_type_of(&req.mime_type).to_owned(),
+            "" => media_kind(&req.mime_type).to_owned(),
             given if MEDIA_TYPES.contains(&given) => given.to_owned(),
             other => {
                 return Err(ApiError::invalid(format!("media type {other:?}: use image, video, audio or document")));
@@ -131,8 +131,8 @@ mod tests {
 
     #[test]
     fn media_types_follow_mime_types() {
-        assert_eq!(media_type_of("image/png"), "image");
-        assert_eq!(media_type_of("application/pdf"), "document");
-        assert_eq!(media_type_of(""), "document");
+        assert_eq!(media_kind("image/png"), "image");
+        assert_eq!(media_kind("application/pdf"), "document");
+        assert_eq!(media_kind(""), "document");
     }
 }

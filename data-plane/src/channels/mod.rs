@@ -130,6 +130,16 @@ fn evolution_of(instance: &pb::InstanceConfig) -> Result<&pb::NodeEvolution, Sen
         .ok_or_else(|| SendError::Refused("Evolution", "the instance has no Evolution settings".into()))
 }
 
+/// The instance's Slack bot token, which a Slack send cannot do without.
+fn slack_token_of(instance: &pb::InstanceConfig) -> Result<&str, SendError> {
+    instance
+        .slack
+        .as_ref()
+        .map(|s| s.bot_token.as_str())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| SendError::Refused("Slack", "the instance has no bot token".into()))
+}
+
 /// The clients of every channel: one place that sends, splits and shows typing the way the
 /// instance's channel wants.
 #[derive(Clone)]
@@ -162,10 +172,7 @@ impl Channels {
     ) -> Result<String, SendError> {
         match channel_of(instance) {
             pb::Channel::Whatsapp => self.evolution.send_text(evolution_of(instance)?, to, text).await,
-            pb::Channel::Slack => {
-                let token = instance.slack.as_ref().map(|s| s.bot_token.as_str()).unwrap_or_default();
-                self.slack.post_message(token, to, thread, text).await
-            }
+            pb::Channel::Slack => self.slack.post_message(slack_token_of(instance)?, to, thread, text).await,
             pb::Channel::Discord => self.discord.for_instance(instance)?.send_text(to, text).await,
             pb::Channel::Unspecified => Err(SendError::Refused("channel", "the instance has no channel".into())),
         }
@@ -181,10 +188,7 @@ impl Channels {
     ) -> Result<String, SendError> {
         match channel_of(instance) {
             pb::Channel::Whatsapp => self.evolution.send_media(evolution_of(instance)?, to, media, caption).await,
-            pb::Channel::Slack => {
-                let token = instance.slack.as_ref().map(|s| s.bot_token.as_str()).unwrap_or_default();
-                self.slack.send_media(token, to, media, caption).await
-            }
+            pb::Channel::Slack => self.slack.send_media(slack_token_of(instance)?, to, media, caption).await,
             pb::Channel::Discord => self.discord.for_instance(instance)?.send_media(to, media, caption).await,
             pb::Channel::Unspecified => Err(SendError::Refused("channel", "the instance has no channel".into())),
         }

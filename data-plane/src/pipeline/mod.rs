@@ -240,6 +240,9 @@ impl Pipeline {
 
     fn tenant_permits(&self, instance: &str) -> Arc<Semaphore> {
         let mut tenants = self.tenants.lock().expect("tenant map poisoned");
+        if let Some(permits) = tenants.get(instance) {
+            return permits.clone();
+        }
         tenants.entry(instance.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.tenant_concurrency))).clone()
     }
 

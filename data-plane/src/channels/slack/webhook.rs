@@ -9,7 +9,7 @@ use crate::http::NodeState;
 use crate::traces::now_ms;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
-use omni_core::crypto::constant_time_eq;
+use omni_core::crypto::{constant_time_eq, hex};
 use omni_proto::v1 as pb;
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -47,14 +47,12 @@ pub fn verify(secret: &str, headers: &HeaderMap, body: &[u8], now_secs: i64) -> 
     mac.update(timestamp.trim().as_bytes());
     mac.update(b":");
     mac.update(body);
-    let expected = mac.finalize().into_bytes();
-    let mut hex = String::with_capacity(3 + expected.len() * 2);
-    hex.push_str("v0=");
-    for byte in expected {
-        use std::fmt::Write as _;
-        let _ = write!(hex, "{byte:02x}");
+    let expected = format!("v0={}", hex(&mac.finalize().into_bytes()));
+    if constant_time_eq(expected.as_bytes(), signature.trim().as_bytes()) {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
     }
-    if constant_time_eq(hex.as_bytes(), signature.trim().as_bytes()) { Ok(()) } else { Err(SignatureError::Mismatch) }
 }
 
 pub async fn ingest(state: &NodeState, instance: &str, headers: &HeaderMap, body: &[u8]) -> (StatusCode, Value) {
