@@ -3,7 +3,8 @@
 //!
 //! `omni-bench discord [--bots 200] [--idle-secs 10] [--heartbeat-ms 41250]`
 //!
-//! A control plane on SQLite (gateway leases of 10 s) and one data-plane node whose Discord
+//! A control plane on SQLite (gateway leases of 10 s, so the node renews them every 3.3 s,
+//! three times the default's rate) and one data-plane node whose Discord
 //! gateway and REST API are [`FakeDiscord`]. The bots are created through the gRPC API, 32
 //! requests in flight; a bot is ready when the fake sees its session live (polled every 10 ms).
 //! The fake announces `--heartbeat-ms` in its Hello (Discord's own interval by default), so the
@@ -201,6 +202,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     println!(
         "{}{identifies} identifies for {n} bots, at most {concurrent} session(s) per token (must be 1)",
         label("sanity:".into())
+    );
+    // Idle figures of fewer bots, or of bots reconnecting, would not be what they claim.
+    anyhow::ensure!(
+        still_live == n && identifies == n && concurrent == 1,
+        "the idle window was not {n} steady bots: {still_live} live, {identifies} identifies, {concurrent} sessions per token"
     );
     node.terminate().await;
     cp.terminate().await;

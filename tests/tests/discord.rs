@@ -191,11 +191,14 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     // A long answer: chunks of at most 2000 characters, every code fence closed and reopened.
     discord.dispatch_message("acme-token", dm_message(&snowflake(), "503", "42", "alice", "code please"));
     let chunks = posts_in(&discord, "503", 2).await;
+    assert_eq!(chunks.len(), 2, "3,300 characters in two chunks");
     for chunk in &chunks {
-        assert!(chunk.content.chars().count() <= 2000, "{}", chunk.content.chars().count());
+        // The fake refuses (400) anything over 2000 characters: both arrived, so both fit.
         assert_eq!(chunk.content.matches("```").count() % 2, 0, "balanced: {}", chunk.content);
     }
-    assert!(chunks[1].content.starts_with("```rust\n"));
+    assert!(chunks[0].content.starts_with("Here:") && chunks[1].content.starts_with("```rust\n"));
+    let lines: usize = chunks.iter().map(|c| c.content.matches("let x = 1;").count()).sum();
+    assert_eq!(lines, 300, "no line lost or repeated across the chunks");
 
     // Beta's bot is beta's: its own agent and token.
     discord.dispatch_message("beta-token", dm_message(&snowflake(), "601", "43", "bob", "hi beta"));
@@ -267,6 +270,12 @@ async fn discord_bots_answer_dms_and_mentions_once_per_message() {
     ctl(&cp, &["instance", "update", "bad-discord", "--agent-timeout", "30"]).await.ok();
     wait_for("a new attempt after the update", Duration::from_secs(15), || async {
         (discord.identifies("bad-token") == 2).then_some(())
+    })
+    .await;
+    // The error about the new config keeps the bot down again, and shows.
+    wait_for("the new config's error to show", Duration::from_secs(15), || async {
+        let s = status(&cp, "bad-discord").await;
+        s["gateway_error"].as_str().is_some_and(|e| e.contains("4004")).then_some(())
     })
     .await;
     let answers = answers.max(node.metric("omni_node_discord_lease_answers_total").await);
@@ -362,6 +371,7 @@ async fn a_node_that_stops_hands_its_bots_over_at_once() {
     // B has heartbeated (and got nothing: A holds every bot), so only a lease offered between
     // heartbeats can reach it before its next one, 10 s later.
     lease_answers(&node_b, 0.0, 1.0).await;
+    let answered = std::time::Instant::now();
     // SIGTERM: A closes its gateways, hands the leases back, and B takes every bot.
     let log_a = node_a.log_path.clone();
     assert!(node_a.terminate().await.success());
@@ -374,6 +384,7 @@ async fn a_node_that_stops_hands_its_bots_over_at_once() {
         (now.iter().all(|h| h == "node-b") && tokens.iter().all(|t| discord.live(t))).then_some(())
     })
     .await;
+    assert!(answered.elapsed() < Duration::from_secs(10), "B took the bots before its next heartbeat");
     assert!(cp.log().contains("released=4"), "{}", cp.log());
     for token in tokens {
         assert_eq!(discord.max_concurrent(token), 1, "{token} ran on two nodes at once");
