@@ -269,11 +269,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let bare = load(format!("http://{baseline_addr}/"), "", plain, options.connections).await?;
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "h")).collect());
     let url = format!("http://{}/webhook/evolution/hold-wa", node.addr);
+    let cpu_before: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
     let ingest = load(url, &hold_token, bodies, options.connections).await?;
+    let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
+    let per_webhook = |i: usize| (cpu_after[i] - cpu_before[i]).as_secs_f64() * 1e6 / options.ingest_messages as f64;
     println!("  bare axum 200 OK:                    {bare:>8.0} requests/s");
     println!(
         "  webhook accepted (durable, deduped): {ingest:>8.0} messages/s  ({:.0}% of bare axum)",
         100.0 * ingest / bare
+    );
+    println!(
+        "    CPU per accepted webhook: node {:.0} µs, control plane {:.0} µs (storing its trace meanwhile)",
+        per_webhook(1),
+        per_webhook(0)
     );
 
     Ok(())
