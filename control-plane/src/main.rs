@@ -8,10 +8,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-// glibc's allocator spent a tenth of the process's CPU per message in its free lists.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Omni control plane: tenant configuration, API keys and traces behind a gRPC API.
 ///
 /// Secrets: OMNI_MASTER_KEY (comma-separated base64 32-byte keys; the first encrypts) or

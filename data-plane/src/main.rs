@@ -8,10 +8,6 @@ use omni_data_plane::sync::SyncSettings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-// glibc's allocator spent a tenth of the process's CPU per message in its free lists.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Omni data-plane node: streams tenant config from the control plane and serves channel
 /// webhooks. Holds no database; keeps its last good config in an encrypted cache.
 ///

@@ -42,27 +42,39 @@ impl Log {
     pub fn open(path: &Path, checkpointed: u64) -> io::Result<(Log, Vec<Vec<u8>>)> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let len = file.metadata()?.len();
-        let mut contents = vec![0; len as usize];
-        file.read_exact_at(&mut contents, 0)?;
+        let (mut redo, mut at, mut group) = (Vec::new(), 0, checkpointed);
+        let mut header = [0; HEADER];
+        // Frame by frame: the log is mostly zeros or stale frames, not worth holding whole.
+        while at + HEADER as u64 <= len {
+            file.read_exact_at(&mut header, at)?;
+            let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+            let (magic, length, crc) = (word(0), word(4) as u64, word(16));
+            let number = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+            let end = at + HEADER as u64 + length;
+            if magic != MAGIC || number != group + 1 || end > len {
+                break;
+            }
+            let mut payload = vec![0; length as usize];
+            file.read_exact_at(&mut payload, at + HEADER as u64)?;
+            if crc != checksum(number, &payload) {
+                break;
+            }
+            redo.push(payload);
+            group = number;
+            at = end;
+        }
         if len < PREALLOCATED {
-            file.write_all_at(&vec![0; (PREALLOCATED - len) as usize], len)?;
+            let zeros = [0; 64 * 1024];
+            let mut offset = len;
+            while offset < PREALLOCATED {
+                let n = zeros.len().min((PREALLOCATED - offset) as usize);
+                file.write_all_at(&zeros[..n], offset)?;
+                offset += n as u64;
+            }
             file.sync_all()?;
             if let Some(dir) = path.parent() {
                 File::open(dir)?.sync_all()?;
             }
-        }
-        let (mut redo, mut at, mut group) = (Vec::new(), 0, checkpointed);
-        while let Some(header) = contents.get(at..at + HEADER) {
-            let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
-            let (magic, length, crc) = (word(0), word(4) as usize, word(16));
-            let number = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-            let Some(payload) = contents.get(at + HEADER..at + HEADER + length) else { break };
-            if magic != MAGIC || number != group + 1 || crc != checksum(number, payload) {
-                break;
-            }
-            redo.push(payload.to_vec());
-            group = number;
-            at += HEADER + length;
         }
         Ok((Log { file, offset: 0, group }, redo))
     }
