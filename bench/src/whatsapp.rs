@@ -230,6 +230,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .filter_map(|r| sent_at.get(r.body["text"].as_str()?).map(|sent| r.at.saturating_duration_since(*sent)))
         .collect();
     let agent_calls: Vec<_> = instant.requests();
+    // Where the time goes: up to the agent (ingest, spool, queue), then after it (the send
+    // intent's commit, the send).
+    let asked_at: HashMap<&str, Instant> =
+        agent_calls.iter().filter_map(|r| Some((r.body["message"].as_str()?, r.at))).collect();
+    let (mut to_agent, mut after_agent): (Vec<Duration>, Vec<Duration>) = evolution
+        .texts()
+        .iter()
+        .filter_map(|r| {
+            let text = r.body["text"].as_str()?;
+            let (sent, asked) = (sent_at.get(text)?, asked_at.get(text.strip_prefix("echo: ")?)?);
+            Some((asked.saturating_duration_since(*sent), r.at.saturating_duration_since(*asked)))
+        })
+        .unzip();
     println!(
         "  end to end at {} messages/s for {}s: {} answered in {:.2} s ({} agent calls)",
         options.rate,
@@ -243,6 +256,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ms(percentile(&mut latencies, 50.0)),
         ms(percentile(&mut latencies, 99.0)),
         ms(percentile(&mut latencies, 100.0))
+    );
+    println!(
+        "    webhook -> agent request: p50 {}  p99 {};  agent request -> reply: p50 {}  p99 {}",
+        ms(percentile(&mut to_agent, 50.0)),
+        ms(percentile(&mut to_agent, 99.0)),
+        ms(percentile(&mut after_agent, 50.0)),
+        ms(percentile(&mut after_agent, 99.0))
     );
     println!(
         "  CPU per message, control plane + node (traces stored): {:.0} µs",

@@ -7,7 +7,7 @@
 //! checkpoint are redone: a stale frame from before it, or a torn one, ends the replay.
 //!
 //! The file is written in place, zero-filled up front: a flush then writes data only, without
-//! the file-size metadata an append would have to journal.
+//! the file-size metadata an append also has to flush (which doubled the flush's cost).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,8 +17,8 @@ use std::path::Path;
 const MAGIC: u32 = 0x4f4d_5731; // "OMW1"
 /// magic, payload length, group, checksum.
 const HEADER: usize = 4 + 4 + 8 + 4;
-/// Zero-filled at creation; a checkpoint is due before the log outgrows it.
-pub const PREALLOCATED: u64 = 8 * 1024 * 1024;
+/// A checkpoint is due once the log holds this much; the file is zero-filled to it at creation.
+pub const CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
 const CASTAGNOLI: crc::Crc<u32, crc::Table<16>> = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 
 pub struct Log {
@@ -63,16 +63,17 @@ impl Log {
             group = number;
             at = end;
         }
-        if len < PREALLOCATED {
+        if len < CHECKPOINT_BYTES {
             let zeros = [0; 64 * 1024];
             let mut offset = len;
-            while offset < PREALLOCATED {
-                let n = zeros.len().min((PREALLOCATED - offset) as usize);
+            while offset < CHECKPOINT_BYTES {
+                let n = zeros.len().min((CHECKPOINT_BYTES - offset) as usize);
                 file.write_all_at(&zeros[..n], offset)?;
                 offset += n as u64;
             }
             file.sync_all()?;
-            if let Some(dir) = path.parent() {
+            // A new file's name must survive a crash along with the frames in it.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 File::open(dir)?.sync_all()?;
             }
         }

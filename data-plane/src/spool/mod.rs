@@ -371,7 +371,7 @@ fn writer(db: Arc<Database>, mut log: Log, rx: mpsc::Receiver<Request>, traces_a
         });
         let now = Instant::now();
         let deferred_due = due.deferred_since.is_some_and(|since| now >= since + DEFER_AT_MOST);
-        let checkpoint = log.offset >= log::PREALLOCATED / 2
+        let checkpoint = log.offset >= log::CHECKPOINT_BYTES
             || due.unchecked_since.is_some_and(|since| now >= since + CHECKPOINT_EVERY);
         if group.is_empty() && !deferred_due && !checkpoint {
             continue;
