@@ -2,9 +2,11 @@
 //! frame and flushed before anyone is told it is durable.
 //!
 //! The tables themselves are committed without a flush; only a checkpoint makes them durable,
-//! after which the log starts over at its beginning. Frames carry consecutive group numbers, and
-//! the tables record the last group they hold, so after a crash exactly the frames after the
-//! checkpoint are redone: a stale frame from before it, or a torn one, ends the replay.
+//! after which the log starts over at its beginning. Frames carry consecutive group numbers and
+//! a checksum salted per round of the log; the tables record the last group they hold and the
+//! round's salt, so after a crash exactly the frames after the checkpoint are redone: a stale
+//! frame from an earlier round (even one quoted inside a newer frame's payload), or a torn one,
+//! ends the replay.
 //!
 //! The file is written in place, zero-filled up front: a flush then writes data only, without
 //! the file-size metadata an append also has to flush (which doubled the flush's cost).
@@ -27,10 +29,18 @@ pub struct Log {
     pub offset: u64,
     /// The group number of the last frame (or of the checkpoint, right after one).
     pub group: u64,
+    /// This round's checksum salt.
+    salt: u64,
 }
 
-fn checksum(group: u64, payload: &[u8]) -> u32 {
+/// A fresh salt for a new round of the log.
+pub fn new_salt() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+fn checksum(salt: u64, group: u64, payload: &[u8]) -> u32 {
     let mut digest = CASTAGNOLI.digest();
+    digest.update(&salt.to_le_bytes());
     digest.update(&group.to_le_bytes());
     digest.update(payload);
     digest.finalize()
@@ -38,8 +48,9 @@ fn checksum(group: u64, payload: &[u8]) -> u32 {
 
 impl Log {
     /// Opens (creating) the log and returns, in order, the payloads of the frames written after
-    /// group `checkpointed`; the caller redoes them and checkpoints before appending.
-    pub fn open(path: &Path, checkpointed: u64) -> io::Result<(Log, Vec<Vec<u8>>)> {
+    /// group `checkpointed` in the round salted `salt`; the caller redoes them, then checkpoints
+    /// and [`Log::restart`]s before appending.
+    pub fn open(path: &Path, checkpointed: u64, salt: u64) -> io::Result<(Log, Vec<Vec<u8>>)> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let len = file.metadata()?.len();
         let (mut redo, mut at, mut group) = (Vec::new(), 0, checkpointed);
@@ -56,7 +67,7 @@ impl Log {
             }
             let mut payload = vec![0; length as usize];
             file.read_exact_at(&mut payload, at + HEADER as u64)?;
-            if crc != checksum(number, &payload) {
+            if crc != checksum(salt, number, &payload) {
                 break;
             }
             redo.push(payload);
@@ -77,17 +88,18 @@ impl Log {
                 File::open(dir)?.sync_all()?;
             }
         }
-        Ok((Log { file, offset: 0, group }, redo))
+        Ok((Log { file, offset: 0, group, salt }, redo))
     }
 
     /// Appends `payload` as the next group's frame and flushes it.
     pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
         let group = self.group + 1;
+        let length = u32::try_from(payload.len()).map_err(|_| io::Error::other("a spool log frame over 4 GiB"))?;
         let mut frame = Vec::with_capacity(HEADER + payload.len());
         frame.extend_from_slice(&MAGIC.to_le_bytes());
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&length.to_le_bytes());
         frame.extend_from_slice(&group.to_le_bytes());
-        frame.extend_from_slice(&checksum(group, payload).to_le_bytes());
+        frame.extend_from_slice(&checksum(self.salt, group, payload).to_le_bytes());
         frame.extend_from_slice(payload);
         self.file.write_all_at(&frame, self.offset)?;
         self.file.sync_data()?;
@@ -96,9 +108,11 @@ impl Log {
         Ok(())
     }
 
-    /// After a checkpoint: the tables hold everything, the next frame goes first.
-    pub fn rewind(&mut self) {
+    /// After a checkpoint that recorded `salt`: the tables hold everything, the next frame goes
+    /// first, and what the file holds from before is stale.
+    pub fn restart(&mut self, salt: u64) {
         self.offset = 0;
+        self.salt = salt;
     }
 }
 
@@ -258,26 +272,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.log");
         {
-            let (mut log, redo) = Log::open(&path, 0).unwrap();
+            let (mut log, redo) = Log::open(&path, 0, 7).unwrap();
             assert!(redo.is_empty());
             for payload in [b"one".as_slice(), b"two", b"three"] {
                 log.append(payload).unwrap();
             }
             assert_eq!(log.group, 3);
         }
-        let (_, redo) = Log::open(&path, 0).unwrap();
+        let (_, redo) = Log::open(&path, 0, 7).unwrap();
         assert_eq!(redo, [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
-        // A checkpoint at group 3 started the log over: its old frames are stale, and so are
-        // those after a new, shorter first frame.
-        let (mut log, redo) = Log::open(&path, 3).unwrap();
+        assert!(Log::open(&path, 0, 8).unwrap().1.is_empty(), "frames of another round are not redone");
+        // A checkpoint at group 3 started a new round: the old frames are stale, and so is what
+        // follows a new, shorter first frame.
+        let (mut log, redo) = Log::open(&path, 3, 9).unwrap();
         assert!(redo.is_empty());
         log.append(b"four").unwrap();
-        let (_, redo) = Log::open(&path, 3).unwrap();
+        let (_, redo) = Log::open(&path, 3, 9).unwrap();
         assert_eq!(redo, [b"four".to_vec()]);
         // A torn frame (its checksum fails) ends the replay too.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(b"X", HEADER as u64).unwrap();
-        let (_, redo) = Log::open(&path, 3).unwrap();
+        let (_, redo) = Log::open(&path, 3, 9).unwrap();
         assert!(redo.is_empty());
     }
 }

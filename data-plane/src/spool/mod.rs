@@ -47,9 +47,10 @@ const SENDS: TableDefinition<&str, u8> = TableDefinition::new("sends");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// How often an unfinished message was resumed: inbox seq → attempts.
 const ATTEMPTS: TableDefinition<u64, u32> = TableDefinition::new("attempts");
-/// The last write-ahead log group the tables hold: "log" → group number.
+/// Where the tables stand in the write-ahead log: the last group they hold, the round's salt.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LOG_GROUP: &str = "log";
+const LOG_SALT: &str = "log_salt";
 
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -177,10 +178,11 @@ impl Spool {
         // default cache would grow far beyond it.
         let db = Arc::new(redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(storage)?);
         let txn = db.begin_write().map_err(storage)?;
-        let log = {
+        let mut log = {
             let mut tables = Tables::open(&txn, Next::default())?;
-            let checkpointed = tables.meta.get(LOG_GROUP).map_err(storage)?.map_or(0, |g| g.value());
-            let (log, frames) = Log::open(&path.with_extension("log"), checkpointed).map_err(storage)?;
+            let meta = |key| tables.meta.get(key).map(|v| v.map_or(0, |v| v.value())).map_err(storage);
+            let (checkpointed, salt) = (meta(LOG_GROUP)?, meta(LOG_SALT)?);
+            let (log, frames) = Log::open(&path.with_extension("log"), checkpointed, salt).map_err(storage)?;
             for frame in &frames {
                 let changes = Change::decode_all(frame)
                     .ok_or_else(|| SpoolError::Storage("unreadable change in the spool log".into()))?;
@@ -194,7 +196,10 @@ impl Spool {
             tables.meta.insert(LOG_GROUP, log.group).map_err(storage)?;
             log
         };
+        let salt = log::new_salt();
+        txn.open_table(META).map_err(storage)?.insert(LOG_SALT, salt).map_err(storage)?;
         txn.commit().map_err(storage)?;
+        log.restart(salt);
         // Unbounded: callers of `commit` wait for their reply, and deferred operations follow
         // committed ones (a finish follows an accept), so what waits is bounded by the work.
         let (requests, rx) = mpsc::channel();
@@ -406,6 +411,9 @@ fn writer(db: Arc<Database>, mut log: Log, rx: mpsc::Receiver<Request>, traces_a
             }
             Err(e) => {
                 tracing::error!(error = %e, "spool commit failed");
+                // Not again at once: redb may refuse every transaction until reopened, and a
+                // due checkpoint would otherwise be retried in a busy loop.
+                due.unchecked_since = Some(Instant::now());
                 for request in group {
                     request.reply.map(|reply| reply.send(Err(SpoolError::Storage(e.to_string()))));
                 }
@@ -592,6 +600,8 @@ fn apply(
     if !checkpoint {
         txn.set_durability(Durability::None).map_err(storage)?;
     }
+    let salt = checkpoint.then(log::new_salt);
+    let logged_before = (log.offset, log.group);
     let mut all = Vec::with_capacity(group.len());
     let (changed, after) = {
         let mut tables = Tables::open(&txn, *next)?;
@@ -604,16 +614,23 @@ fn apply(
             all.push(outcomes);
         }
         let changed = Changed { any: !tables.changes.is_empty(), traces: tables.next_outbox > first_outbox };
-        if changed.any && !checkpoint && !group.is_empty() {
+        if let Some(salt) = salt {
+            tables.meta.insert(LOG_SALT, salt).map_err(storage)?;
+        } else if changed.any && !group.is_empty() {
             // The tables record the frame's group; a failed append drops the transaction.
             tables.meta.insert(LOG_GROUP, log.group + 1).map_err(storage)?;
             log.append(&tables.changes).map_err(storage)?;
         }
         (changed, Next { inbox: tables.next_inbox, outbox: tables.next_outbox })
     };
-    txn.commit().map_err(storage)?;
-    if checkpoint {
-        log.rewind();
+    if let Err(e) = txn.commit() {
+        // The frame's callers hear of a failure: the next frame takes its place, so that its
+        // inbox and stage numbers (reused, as `next` did not move) are never redone twice.
+        (log.offset, log.group) = logged_before;
+        return Err(storage(e));
+    }
+    if let Some(salt) = salt {
+        log.restart(salt);
     }
     *next = after;
     Ok((all, changed))
