@@ -26,6 +26,10 @@ pub struct Candidate {
     pub ignore: Option<String>,
     /// The channel's idempotency key; unique within the instance.
     pub dedupe_key: String,
+    /// Whether a duplicate of an accepted message gets a trace of its own: a redelivery does,
+    /// a second event the channel sends for the same message (Slack's `app_mention` beside
+    /// `message`) is not news to anyone.
+    pub trace_duplicate: bool,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -88,18 +92,19 @@ impl Intake {
                 message: serde_json::to_vec(&candidate.inbound).expect("messages serialize"),
                 trace: vec![received],
             });
-            answered.push((ops.len() - 1, candidate.inbound));
+            answered.push((ops.len() - 1, candidate.inbound, candidate.trace_duplicate));
         }
         let total = ops.len();
         let outcomes = self.spool.commit(ops).await?;
         let mut counts = Counts::default();
         let mut duplicate_traces = Vec::new();
-        for (index, inbound) in answered {
+        for (index, inbound, trace_duplicate) in answered {
             match outcomes[index] {
                 Outcome::Accepted { seq } => {
                     counts.accepted += 1;
                     self.pipeline.submit(Job { seq, inbound, attempt: 0 });
                 }
+                _ if !trace_duplicate => counts.duplicates += 1,
                 _ => {
                     counts.duplicates += 1;
                     let duplicate = Inbound { id: uuid::Uuid::new_v4().to_string(), ..inbound };

@@ -317,7 +317,7 @@ impl Bot {
         let id = uuid::Uuid::new_v4().to_string();
         let (inbound, ignore) = parse(message, &instance, bot_user_id, now_ms(), id);
         let dedupe_key = inbound.external_id.clone();
-        let candidate = Candidate { inbound, ignore, dedupe_key };
+        let candidate = Candidate { inbound, ignore, dedupe_key, trace_duplicate: true };
         if let Err(e) = self.intake.accept(instance.clone(), pb::Channel::Discord, vec![candidate]).await {
             // The gateway has no redelivery: this message is lost, and says so loudly.
             tracing::error!(instance = %instance.name, error = %e, message_id = %message.id, "Discord message dropped: spool unavailable");

@@ -58,7 +58,7 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
             );
             let inbound = message.inbound;
             let dedupe_key = format!("{}\u{0}{}", inbound.conversation, inbound.external_id);
-            Candidate { inbound, ignore: ignore.map(str::to_owned), dedupe_key }
+            Candidate { inbound, ignore: ignore.map(str::to_owned), dedupe_key, trace_duplicate: true }
         })
         .collect();
     match state.intake.accept(instance, pb::Channel::Whatsapp, candidates).await {

@@ -84,7 +84,10 @@ pub async fn ingest(state: &NodeState, instance: &str, headers: &HeaderMap, body
         Event::Message(inbound, ignore) => (*inbound, ignore),
     };
     let dedupe_key = format!("{}\u{0}{}", inbound.conversation, inbound.external_id);
-    let candidate = Candidate { inbound, ignore, dedupe_key };
+    // A mention comes as `message` and as `app_mention`, one of them a duplicate of the other
+    // that nobody needs a trace of; Slack's own retries say so in a header, and are traced.
+    let trace_duplicate = headers.contains_key("x-slack-retry-num");
+    let candidate = Candidate { inbound, ignore, dedupe_key, trace_duplicate };
     match state.intake.accept(instance, pb::Channel::Slack, vec![candidate]).await {
         Ok(Counts { accepted, duplicates, ignored }) => {
             (StatusCode::OK, json!({ "accepted": accepted, "duplicates": duplicates, "ignored": ignored }))
