@@ -81,12 +81,13 @@ pub fn parse(
         }
         _ => envelope,
     };
-    let Value::Object(envelope) = envelope else {
+    let Value::Object(mut envelope) = envelope else {
         return Err(ParseError::Shape("body is not a JSON object".into()));
     };
     let event =
         envelope.get("event").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase().replace('_', ".");
-    let data = envelope.get("data").cloned().unwrap_or(Value::Null);
+    // Taken, not copied: what the agent and the trace see is rebuilt per message below.
+    let mut data = envelope.remove("data").unwrap_or(Value::Null);
     match event.as_str() {
         "messages.upsert" => {}
         "connection.update" => return Ok(Event::ConnectionUpdate(data)),
@@ -94,25 +95,20 @@ pub fn parse(
         other => return Ok(Event::Other(other.to_owned())),
     }
     let own_jid = envelope.get("sender").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let items: Vec<&Value> = match data.get("messages") {
-        Some(Value::Array(messages)) => messages.iter().collect(),
-        _ if data.get("key").is_some() => vec![&data],
-        _ => return Err(ParseError::Shape("messages.upsert without a message".into())),
+    let items: Vec<Value> = if let Some(Value::Array(messages)) = data.get_mut("messages") {
+        std::mem::take(messages)
+    } else if data.get("key").is_some() {
+        vec![data]
+    } else {
+        return Err(ParseError::Shape("messages.upsert without a message".into()));
     };
-    let redacted = redacted_envelope(&envelope);
+    // The instance token never leaves the parser.
+    envelope.remove("apikey");
     let messages = items
         .into_iter()
-        .map(|item| message(item, &own_jid, instance, instance_id, now_ms, new_id(), &redacted))
+        .map(|item| message(item, &own_jid, instance, instance_id, now_ms, new_id(), &envelope))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Event::Messages { own_jid, messages })
-}
-
-/// The envelope without its `apikey` (the instance token), for agents and traces.
-fn redacted_envelope(envelope: &Map<String, Value>) -> Map<String, Value> {
-    let mut copy = envelope.clone();
-    copy.remove("apikey");
-    copy.remove("data");
-    copy
 }
 
 fn str_at<'a>(value: &'a Value, path: &[&str]) -> &'a str {
@@ -149,7 +145,7 @@ const MEDIA_KINDS: &[(&str, &str)] = &[
 ];
 
 fn message(
-    item: &Value,
+    mut item: Value,
     own_jid: &str,
     instance: &str,
     instance_id: &str,
@@ -210,44 +206,41 @@ fn message(
     let own_user = jid_user(own_jid);
     let mentions_bot = !own_user.is_empty() && mentions.iter().any(|m| jid_user(m) == own_user);
 
-    // What the agent and the trace see: the envelope with this message, minus the token and
-    // minus inline media (it travels once, in `media`).
-    let mut data = item.clone();
-    if let Some(Value::Object(m)) = data.get_mut("message") {
-        m.remove("base64");
-    }
-    if let Value::Object(d) = &mut data {
-        d.remove("base64");
-    }
-    let mut raw = envelope.clone();
-    raw.insert("data".into(), data);
-
     let message_type = item
         .get("messageType")
         .and_then(Value::as_str)
         .map(str::to_owned)
         .unwrap_or_else(|| content.as_object().and_then(|o| o.keys().next().cloned()).unwrap_or_default());
-    Ok(Message {
-        from_me: key.get("fromMe").and_then(Value::as_bool).unwrap_or(false),
-        mentions_bot,
-        inbound: Inbound {
-            id,
-            instance: instance.to_owned(),
-            instance_id: instance_id.to_owned(),
-            external_id: external_id.to_owned(),
-            conversation: remote_jid.to_owned(),
-            thread: String::new(),
-            sender: sender.to_owned(),
-            sender_name: str_at(item, &["pushName"]).to_owned(),
-            text,
-            message_type,
-            media,
-            is_group,
-            sent_at: long(item.get("messageTimestamp")).unwrap_or(0),
-            received_at: now_ms,
-            raw: Value::Object(raw),
-        },
-    })
+    let inbound = Inbound {
+        id,
+        instance: instance.to_owned(),
+        instance_id: instance_id.to_owned(),
+        external_id: external_id.to_owned(),
+        conversation: remote_jid.to_owned(),
+        thread: String::new(),
+        sender: sender.to_owned(),
+        sender_name: str_at(&item, &["pushName"]).to_owned(),
+        text,
+        message_type,
+        media,
+        is_group,
+        sent_at: long(item.get("messageTimestamp")).unwrap_or(0),
+        received_at: now_ms,
+        raw: Value::Null,
+    };
+    let from_me = key.get("fromMe").and_then(Value::as_bool).unwrap_or(false);
+
+    // What the agent and the trace see: the envelope with this message, minus the token and
+    // minus inline media (it travels once, in `media`).
+    if let Some(Value::Object(m)) = item.get_mut("message") {
+        m.remove("base64");
+    }
+    if let Value::Object(d) = &mut item {
+        d.remove("base64");
+    }
+    let mut raw = envelope.clone();
+    raw.insert("data".into(), item);
+    Ok(Message { from_me, mentions_bot, inbound: Inbound { raw: Value::Object(raw), ..inbound } })
 }
 
 #[cfg(test)]
