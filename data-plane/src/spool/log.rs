@@ -13,7 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 const MAGIC: u32 = 0x4f4d_5731; // "OMW1"
@@ -51,7 +51,8 @@ impl Log {
     /// group `checkpointed` in the round salted `salt`; the caller redoes them, then checkpoints
     /// and [`Log::restart`]s before appending.
     pub fn open(path: &Path, checkpointed: u64, salt: u64) -> io::Result<(Log, Vec<Vec<u8>>)> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        // Owner-only, like the node's other files: it holds message contents.
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
         let len = file.metadata()?.len();
         let (mut redo, mut at, mut group) = (Vec::new(), 0, checkpointed);
         let mut header = [0; HEADER];

@@ -28,6 +28,7 @@ mod log;
 use log::{Change, Log};
 use omni_core::metrics::Histogram;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -174,6 +175,8 @@ impl Spool {
     /// Opens (creating) the spool file and its log beside it (`<path>.log`), redoes what the
     /// log holds after the last checkpoint, and starts the writer thread.
     pub fn open(path: &Path) -> Result<Spool, SpoolError> {
+        // Created owner-only before redb opens it (redb takes an empty file as a new database).
+        std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(storage)?;
         // The spool's working set is small (unfinished messages and unshipped stages); redb's
         // default cache would grow far beyond it.
         let db = Arc::new(redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(storage)?);
@@ -665,6 +668,11 @@ mod tests {
         }
         // Everything committed is there after a reopen (as after a crash).
         let spool = Spool::open(&path).unwrap();
+        for file in ["spool.redb", "spool.log"] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file} is owner-only");
+        }
         let unfinished = spool.unfinished().await.unwrap();
         assert_eq!(unfinished, vec![(1, b"m1".to_vec())]);
         assert_eq!(spool.answer("t1").await.unwrap().as_deref(), Some("hi"));
