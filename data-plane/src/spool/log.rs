@@ -35,7 +35,31 @@ pub struct Log {
 
 /// A fresh salt for a new round of the log.
 pub fn new_salt() -> u64 {
-    uuid::Uuid::new_v4().as_u64_pair().0
+    u64::from_le_bytes(omni_core::crypto::random_bytes())
+}
+
+/// A frame being built: room for its header, then the encoded changes, so that appending it
+/// copies nothing.
+pub struct Frame(Vec<u8>);
+
+impl Default for Frame {
+    fn default() -> Frame {
+        Frame(vec![0; HEADER])
+    }
+}
+
+impl Frame {
+    pub fn push(&mut self, change: &Change<'_>) {
+        change.encode(&mut self.0);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == HEADER
+    }
+
+    fn payload(&self) -> &[u8] {
+        &self.0[HEADER..]
+    }
 }
 
 fn checksum(salt: u64, group: u64, payload: &[u8]) -> u32 {
@@ -92,19 +116,20 @@ impl Log {
         Ok((Log { file, offset: 0, group, salt }, redo))
     }
 
-    /// Appends `payload` as the next group's frame and flushes it.
-    pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+    /// Appends `frame` as the next group's and flushes it.
+    pub fn append(&mut self, frame: &mut Frame) -> io::Result<()> {
         let group = self.group + 1;
-        let length = u32::try_from(payload.len()).map_err(|_| io::Error::other("a spool log frame over 4 GiB"))?;
-        let mut frame = Vec::with_capacity(HEADER + payload.len());
-        frame.extend_from_slice(&MAGIC.to_le_bytes());
-        frame.extend_from_slice(&length.to_le_bytes());
-        frame.extend_from_slice(&group.to_le_bytes());
-        frame.extend_from_slice(&checksum(self.salt, group, payload).to_le_bytes());
-        frame.extend_from_slice(payload);
-        self.file.write_all_at(&frame, self.offset)?;
+        let length =
+            u32::try_from(frame.payload().len()).map_err(|_| io::Error::other("a spool log frame over 4 GiB"))?;
+        let crc = checksum(self.salt, group, frame.payload());
+        let header = &mut frame.0[..HEADER];
+        header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        header[4..8].copy_from_slice(&length.to_le_bytes());
+        header[8..16].copy_from_slice(&group.to_le_bytes());
+        header[16..20].copy_from_slice(&crc.to_le_bytes());
+        self.file.write_all_at(&frame.0, self.offset)?;
         self.file.sync_data()?;
-        self.offset += frame.len() as u64;
+        self.offset += frame.0.len() as u64;
         self.group = group;
         Ok(())
     }
@@ -268,6 +293,12 @@ mod tests {
         assert_eq!(Change::decode_all(&payload[..payload.len() - 1]), None, "a cut change is not read");
     }
 
+    fn frame(payload: &[u8]) -> Frame {
+        let mut frame = Frame::default();
+        frame.0.extend_from_slice(payload);
+        frame
+    }
+
     #[test]
     fn replay_stops_at_stale_or_torn_frames() {
         let dir = tempfile::tempdir().unwrap();
@@ -276,7 +307,7 @@ mod tests {
             let (mut log, redo) = Log::open(&path, 0, 7).unwrap();
             assert!(redo.is_empty());
             for payload in [b"one".as_slice(), b"two", b"three"] {
-                log.append(payload).unwrap();
+                log.append(&mut frame(payload)).unwrap();
             }
             assert_eq!(log.group, 3);
         }
@@ -287,7 +318,7 @@ mod tests {
         // follows a new, shorter first frame.
         let (mut log, redo) = Log::open(&path, 3, 9).unwrap();
         assert!(redo.is_empty());
-        log.append(b"four").unwrap();
+        log.append(&mut frame(b"four")).unwrap();
         let (_, redo) = Log::open(&path, 3, 9).unwrap();
         assert_eq!(redo, [b"four".to_vec()]);
         // A torn frame (its checksum fails) ends the replay too.

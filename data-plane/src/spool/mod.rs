@@ -25,7 +25,7 @@
 
 mod log;
 
-use log::{Change, Log};
+use log::{Change, Frame, Log};
 use omni_core::metrics::Histogram;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::os::unix::fs::OpenOptionsExt;
@@ -181,11 +181,13 @@ impl Spool {
         // default cache would grow far beyond it.
         let db = Arc::new(redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(storage)?);
         let txn = db.begin_write().map_err(storage)?;
+        // Redone and checkpointed in one transaction, which starts a new round of the log.
+        let salt = log::new_salt();
         let mut log = {
             let mut tables = Tables::open(&txn, Next::default())?;
             let meta = |key| tables.meta.get(key).map(|v| v.map_or(0, |v| v.value())).map_err(storage);
-            let (checkpointed, salt) = (meta(LOG_GROUP)?, meta(LOG_SALT)?);
-            let (log, frames) = Log::open(&path.with_extension("log"), checkpointed, salt).map_err(storage)?;
+            let (checkpointed, round) = (meta(LOG_GROUP)?, meta(LOG_SALT)?);
+            let (log, frames) = Log::open(&path.with_extension("log"), checkpointed, round).map_err(storage)?;
             for frame in &frames {
                 let changes = Change::decode_all(frame)
                     .ok_or_else(|| SpoolError::Storage("unreadable change in the spool log".into()))?;
@@ -197,10 +199,9 @@ impl Spool {
                 tracing::info!(groups = frames.len(), "spool: redid what the log held after the last checkpoint");
             }
             tables.meta.insert(LOG_GROUP, log.group).map_err(storage)?;
+            tables.meta.insert(LOG_SALT, salt).map_err(storage)?;
             log
         };
-        let salt = log::new_salt();
-        txn.open_table(META).map_err(storage)?.insert(LOG_SALT, salt).map_err(storage)?;
         txn.commit().map_err(storage)?;
         log.restart(salt);
         // Unbounded: callers of `commit` wait for their reply, and deferred operations follow
@@ -450,7 +451,7 @@ struct Tables<'t> {
     meta: redb::Table<'t, &'static str, u64>,
     next_inbox: u64,
     next_outbox: u64,
-    changes: Vec<u8>,
+    changes: Frame,
 }
 
 impl<'t> Tables<'t> {
@@ -467,7 +468,7 @@ impl<'t> Tables<'t> {
             sends: txn.open_table(SENDS).map_err(storage)?,
             attempts: txn.open_table(ATTEMPTS).map_err(storage)?,
             meta: txn.open_table(META).map_err(storage)?,
-            changes: Vec::new(),
+            changes: Frame::default(),
         })
     }
 
@@ -514,7 +515,7 @@ impl<'t> Tables<'t> {
     /// Makes `change` and records it for the log.
     fn change(&mut self, change: Change<'_>) -> Result<(), SpoolError> {
         self.apply_change(&change)?;
-        change.encode(&mut self.changes);
+        self.changes.push(&change);
         Ok(())
     }
 
@@ -622,7 +623,7 @@ fn apply(
         } else if changed.any && !group.is_empty() {
             // The tables record the frame's group; a failed append drops the transaction.
             tables.meta.insert(LOG_GROUP, log.group + 1).map_err(storage)?;
-            log.append(&tables.changes).map_err(storage)?;
+            log.append(&mut tables.changes).map_err(storage)?;
         }
         (changed, Next { inbox: tables.next_inbox, outbox: tables.next_outbox })
     };
