@@ -175,8 +175,14 @@ async fn slack_events_are_verified_answered_in_thread_once_and_isolated() {
     }
     let posts = hub.posts_to("C1", 1).await;
     assert_eq!((posts[0].text.as_str(), posts[0].thread_ts.as_deref()), ("echo: what is up?", Some(thread)));
-    // Seven events, six traces: the mention's second event is no news (the retry is).
-    let traces = hub.finished("acme-slack", 6).await;
+    // Seven events, six traces: the mention's second event is no news (the retry is). Stages
+    // ship in order, so once the last event's trace is stored, a trace of the mention's second
+    // event would be too.
+    let traces = wait_for("the last event's trace", Duration::from_secs(15), || async {
+        let traces = hub.finished("acme-slack", 6).await;
+        traces.iter().any(|t| t["text"] == "edited").then_some(traces)
+    })
+    .await;
     // No credential of the app reaches a trace or the agent: not the verification token in the
     // envelope, not the signing secret, not the bot token.
     let everything: String = trace_texts(traces.iter().map(|t| t["id"].as_str().unwrap().to_owned()), &hub).await;
