@@ -15,7 +15,7 @@ const ADMIN_KEY: &str = "omni_bench_0123456789abcdef0123456789abcdef";
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// Webhooks posted in each ingest measurement.
+    /// Webhooks posted in each full-speed measurement (end to end, ingest).
     #[arg(long, default_value_t = 20_000)]
     ingest_messages: usize,
     /// Concurrent HTTP connections of the load generator.
@@ -51,6 +51,15 @@ fn webhook(i: usize, prefix: &str) -> Vec<u8> {
 /// The node's spool transactions so far: (count, seconds spent committing).
 async fn spool_commits(node: &DataPlane) -> (f64, f64) {
     (node.metric("omni_node_spool_commit_seconds_count").await, node.metric("omni_node_spool_commit_seconds_sum").await)
+}
+
+/// Waits (a minute at most) until the node's traces reached the control plane, so that their
+/// cost is counted too.
+async fn drain_traces(node: &DataPlane) {
+    let drained = Instant::now() + Duration::from_secs(60);
+    while node.metric("omni_node_trace_outbox_depth").await > 0.0 && Instant::now() < drained {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Posts every body once over `connections` keep-alive connections; returns the rate of 2xx.
@@ -217,11 +226,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
-    // Let the traces reach the control plane, so their cost is counted too.
-    let drained = Instant::now() + Duration::from_secs(60);
-    while node.metric("omni_node_trace_outbox_depth").await > 0.0 && Instant::now() < drained {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drain_traces(&node).await;
     let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
     let cpu: Duration = cpu_after.iter().sum::<Duration>() - cpu_before;
     let mut latencies: Vec<Duration> = evolution
@@ -281,6 +286,36 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "  RSS: node {}, control plane {}",
         mib(node.pid().and_then(rss_bytes).unwrap_or(0)),
         mib(cp.pid().and_then(rss_bytes).unwrap_or(0))
+    );
+    // End to end as fast as the hub goes: every webhook posted at once over the connections,
+    // timed until the last reply reached Evolution; the CPU counted until its traces are stored.
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "t")).collect());
+    let cpu_before: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
+    let commits_before = spool_commits(&node).await;
+    let started = Instant::now();
+    load(url.clone(), &token, bodies, options.connections).await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while evolution.replies().iter().filter(|(_, t)| t.starts_with("echo: t")).count() < options.ingest_messages {
+        anyhow::ensure!(Instant::now() < deadline, "not every message was answered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    drain_traces(&node).await;
+    let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
+    let per_message = |i: usize| (cpu_after[i] - cpu_before[i]).as_secs_f64() * 1e6 / options.ingest_messages as f64;
+    let (commits, _) = spool_commits(&node).await;
+    println!(
+        "  end to end at full speed: {} answered in {:.2} s = {:.0} messages/s",
+        options.ingest_messages,
+        elapsed.as_secs_f64(),
+        options.ingest_messages as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "    CPU per message (traces stored): {:.0} µs = control plane {:.0} µs + node {:.0} µs; {:.2} spool transactions per message",
+        per_message(0) + per_message(1),
+        per_message(0),
+        per_message(1),
+        (commits - commits_before.0) / options.ingest_messages as f64
     );
     // Ingest: accepted and durable. The holding tenant's agent never answers, so its messages
     // stop after the spool and the pipeline does not compete with ingest.

@@ -49,7 +49,7 @@ impl MessageApi {
         if text.chars().count() > MAX_TEXT_CHARS {
             return Err(ApiError::invalid(format!("the text is longer than {MAX_TEXT_CHARS} characters")));
         }
-        let trace_id = uuid::Uuid::new_v4().to_string();
+        let trace_id = omni_core::names::new_trace_id();
         let command = pb::SendCommand {
             id: uuid::Uuid::new_v4().to_string(),
             instance_id: record.id.clone(),

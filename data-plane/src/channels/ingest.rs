@@ -107,7 +107,7 @@ impl Intake {
                 _ if !trace_duplicate => counts.duplicates += 1,
                 _ => {
                     counts.duplicates += 1;
-                    let duplicate = Inbound { id: uuid::Uuid::new_v4().to_string(), ..inbound };
+                    let duplicate = Inbound { id: omni_core::names::new_trace_id(), ..inbound };
                     let why = format!("duplicate delivery of {}", duplicate.external_id);
                     let mut trace = Recorder::arrival(&duplicate, channel, &secrets);
                     duplicate_traces

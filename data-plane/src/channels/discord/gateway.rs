@@ -314,7 +314,7 @@ impl Bot {
         // Guild filters and reply rules as configured now, not when the gateway started.
         let current = self.config.load().and_then(|c| c.instances.get(&self.instance.name).cloned());
         let instance = current.filter(|i| i.id == self.instance.id).unwrap_or_else(|| self.instance.clone());
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = omni_core::names::new_trace_id();
         let (inbound, ignore) = parse(message, &instance, bot_user_id, now_ms(), id);
         let dedupe_key = inbound.external_id.clone();
         let candidate = Candidate { inbound, ignore, dedupe_key, trace_duplicate: true };

@@ -28,7 +28,7 @@ pub async fn ingest(state: &NodeState, instance: &str, token: Option<&[u8]>, bod
         return (StatusCode::UNAUTHORIZED, json!({ "error": format!("missing or wrong {TOKEN_HEADER} header") }));
     }
     let now = now_ms();
-    let mut new_id = || uuid::Uuid::new_v4().to_string();
+    let mut new_id = omni_core::names::new_trace_id;
     let event = match parse(body, &instance.name, &instance.id, now, &mut new_id) {
         Ok(event) => event,
         Err(e) => return (StatusCode::BAD_REQUEST, json!({ "error": e.to_string() })),

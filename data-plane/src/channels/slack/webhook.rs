@@ -69,7 +69,7 @@ pub async fn ingest(state: &NodeState, instance: &str, headers: &HeaderMap, body
         return (StatusCode::UNAUTHORIZED, json!({ "error": e.to_string() }));
     }
     let reply_to_all = instance.behavior.as_ref().is_some_and(|b| b.reply_to_all_group_messages);
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = omni_core::names::new_trace_id();
     let event = match parse(body, &instance.name, &instance.id, &slack.bot_user_id, reply_to_all, now, id) {
         Ok(event) => event,
         Err(e) => return (StatusCode::BAD_REQUEST, json!({ "error": e.to_string() })),
