@@ -53,6 +53,14 @@ async fn spool_commits(node: &DataPlane) -> (f64, f64) {
     (node.metric("omni_node_spool_commit_seconds_count").await, node.metric("omni_node_spool_commit_seconds_sum").await)
 }
 
+/// The node's spool checkpoints so far: (count, seconds).
+async fn spool_checkpoints(node: &DataPlane) -> (f64, f64) {
+    (
+        node.metric("omni_node_spool_checkpoint_seconds_count").await,
+        node.metric("omni_node_spool_checkpoint_seconds_sum").await,
+    )
+}
+
 /// Waits (a minute at most) until the node's traces reached the control plane, so that their
 /// cost is counted too.
 async fn drain_traces(node: &DataPlane) {
@@ -198,6 +206,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let cpu_start: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
     let cpu_before: Duration = cpu_start.iter().sum();
     let commits_before = spool_commits(&node).await;
+    let checkpoints_before = spool_checkpoints(&node).await;
     let mut sent_at = HashMap::with_capacity(total);
     let interval = Duration::from_secs_f64(1.0 / options.rate as f64);
     let started = Instant::now();
@@ -281,6 +290,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "  spool: {:.2} transactions per message, {:.2} ms each on average (flush included)",
         commits / total as f64,
         commit_seconds * 1e3 / commits.max(1.0)
+    );
+    let (checkpoints, checkpoint_seconds) = spool_checkpoints(&node).await;
+    let (checkpoints, checkpoint_seconds) =
+        (checkpoints - checkpoints_before.0, checkpoint_seconds - checkpoints_before.1);
+    println!(
+        "    of which {checkpoints:.0} checkpoints, {:.2} ms each on average",
+        checkpoint_seconds * 1e3 / checkpoints.max(1.0)
     );
     println!(
         "  RSS: node {}, control plane {}",

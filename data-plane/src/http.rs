@@ -193,6 +193,12 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
         &[],
         &state.spool.commits,
     );
+    page.family(
+        "omni_node_spool_checkpoint_seconds",
+        "histogram",
+        "Spool checkpoints (redb's durable commit, after which the log starts over).",
+    )
+    .histogram("omni_node_spool_checkpoint_seconds", &[], &state.spool.checkpoints);
     let out = page.finish();
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], out).into_response()
 }

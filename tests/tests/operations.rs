@@ -411,6 +411,12 @@ async fn both_planes_export_metrics() {
     assert!(
         sample(&node, "omni_node_spool_depth").is_some() && sample(&node, "omni_node_trace_outbox_depth").is_some()
     );
+    // Those changes reach redb's durable state at the next checkpoint, within a second.
+    wait_for("a spool checkpoint", Duration::from_secs(10), || async {
+        let (_, node) = http_get(&hub.node.addr, "/metrics").await.ok()?;
+        sample(&node, "omni_node_spool_checkpoint_seconds_count").filter(|n| *n >= 1.0)
+    })
+    .await;
 
     let page = wait_for("the control plane's metrics to count the trace", Duration::from_secs(10), || async {
         let (status, page) = http_get(&listen, "/metrics").await.ok()?;

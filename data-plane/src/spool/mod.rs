@@ -164,6 +164,8 @@ pub struct Spool {
     traces_added: Arc<Notify>,
     /// How long each transaction took to commit (flush included).
     pub commits: Arc<Histogram>,
+    /// How long each checkpoint took (also counted in `commits`): requests arriving meanwhile wait.
+    pub checkpoints: Arc<Histogram>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -208,13 +210,23 @@ impl Spool {
         // committed ones (a finish follows an accept), so what waits is bounded by the work.
         let (requests, rx) = mpsc::channel();
         let (writer_db, traces_added) = (db.clone(), Arc::new(Notify::new()));
-        let commits = Arc::new(Histogram::new(SPOOL_COMMIT_BUCKETS));
-        let (wake, timed) = (traces_added.clone(), commits.clone());
+        let timings = Timings {
+            commits: Arc::new(Histogram::new(SPOOL_COMMIT_BUCKETS)),
+            checkpoints: Arc::new(Histogram::new(SPOOL_COMMIT_BUCKETS)),
+        };
+        let (wake, timed) = (traces_added.clone(), timings.clone());
         let handle = std::thread::Builder::new()
             .name("omni-spool".into())
             .spawn(move || writer(writer_db, log, rx, &wake, &timed))
             .map_err(storage)?;
-        Ok(Spool { db, requests, traces_added, commits, writer: Arc::new(std::sync::Mutex::new(Some(handle))) })
+        Ok(Spool {
+            db,
+            requests,
+            traces_added,
+            commits: timings.commits,
+            checkpoints: timings.checkpoints,
+            writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
     }
 
     /// Stops the writer once every other handle is gone, and waits for it to release the file.
@@ -326,6 +338,13 @@ fn next_key(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<u64, Spool
     Ok(table.last().map_err(storage)?.map_or(1, |(k, _)| k.value() + 1))
 }
 
+/// What the writer times.
+#[derive(Clone)]
+struct Timings {
+    commits: Arc<Histogram>,
+    checkpoints: Arc<Histogram>,
+}
+
 /// When the writer must act without being asked: deferred operations due, a checkpoint due.
 #[derive(Default)]
 struct Due {
@@ -346,7 +365,7 @@ impl Due {
 /// operations in one transaction, makes it durable (a log frame, or a checkpoint), then answers
 /// them all. Deferred operations alone wait up to [`DEFER_AT_MOST`] for company before they are
 /// committed by themselves.
-fn writer(db: Arc<Database>, mut log: Log, rx: mpsc::Receiver<Request>, traces_added: &Notify, commits: &Histogram) {
+fn writer(db: Arc<Database>, mut log: Log, rx: mpsc::Receiver<Request>, traces_added: &Notify, timings: &Timings) {
     let mut next = Next::default();
     let mut deferred: Vec<Op> = Vec::new();
     let mut due = Due::default();
@@ -398,7 +417,10 @@ fn writer(db: Arc<Database>, mut log: Log, rx: mpsc::Receiver<Request>, traces_a
             applied = apply(&db, &mut log, &mut next, &[], &group, checkpoint);
         }
         deferred.clear();
-        commits.observe(started.elapsed());
+        timings.commits.observe(started.elapsed());
+        if checkpoint {
+            timings.checkpoints.observe(started.elapsed());
+        }
         match applied {
             Ok((outcomes, changed)) => {
                 if checkpoint {
