@@ -68,6 +68,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn trace_ids_sort_in_the_order_they_were_made() {
+        let ids: Vec<String> = (0..1000).map(|_| new_trace_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids made in one process sort by creation, as text");
+        assert!(uuid::Uuid::parse_str(&ids[0]).is_ok_and(|id| id.get_version_num() == 7));
+    }
+
+    #[test]
     fn user_ids_are_per_instance() {
         let a = "6a2f41a3-c54c-4c2f-8a58-3b5b3b8c6a11";
         let b = "0d4bf0a6-1c70-4ad2-bb4c-6b7f3f0b9e22";
