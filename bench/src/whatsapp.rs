@@ -178,16 +178,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         &ControlPlaneOptions { bootstrap_api_key: Some(ADMIN_KEY.into()), ..Default::default() },
     )
     .await;
-    let node = DataPlane::start(
-        &dir.path().join("node"),
-        &DataPlaneOptions {
-            control_plane: cp.url(),
-            node_token: cp.node_token(),
-            tenant_concurrency: Some(64),
-            ..Default::default()
-        },
-    )
-    .await;
+    let node_options = DataPlaneOptions { tenant_concurrency: Some(64), ..Default::default() };
+    let node = DataPlane::start_for(&cp, &dir.path().join("node"), node_options).await;
     let evolution = FakeEvolution::start().await;
     let instant = FakeAgent::start().await;
     let holding = FakeAgent::start().await;

@@ -244,6 +244,15 @@ impl DataPlane {
         }
     }
 
+    /// A node of `cp` (its URL and node token filled into `options`), started in `data_dir`,
+    /// once it has applied the control plane's config.
+    pub async fn start_for(cp: &ControlPlane, data_dir: &Path, options: DataPlaneOptions) -> DataPlane {
+        let options = DataPlaneOptions { control_plane: cp.url(), node_token: cp.node_token(), ..options };
+        let node = DataPlane::start(data_dir, &options).await;
+        node.wait_for_revision(0).await;
+        node
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

@@ -58,10 +58,7 @@ impl Hub {
             Some(db) => db.url.clone(),
             None => format!("sqlite://{}", cp.data_dir.join("omni.db").display()),
         };
-        let node_options =
-            DataPlaneOptions { control_plane: cp.url(), node_token: cp.node_token(), ..Default::default() };
-        let node = DataPlane::start(&dir.path().join("node"), &node_options).await;
-        node.wait_for_revision(0).await;
+        let node = DataPlane::start_for(&cp, &dir.path().join("node"), DataPlaneOptions::default()).await;
         let (agent, evolution) = (FakeAgent::start().await, FakeEvolution::start().await);
         Some(Hub { cp, node, database_url, agent, evolution, _db: db, _dir: dir })
     }

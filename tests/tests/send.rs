@@ -21,10 +21,7 @@ impl Hub {
         let dir = tempfile::tempdir().unwrap();
         let options = ControlPlaneOptions { bootstrap_api_key: Some(ADMIN_KEY.into()), ..Default::default() };
         let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
-        let node_options =
-            DataPlaneOptions { control_plane: cp.url(), node_token: cp.node_token(), ..Default::default() };
-        let node = DataPlane::start(&dir.path().join("node"), &node_options).await;
-        node.wait_for_revision(0).await;
+        let node = DataPlane::start_for(&cp, &dir.path().join("node"), DataPlaneOptions::default()).await;
         let (agent, evolution) = (FakeAgent::start().await, FakeEvolution::start().await);
         evolution.instance("acme", "acme-evolution-key-0123");
         #[rustfmt::skip]

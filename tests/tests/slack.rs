@@ -26,14 +26,9 @@ impl Hub {
         let cp = ControlPlane::start(&dir.path().join("cp"), &ControlPlaneOptions::default()).await;
         let admin = cp.admin_key();
         let slack = FakeSlack::start().await;
-        let options = DataPlaneOptions {
-            control_plane: cp.url(),
-            node_token: cp.node_token(),
-            env: vec![("OMNI_SLACK_API_URL".into(), slack.api_url.clone())],
-            ..Default::default()
-        };
-        let node = DataPlane::start(&dir.path().join("node"), &options).await;
-        node.wait_for_revision(0).await;
+        let options =
+            DataPlaneOptions { env: vec![("OMNI_SLACK_API_URL".into(), slack.api_url.clone())], ..Default::default() };
+        let node = DataPlane::start_for(&cp, &dir.path().join("node"), options).await;
         Hub { cp, node, admin, slack, _dir: dir }
     }
 

@@ -6,7 +6,6 @@ use omni_tests::fakes::{FakeAgent, FakeEvolution};
 use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, http_post, omnictl};
 use omni_tests::wait_for;
 use serde_json::{Value, json};
-use std::path::Path;
 use std::time::Duration;
 
 const EVOLUTION_APIKEY_IN_BODY: &str = "EVO-INSTANCE-TOKEN-DO-NOT-LEAK";
@@ -28,7 +27,7 @@ impl Hub {
         let dir = tempfile::tempdir().unwrap();
         let cp = ControlPlane::start(&dir.path().join("cp"), &ControlPlaneOptions::default()).await;
         let admin = cp.admin_key();
-        let node = start_node(dir.path(), &cp, node_options).await;
+        let node = DataPlane::start_for(&cp, &dir.path().join("node"), node_options).await;
         Hub { cp, node, admin, dir }
     }
 
@@ -94,13 +93,6 @@ impl Hub {
     async fn finished_traces(&self, instance: &str, count: usize) -> Vec<Value> {
         omni_tests::finished_traces(&self.cp.url(), &self.admin, instance, count).await
     }
-}
-
-async fn start_node(dir: &Path, cp: &ControlPlane, options: DataPlaneOptions) -> DataPlane {
-    let options = DataPlaneOptions { control_plane: cp.url(), node_token: cp.node_token(), ..options };
-    let node = DataPlane::start(&dir.join("node"), &options).await;
-    node.wait_for_revision(0).await;
-    node
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +412,7 @@ async fn a_crashed_node_answers_every_accepted_message_once() {
     let before = evolution.replies().len();
     assert!(before < MESSAGES, "the crash came mid-stream ({before} answered)");
 
-    let node = start_node(dir.path(), &cp, DataPlaneOptions::default()).await;
+    let node = DataPlane::start_for(&cp, &dir.path().join("node"), DataPlaneOptions::default()).await;
     let hub = Hub { cp, node, admin, dir };
     let traces = hub.finished_traces("acme-wa", MESSAGES).await;
     let replies = evolution.replies();
@@ -460,7 +452,7 @@ async fn messages_are_answered_while_the_control_plane_is_down() {
     };
     let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
     let admin = cp.admin_key();
-    let node = start_node(dir.path(), &cp, DataPlaneOptions::default()).await;
+    let node = DataPlane::start_for(&cp, &dir.path().join("node"), DataPlaneOptions::default()).await;
     let hub = Hub { cp, node, admin, dir };
     let (agent, evolution) = (FakeAgent::start().await, FakeEvolution::start().await);
     let token = hub.instance("acme-wa", &agent, &evolution, "acme", "k1", &[]).await;
