@@ -222,7 +222,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         anyhow::ensure!(done?.is_ok_and(|r| r.status().is_success()), "a webhook was refused");
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while evolution.replies().iter().filter(|(_, t)| t.starts_with("echo: e")).count() < total {
+    while evolution.count_texts("echo: e") < total {
         anyhow::ensure!(Instant::now() < deadline, "not every message was answered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -303,7 +303,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     load(url.clone(), &token, bodies, options.connections).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
-    while evolution.replies().iter().filter(|(_, t)| t.starts_with("echo: t")).count() < options.ingest_messages {
+    while evolution.count_texts("echo: t") < options.ingest_messages {
         anyhow::ensure!(Instant::now() < deadline, "not every message was answered");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

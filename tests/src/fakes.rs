@@ -209,6 +209,18 @@ impl FakeEvolution {
         state.sent.iter().filter(|r| r.path.starts_with("/message/sendText/")).cloned().collect()
     }
 
+    /// How many accepted sendTexts have a text starting with `prefix`; counted in place, for
+    /// callers that poll while thousands arrive (the benchmark).
+    pub fn count_texts(&self, prefix: &str) -> usize {
+        let state = self.state.lock().unwrap();
+        state
+            .sent
+            .iter()
+            .filter(|r| r.path.starts_with("/message/sendText/"))
+            .filter(|r| r.body["text"].as_str().is_some_and(|t| t.starts_with(prefix)))
+            .count()
+    }
+
     /// (number, text) of every accepted sendText.
     pub fn replies(&self) -> Vec<(String, String)> {
         self.texts()
