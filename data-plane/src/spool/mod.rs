@@ -496,42 +496,22 @@ impl<'t> Tables<'t> {
 
     /// Makes `change` to the tables (and nothing else: the log is redone through here).
     fn apply_change(&mut self, change: &Change<'_>) -> Result<(), SpoolError> {
-        match *change {
-            Change::InboxPut(seq, message) => {
-                self.inbox.insert(seq, message).map_err(storage)?;
-            }
-            Change::InboxDelete(seq) => {
-                self.inbox.remove(seq).map_err(storage)?;
-            }
-            Change::SeenPut(key, at) => {
-                self.seen.insert(key, at).map_err(storage)?;
-            }
-            Change::SeenPrune(before) => self.seen.retain(|_, at| at >= before).map_err(storage)?,
-            Change::AnswerPut(id, text) => {
-                self.answers.insert(id, text).map_err(storage)?;
-            }
-            Change::AnswerDelete(id) => {
-                self.answers.remove(id).map_err(storage)?;
-            }
-            Change::SendPut(key, state) => {
-                self.sends.insert(key, state).map_err(storage)?;
-            }
-            Change::SendDelete(key) => {
-                self.sends.remove(key).map_err(storage)?;
-            }
-            Change::OutboxPut(seq, event) => {
-                self.outbox.insert(seq, event).map_err(storage)?;
-            }
+        let done = match *change {
+            Change::InboxPut(seq, message) => self.inbox.insert(seq, message).map(drop),
+            Change::InboxDelete(seq) => self.inbox.remove(seq).map(drop),
+            Change::SeenPut(key, at) => self.seen.insert(key, at).map(drop),
+            Change::SeenPrune(before) => self.seen.retain(|_, at| at >= before),
+            Change::AnswerPut(id, text) => self.answers.insert(id, text).map(drop),
+            Change::AnswerDelete(id) => self.answers.remove(id).map(drop),
+            Change::SendPut(key, state) => self.sends.insert(key, state).map(drop),
+            Change::SendDelete(key) => self.sends.remove(key).map(drop),
+            Change::OutboxPut(seq, event) => self.outbox.insert(seq, event).map(drop),
             // Stages are shipped oldest first: everything up to `through` is gone.
-            Change::OutboxDeleteThrough(through) => self.outbox.retain_in(..=through, |_, _| false).map_err(storage)?,
-            Change::AttemptPut(seq, n) => {
-                self.attempts.insert(seq, n).map_err(storage)?;
-            }
-            Change::AttemptDelete(seq) => {
-                self.attempts.remove(seq).map_err(storage)?;
-            }
-        }
-        Ok(())
+            Change::OutboxDeleteThrough(through) => self.outbox.retain_in(..=through, |_, _| false),
+            Change::AttemptPut(seq, n) => self.attempts.insert(seq, n).map(drop),
+            Change::AttemptDelete(seq) => self.attempts.remove(seq).map(drop),
+        };
+        done.map_err(storage)
     }
 
     /// Makes `change` and records it for the log.
