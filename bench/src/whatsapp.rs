@@ -48,18 +48,13 @@ fn webhook(i: usize, prefix: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// The node's spool transactions so far: (count, seconds spent committing).
-async fn spool_commits(node: &DataPlane) -> (f64, f64) {
-    (node.metric("omni_node_spool_commit_seconds_count").await, node.metric("omni_node_spool_commit_seconds_sum").await)
+/// A histogram of the node's so far: (count, sum of seconds).
+async fn histogram(node: &DataPlane, name: &str) -> (f64, f64) {
+    (node.metric(&format!("{name}_count")).await, node.metric(&format!("{name}_sum")).await)
 }
 
-/// The node's spool checkpoints so far: (count, seconds).
-async fn spool_checkpoints(node: &DataPlane) -> (f64, f64) {
-    (
-        node.metric("omni_node_spool_checkpoint_seconds_count").await,
-        node.metric("omni_node_spool_checkpoint_seconds_sum").await,
-    )
-}
+const SPOOL_COMMITS: &str = "omni_node_spool_commit_seconds";
+const SPOOL_CHECKPOINTS: &str = "omni_node_spool_checkpoint_seconds";
 
 /// Waits (a minute at most) until the node's traces reached the control plane, so that their
 /// cost is counted too.
@@ -197,8 +192,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let pids = [cp.pid().unwrap_or(0), node.pid().unwrap_or(0)];
     let cpu_start: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
     let cpu_before: Duration = cpu_start.iter().sum();
-    let commits_before = spool_commits(&node).await;
-    let checkpoints_before = spool_checkpoints(&node).await;
+    let commits_before = histogram(&node, SPOOL_COMMITS).await;
+    let checkpoints_before = histogram(&node, SPOOL_CHECKPOINTS).await;
     let mut sent_at = HashMap::with_capacity(total);
     let interval = Duration::from_secs_f64(1.0 / options.rate as f64);
     let started = Instant::now();
@@ -276,14 +271,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     );
     let per_message = |i: usize| (cpu_after[i] - cpu_start[i]).as_secs_f64() * 1e6 / total as f64;
     println!("    of which control plane {:.0} µs, node {:.0} µs", per_message(0), per_message(1));
-    let (commits, commit_seconds) = spool_commits(&node).await;
+    let (commits, commit_seconds) = histogram(&node, SPOOL_COMMITS).await;
     let (commits, commit_seconds) = (commits - commits_before.0, commit_seconds - commits_before.1);
     println!(
         "  spool: {:.2} transactions per message, {:.2} ms each on average (flush included)",
         commits / total as f64,
         commit_seconds * 1e3 / commits.max(1.0)
     );
-    let (checkpoints, checkpoint_seconds) = spool_checkpoints(&node).await;
+    let (checkpoints, checkpoint_seconds) = histogram(&node, SPOOL_CHECKPOINTS).await;
     let (checkpoints, checkpoint_seconds) =
         (checkpoints - checkpoints_before.0, checkpoint_seconds - checkpoints_before.1);
     println!(
@@ -299,7 +294,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // timed until the last reply reached Evolution; the CPU counted until its traces are stored.
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "t")).collect());
     let cpu_before: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
-    let commits_before = spool_commits(&node).await;
+    let commits_before = histogram(&node, SPOOL_COMMITS).await;
     let started = Instant::now();
     load(url.clone(), &token, bodies, options.connections).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -311,7 +306,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     drain_traces(&node).await;
     let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
     let per_message = |i: usize| (cpu_after[i] - cpu_before[i]).as_secs_f64() * 1e6 / options.ingest_messages as f64;
-    let (commits, _) = spool_commits(&node).await;
+    let (commits, _) = histogram(&node, SPOOL_COMMITS).await;
     println!(
         "  end to end at full speed: {} answered in {:.2} s = {:.0} messages/s",
         options.ingest_messages,

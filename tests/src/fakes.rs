@@ -206,19 +206,15 @@ impl FakeEvolution {
     /// Every accepted sendText, in arrival order.
     pub fn texts(&self) -> Vec<Received> {
         let state = self.state.lock().unwrap();
-        state.sent.iter().filter(|r| r.path.starts_with("/message/sendText/")).cloned().collect()
+        state.sent.iter().filter(|r| is_send_text(r)).cloned().collect()
     }
 
     /// How many accepted sendTexts have a text starting with `prefix`; counted in place, for
     /// callers that poll while thousands arrive (the benchmark).
     pub fn count_texts(&self, prefix: &str) -> usize {
         let state = self.state.lock().unwrap();
-        state
-            .sent
-            .iter()
-            .filter(|r| r.path.starts_with("/message/sendText/"))
-            .filter(|r| r.body["text"].as_str().is_some_and(|t| t.starts_with(prefix)))
-            .count()
+        let starts = |r: &&Received| r.body["text"].as_str().is_some_and(|t| t.starts_with(prefix));
+        state.sent.iter().filter(|r| is_send_text(r)).filter(starts).count()
     }
 
     /// (number, text) of every accepted sendText.
@@ -243,6 +239,10 @@ impl FakeEvolution {
     pub fn presences(&self) -> usize {
         self.state.lock().unwrap().sent.iter().filter(|r| r.path.starts_with("/chat/sendPresence/")).count()
     }
+}
+
+fn is_send_text(request: &Received) -> bool {
+    request.path.starts_with("/message/sendText/")
 }
 
 type EvolutionState = Arc<Mutex<Evolution>>;
