@@ -4,6 +4,7 @@
 //! `./target/release/omni-bench sync`.
 
 mod discord;
+mod floor;
 mod stats;
 mod sync;
 mod traces;
@@ -31,6 +32,9 @@ enum Bench {
     /// (internal) the bare axum server the whatsapp benchmark compares against.
     #[command(hide = true)]
     BaselineServer,
+    /// (internal) the minimal relay the whatsapp benchmark takes as the floor.
+    #[command(hide = true)]
+    FloorRelay { agent: String, evolution: String, dir: std::path::PathBuf },
 }
 
 #[tokio::main]
@@ -41,5 +45,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Traces(options) => traces::run(options).await,
         Bench::Whatsapp(options) => whatsapp::run(options).await,
         Bench::BaselineServer => whatsapp::baseline_server().await,
+        Bench::FloorRelay { agent, evolution, dir } => floor::serve(agent, evolution, dir).await,
     }
 }

@@ -6,12 +6,15 @@ use omni_tests::fakes::{FakeAgent, FakeEvolution};
 use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, omnictl};
 use serde_json::json;
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const ADMIN_KEY: &str = "omni_bench_0123456789abcdef0123456789abcdef";
+/// The fake Evolution server's key for the benchmark's instances.
+pub const EVOLUTION_KEY: &str = "bench-evolution-key";
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -108,19 +111,86 @@ pub async fn baseline_server() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_baseline() -> anyhow::Result<(tokio::process::Child, String)> {
+async fn start_helper(args: &[&str], announces: &str) -> anyhow::Result<(tokio::process::Child, String)> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("baseline-server")
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
     while let Some(line) = lines.next_line().await? {
-        if let Some(addr) = line.strip_prefix("baseline listening on ") {
+        if let Some(addr) = line.strip_prefix(announces) {
             return Ok((child, addr.to_owned()));
         }
     }
-    anyhow::bail!("the baseline server did not start")
+    anyhow::bail!("{} did not start", args[0])
+}
+
+async fn start_baseline() -> anyhow::Result<(tokio::process::Child, String)> {
+    start_helper(&["baseline-server"], "baseline listening on ").await
+}
+
+/// Posts each body at its turn, `rate` per second (without waiting for earlier answers), and
+/// returns when each was posted.
+async fn post_at_rate(url: &str, token: &str, bodies: Vec<Vec<u8>>, rate: u64) -> anyhow::Result<Vec<Instant>> {
+    let client = reqwest::Client::new();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut posted = Vec::with_capacity(bodies.len());
+    let mut posts = tokio::task::JoinSet::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        tokio::time::sleep_until((started + interval * i as u32).into()).await;
+        posted.push(Instant::now());
+        let request = client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("x-omni-webhook-token", token)
+            .body(body);
+        posts.spawn(request.send());
+    }
+    while let Some(done) = posts.join_next().await {
+        anyhow::ensure!(done?.is_ok_and(|r| r.status().is_success()), "a webhook was refused");
+    }
+    Ok(posted)
+}
+
+/// Waits (up to `within`) until Evolution has received `count` texts starting with `prefix`.
+async fn replies(evolution: &FakeEvolution, prefix: &str, count: usize, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while evolution.count_texts(prefix) < count {
+        anyhow::ensure!(Instant::now() < deadline, "not every message was answered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// The floor (see `floor.rs`): the minimal relay's CPU per message, driven like the hub.
+async fn floor(options: &Options, agent: &FakeAgent, evolution: &FakeEvolution, dir: &Path) -> anyhow::Result<()> {
+    let agent_url = format!("{}/api/agent/chat", agent.url);
+    let send_url = format!("{}/message/sendText/bench-wa", evolution.url);
+    let dir = dir.display().to_string();
+    let (relay, addr) = start_helper(&["floor-relay", &agent_url, &send_url, &dir], "floor listening on ").await?;
+    let (pid, url) = (relay.id().unwrap_or(0), format!("http://{addr}/"));
+    let cpu = || cpu_time(pid).unwrap_or_default();
+    let total = (options.rate * options.seconds) as usize;
+    let before = cpu();
+    post_at_rate(&url, "", (0..total).map(|i| webhook(i, "f")).collect(), options.rate).await?;
+    replies(evolution, "echo: f", total, Duration::from_secs(60)).await?;
+    let at_rate = (cpu() - before).as_secs_f64() * 1e6 / total as f64;
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "g")).collect());
+    let (before, started) = (cpu(), Instant::now());
+    load(url, "", bodies, options.connections).await?;
+    replies(evolution, "echo: g", options.ingest_messages, Duration::from_secs(300)).await?;
+    let rate = options.ingest_messages as f64 / started.elapsed().as_secs_f64();
+    let full_speed = (cpu() - before).as_secs_f64() * 1e6 / options.ingest_messages as f64;
+    println!(
+        "  floor: a bare relay on the same stack (webhook served and flushed, agent called, answer flushed, sent)"
+    );
+    println!(
+        "    CPU per message: {at_rate:.0} µs at {} messages/s, {full_speed:.0} µs at full speed ({rate:.0} messages/s)",
+        options.rate
+    );
+    Ok(())
 }
 
 async fn instance(
@@ -129,7 +199,7 @@ async fn instance(
     agent: &FakeAgent,
     evolution: &FakeEvolution,
 ) -> anyhow::Result<(String, i64)> {
-    evolution.instance(name, "bench-evolution-key");
+    evolution.instance(name, EVOLUTION_KEY);
     let created = omnictl(
         &cp.url(),
         ADMIN_KEY,
@@ -146,7 +216,7 @@ async fn instance(
             "--evolution-url",
             &evolution.url,
             "--evolution-key",
-            "bench-evolution-key",
+            EVOLUTION_KEY,
             "--evolution-instance",
             name,
             "--typing-indicator",
@@ -187,40 +257,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // End to end at a fixed rate: webhook in → reply at Evolution, the agent answering at once.
     let total = (options.rate * options.seconds) as usize;
     let bodies: Vec<Vec<u8>> = (0..total).map(|i| webhook(i, "e")).collect();
-    let client = reqwest::Client::new();
     let url = format!("http://{}/webhook/evolution/bench-wa", node.addr);
     let pids = [cp.pid().unwrap_or(0), node.pid().unwrap_or(0)];
     let cpu_start: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
     let cpu_before: Duration = cpu_start.iter().sum();
     let commits_before = histogram(&node, SPOOL_COMMITS).await;
     let checkpoints_before = histogram(&node, SPOOL_CHECKPOINTS).await;
-    let mut sent_at = HashMap::with_capacity(total);
-    let interval = Duration::from_secs_f64(1.0 / options.rate as f64);
     let started = Instant::now();
-    let mut posts = tokio::task::JoinSet::new();
-    for (i, body) in bodies.into_iter().enumerate() {
-        let due = started + interval * i as u32;
-        tokio::time::sleep_until(due.into()).await;
-        sent_at.insert(format!("echo: e{i}"), Instant::now());
-        let (client, url, token) = (client.clone(), url.clone(), token.clone());
-        posts.spawn(async move {
-            client
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("x-omni-webhook-token", token)
-                .body(body)
-                .send()
-                .await
-        });
-    }
-    while let Some(done) = posts.join_next().await {
-        anyhow::ensure!(done?.is_ok_and(|r| r.status().is_success()), "a webhook was refused");
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while evolution.count_texts("echo: e") < total {
-        anyhow::ensure!(Instant::now() < deadline, "not every message was answered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let posted = post_at_rate(&url, &token, bodies, options.rate).await?;
+    let sent_at: HashMap<String, Instant> =
+        posted.into_iter().enumerate().map(|(i, at)| (format!("echo: e{i}"), at)).collect();
+    replies(&evolution, "echo: e", total, Duration::from_secs(120)).await?;
     let elapsed = started.elapsed();
     drain_traces(&node).await;
     let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
@@ -297,11 +344,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let commits_before = histogram(&node, SPOOL_COMMITS).await;
     let started = Instant::now();
     load(url.clone(), &token, bodies, options.connections).await?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while evolution.count_texts("echo: t") < options.ingest_messages {
-        anyhow::ensure!(Instant::now() < deadline, "not every message was answered");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    replies(&evolution, "echo: t", options.ingest_messages, Duration::from_secs(300)).await?;
     let elapsed = started.elapsed();
     drain_traces(&node).await;
     let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
@@ -320,6 +363,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         per_message(1),
         (commits - commits_before.0) / options.ingest_messages as f64
     );
+    floor(&options, &instant, &evolution, dir.path()).await?;
     // Ingest: accepted and durable. The holding tenant's agent never answers, so its messages
     // stop after the spool and the pipeline does not compete with ingest.
     let (_baseline, baseline_addr) = start_baseline().await?;

@@ -8,6 +8,14 @@ use omni_data_plane::sync::SyncSettings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+// glibc's allocator took a fifth of the node's CPU at full speed, much of it in frees of buffers
+// another thread allocated (the spool writer frees what request handlers built); mimalloc cut
+// the node's CPU per message by 15-18% (`omni-bench whatsapp`, alternated runs). Without
+// transparent huge pages, which raised the RSS of an idle node with 10,000 instances from 37 to
+// 68 MiB.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Omni data-plane node: streams tenant config from the control plane and serves channel
 /// webhooks. Holds no database; keeps its last good config in an encrypted cache.
 ///
