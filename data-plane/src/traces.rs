@@ -188,7 +188,7 @@ pub async fn ship(
         let through = batch.last().map_or(shipped, |(seq, _)| *seq);
         let events: Vec<pb::TraceEvent> = batch
             .iter()
-            .filter_map(|(seq, bytes)| match pb::TraceEvent::decode(bytes.as_slice()) {
+            .filter_map(|(seq, bytes)| match pb::TraceEvent::decode(bytes.as_ref()) {
                 Ok(event) => Some(event),
                 Err(e) => {
                     tracing::error!(seq, error = %e, "dropping an unreadable trace stage");

@@ -198,7 +198,12 @@ async fn slack_events_are_verified_answered_in_thread_once_and_isolated() {
     let posts = hub.posts_to("D7", 1).await;
     assert_eq!((posts[0].text.as_str(), posts[0].token.as_str()), ("beta says: hello beta", "xoxb-beta-1111"));
     assert_eq!(acme_agent.requests().len(), 2);
-    let users = hub.ctl(&["user", "list", "beta-slack", "-o", "json"]).await.json();
+    // Users are recorded from the trace, which is shipped after the reply went out.
+    let users = wait_for("beta's user", Duration::from_secs(15), || async {
+        let users = hub.ctl(&["user", "list", "beta-slack", "-o", "json"]).await.json();
+        (!users.as_array()?.is_empty()).then_some(users)
+    })
+    .await;
     assert_eq!(users.as_array().unwrap().len(), 1, "{users}");
     assert_eq!(users[0]["identity"], "U7");
     let scoped = hub.ctl(&["apikey", "create", "--instances", "beta-*", "-o", "json"]).await.json();
