@@ -669,20 +669,18 @@ async fn payloads_are_compressed_and_only_read_when_asked(fixture: Fixture) {
     assert!(without.iter().all(|s| s.payload.is_empty()));
     let (_, with) = store.get_trace(&Scope::Admin, "t1", true).await.unwrap();
     assert_eq!(with[1].payload, payload);
-    // Stored as LZ4: the text is not in the database, and what is stored is much smaller.
+    // Stored as LZ4 with the trace: the text is not in the database, and what is stored (every
+    // stage) is much smaller than the one payload.
     let stored: i64 = match store.backend() {
         Backend::Sqlite => {
             use sqlx::Connection;
             let mut conn = sqlx::SqliteConnection::connect(&fixture.url).await.unwrap();
-            sqlx::query_scalar("SELECT length(payload_lz4) FROM trace_stages WHERE seq = 1")
-                .fetch_one(&mut conn)
-                .await
-                .unwrap()
+            sqlx::query_scalar("SELECT length(stages) FROM traces WHERE id = 't1'").fetch_one(&mut conn).await.unwrap()
         }
         Backend::Postgres => {
             use sqlx::Connection;
             let mut conn = sqlx::PgConnection::connect(&fixture.url).await.unwrap();
-            let n: i32 = sqlx::query_scalar("SELECT length(payload_lz4) FROM trace_stages WHERE seq = 1")
+            let n: i32 = sqlx::query_scalar("SELECT length(stages) FROM traces WHERE id = 't1'")
                 .fetch_one(&mut conn)
                 .await
                 .unwrap();
@@ -690,6 +688,48 @@ async fn payloads_are_compressed_and_only_read_when_asked(fixture: Fixture) {
         }
     };
     assert!(stored > 0 && stored * 5 < payload.len() as i64, "{stored} bytes stored for {}", payload.len());
+}
+
+/// Runs `sql` on the fixture's database, outside the store.
+async fn raw(fixture: &Fixture, store: &Shared, sql: &str) {
+    use sqlx::Connection;
+    match store.backend() {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&fixture.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&fixture.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+        }
+    }
+}
+
+/// A trace stored before stages moved into its row (its stages in `trace_stages`) reads the
+/// same, takes new stages once, and is purged whole.
+async fn stages_stored_before_the_upgrade_are_still_read(fixture: Fixture) {
+    let store = fixture.store().await;
+    let acme = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let events = finished("old", &acme.id, 100, "5511", 10, "completed");
+    store.ingest_trace_events("n1", &events[..2]).await.unwrap();
+    raw(
+        &fixture,
+        &store,
+        "UPDATE traces SET stages = NULL WHERE id = 'old'; \
+         INSERT INTO trace_stages (trace_id, seq, stage, at, duration_ms, detail, payload) VALUES \
+         ('old', 0, 'received', 100, 0, '', '{\"a\":1}'), ('old', 1, 'agent_response', 110, 0, '', '')",
+    )
+    .await;
+    assert_eq!(store.ingest_trace_events("n1", &events[1..2]).await.unwrap(), 0, "stored before: not again");
+    assert_eq!(store.ingest_trace_events("n1", &events).await.unwrap(), 1, "the third stage is new");
+    let (trace, stages) = store.get_trace(&Scope::Admin, "old", true).await.unwrap();
+    assert_eq!(trace.status, "completed");
+    let numbered: Vec<(i64, &str)> = stages.iter().map(|s| (s.seq, s.stage.as_str())).collect();
+    assert_eq!(numbered, [(0, "received"), (1, "agent_response"), (2, "completed")]);
+    assert_eq!(stages[0].payload, r#"{"a":1}"#);
+    let filter = TraceFilter { until: Some(1_000_000), ..Default::default() };
+    assert_eq!(store.purge_traces(&Scope::Admin, &filter, false).await.unwrap(), 1);
+    assert!(store.get_trace(&Scope::Admin, "old", false).await.is_err());
 }
 
 async fn stats_are_computed_by_the_database(store: Shared) {
@@ -1292,6 +1332,7 @@ conformance!(
         the_change_log_is_compacted_past_its_retention,
         other_writers_are_announced,
         payloads_are_compressed_and_only_read_when_asked,
+        stages_stored_before_the_upgrade_are_still_read,
     ],
 );
 

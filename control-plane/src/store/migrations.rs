@@ -15,10 +15,9 @@ macro_rules! embed {
 
 type Embedded = &'static [(i64, &'static str, &'static str)];
 
-const POSTGRES: Embedded =
-    embed!("postgres": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections", 6 "gateways");
+const POSTGRES: Embedded = embed!("postgres": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections", 6 "gateways", 7 "trace_stages");
 const SQLITE: Embedded =
-    embed!("sqlite": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections", 6 "gateways");
+    embed!("sqlite": 1 "init", 2 "nodes", 3 "traces", 4 "operations", 5 "connections", 6 "gateways", 7 "trace_stages");
 
 #[derive(Debug)]
 struct Source(Embedded);

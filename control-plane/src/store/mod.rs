@@ -5,6 +5,7 @@
 mod migrations;
 mod model;
 mod sql;
+mod stages;
 
 pub use model::*;
 pub use sql::{PostgresStore, SqliteStore};

@@ -244,7 +244,7 @@ pub struct TraceRecord {
     pub node_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TraceStageRecord {
     pub seq: i64,
     pub stage: String,

@@ -6,6 +6,7 @@
 //! orders those transactions, and on SQLite it takes the write lock before anything is read, so
 //! no transaction has to upgrade a read lock.
 
+use super::stages::{self, StageRef};
 use super::*;
 use omni_core::kinds::Channel;
 use sqlx::Row;
@@ -155,10 +156,6 @@ pub const TRACES_NOTIFY_CHANNEL: &str = "omni_traces";
 /// Trace ids per notification (Postgres limits a payload to 8000 bytes).
 const NOTIFY_IDS: usize = 150;
 
-fn compress_payload(payload: &str) -> Option<Vec<u8>> {
-    (!payload.is_empty()).then(|| lz4_flex::block::compress_prepend_size(payload.as_bytes()))
-}
-
 fn decompress_payload(compressed: &[u8]) -> Result<String> {
     let bytes = lz4_flex::block::decompress_size_prepended(compressed)
         .map_err(|e| corrupt(format!("trace payload does not decompress: {e}")))?;
@@ -250,6 +247,23 @@ fn trace_states<'a>(events: impl Iterator<Item = &'a TraceEventRecord>) -> HashM
     states
 }
 
+/// The stored form of a batch's stages of one trace, in seq order.
+fn stage_refs<'a>(events: &[&'a TraceEventRecord]) -> Vec<StageRef<'a>> {
+    let mut stages: Vec<StageRef<'a>> = events
+        .iter()
+        .map(|e| StageRef {
+            seq: e.seq,
+            stage: &e.stage,
+            at: e.at,
+            duration_ms: e.duration_ms,
+            detail: &e.detail,
+            payload: &e.payload,
+        })
+        .collect();
+    stages.sort_unstable_by_key(|s| s.seq);
+    stages
+}
+
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
@@ -308,7 +322,10 @@ const GATEWAY_ELIGIBLE: &str = "i.channel = 'discord' AND i.active = TRUE \
 /// `$numbered_values`: whether generated multi-row parameter lists use `$n` (Postgres) or `?`.
 /// `$ilike`: case-insensitive LIKE (SQLite's LIKE already is, for ASCII).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $backend:expr, $notify:expr, $snapshot_isolation:expr, $numbered_values:expr, $ilike:expr) => {
+    (
+        $store:ident, $db:ty, $backend:expr, $notify:expr, $snapshot_isolation:expr, $numbered_values:expr, $ilike:expr,
+        $begin_ingest:expr, $for_update:expr
+    ) => {
         pub struct $store {
             pool: sqlx::Pool<$db>,
             options: StoreOptions,
@@ -482,6 +499,36 @@ macro_rules! sql_store {
                         return Ok(deleted);
                     }
                 }
+            }
+
+            /// The stage numbers stored in `trace_stages` (before stages moved into the trace's
+            /// row) of the traces among `rows` (`id, stages`) that have no stored stages column.
+            async fn legacy_stage_numbers(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                rows: &[<$db as sqlx::Database>::Row],
+            ) -> Result<HashMap<String, Vec<i64>>> {
+                let mut legacy: Vec<String> = Vec::new();
+                for row in rows {
+                    if row.try_get::<Option<Vec<u8>>, _>("stages")?.is_none() {
+                        legacy.push(row.try_get("id")?);
+                    }
+                }
+                let mut numbers: HashMap<String, Vec<i64>> = HashMap::new();
+                if legacy.is_empty() {
+                    return Ok(numbers);
+                }
+                let sql = format!(
+                    "SELECT trace_id, seq FROM trace_stages WHERE trace_id IN ({})",
+                    placeholders(legacy.len(), $numbered_values)
+                );
+                let mut q = sqlx::query(&sql);
+                for id in &legacy {
+                    q = q.bind(id);
+                }
+                for row in q.fetch_all(&mut **tx).await? {
+                    numbers.entry(row.try_get("trace_id")?).or_default().push(row.try_get("seq")?);
+                }
+                Ok(numbers)
             }
 
             fn trace_from_row(row: &<$db as sqlx::Database>::Row) -> Result<TraceRecord> {
@@ -1026,56 +1073,61 @@ macro_rules! sql_store {
             }
 
             async fn ingest_trace_events(&self, node_id: &str, events: &[TraceEventRecord]) -> Result<usize> {
-                let mut tx = self.pool.begin().await?;
-                // Events by (trace, seq), to find the ones the database reports as new.
-                let by_stage: HashMap<(&str, i64), &TraceEventRecord> =
-                    events.iter().map(|e| ((e.trace_id.as_str(), e.seq), e)).collect();
-                let mut fresh: Vec<&TraceEventRecord> = Vec::with_capacity(events.len());
-                // A trace first seen here is inserted with what the whole batch says about it,
-                // so that a trace reported in one piece is written once.
-                let batch = trace_states(events.iter());
-                let mut created: HashSet<String> = HashSet::new();
-                for chunk in events.chunks(INGEST_ROWS) {
-                    // Traces first seen in this batch, and the users they reveal.
-                    let headers: Vec<(&TraceEventRecord, &TraceHeaderRecord)> =
-                        chunk.iter().filter_map(|e| e.header.as_ref().map(|h| (e, h))).collect();
-                    let mut inserted: HashSet<String> = HashSet::new();
-                    if !headers.is_empty() {
-                        let sql = format!(
-                            "INSERT INTO traces (id, instance_id, channel, external_id, conversation_id, sender, sender_name, \
-                             user_id, message_type, text, status, status_seq, error_stage, error, received_at, updated_at, \
-                             agent_ms, node_id) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
-                            values(headers.len(), 18, $numbered_values)
-                        );
-                        let mut q = sqlx::query(&sql);
-                        for (event, header) in &headers {
-                            let state = batch[event.trace_id.as_str()];
-                            let (error_stage, error) = state.error();
-                            q = q
-                                .bind(&event.trace_id)
-                                .bind(&event.instance_id)
-                                .bind(&header.channel)
-                                .bind(&header.external_id)
-                                .bind(&header.conversation_id)
-                                .bind(&header.sender)
-                                .bind(&header.sender_name)
-                                .bind(&header.user_id)
-                                .bind(&header.message_type)
-                                .bind(&header.text)
-                                .bind(&state.latest.status)
-                                .bind(state.latest.seq)
-                                .bind(error_stage)
-                                .bind(error)
-                                .bind(header.received_at)
-                                .bind(state.latest.at)
-                                .bind(state.agent_ms)
-                                .bind(node_id);
-                        }
-                        for row in q.fetch_all(&mut *tx).await? {
-                            inserted.insert(row.try_get("id")?);
-                        }
+                // The batch's stages by trace (a stage reported twice counts once), and the
+                // traces in one order for every writer, so that concurrent ingests cannot deadlock.
+                let mut by_trace: HashMap<&str, Vec<&TraceEventRecord>> = HashMap::new();
+                for e in events {
+                    let stages = by_trace.entry(e.trace_id.as_str()).or_default();
+                    if !stages.iter().any(|s| s.seq == e.seq) {
+                        stages.push(e);
                     }
-                    let users = users_of(headers.iter().filter(|(e, _)| inserted.contains(&e.trace_id)).copied());
+                }
+                let mut ids: Vec<&str> = by_trace.keys().copied().collect();
+                ids.sort_unstable();
+                let mut tx = self.pool.begin_with($begin_ingest).await?;
+                // A trace first seen here is inserted with what the whole batch says about it,
+                // its stages included: a trace reported in one piece is written once.
+                let batch = trace_states(events.iter());
+                let headers: Vec<(&TraceEventRecord, &TraceHeaderRecord)> =
+                    ids.iter().filter_map(|id| by_trace[id].iter().find_map(|e| e.header.as_ref().map(|h| (*e, h)))).collect();
+                let mut created: HashSet<String> = HashSet::new();
+                for rows in headers.chunks(INGEST_ROWS) {
+                    let sql = format!(
+                        "INSERT INTO traces (id, instance_id, channel, external_id, conversation_id, sender, sender_name, \
+                         user_id, message_type, text, status, status_seq, error_stage, error, received_at, updated_at, \
+                         agent_ms, node_id, stages) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
+                        values(rows.len(), 19, $numbered_values)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (event, header) in rows {
+                        let state = batch[event.trace_id.as_str()];
+                        let (error_stage, error) = state.error();
+                        q = q
+                            .bind(&event.trace_id)
+                            .bind(&event.instance_id)
+                            .bind(&header.channel)
+                            .bind(&header.external_id)
+                            .bind(&header.conversation_id)
+                            .bind(&header.sender)
+                            .bind(&header.sender_name)
+                            .bind(&header.user_id)
+                            .bind(&header.message_type)
+                            .bind(&header.text)
+                            .bind(&state.latest.status)
+                            .bind(state.latest.seq)
+                            .bind(error_stage)
+                            .bind(error)
+                            .bind(header.received_at)
+                            .bind(state.latest.at)
+                            .bind(state.agent_ms)
+                            .bind(node_id)
+                            .bind(stages::encode(stage_refs(&by_trace[event.trace_id.as_str()])));
+                    }
+                    let mut inserted: HashSet<String> = HashSet::new();
+                    for row in q.fetch_all(&mut *tx).await? {
+                        inserted.insert(row.try_get("id")?);
+                    }
+                    let users = users_of(rows.iter().filter(|(e, _)| inserted.contains(&e.trace_id)).copied());
                     created.extend(inserted);
                     if !users.is_empty() {
                         let sql = format!(
@@ -1099,36 +1151,47 @@ macro_rules! sql_store {
                         }
                         q.execute(&mut *tx).await?;
                     }
-                    // The stages; those already stored are skipped.
+                }
+                let mut fresh: Vec<&TraceEventRecord> =
+                    created.iter().flat_map(|id| by_trace[id.as_str()].iter().copied()).collect();
+                // Traces stored before: their stored stages, with those of the batch they lack.
+                // Stages of a trace that is not stored (purged meanwhile) have nowhere to go.
+                let known: Vec<&str> = ids.iter().copied().filter(|id| !created.contains(*id)).collect();
+                let mut merged: Vec<(&str, Vec<u8>)> = Vec::new();
+                for chunk in known.chunks(INGEST_ROWS) {
                     let sql = format!(
-                        "INSERT INTO trace_stages (trace_id, seq, stage, at, duration_ms, detail, payload, payload_lz4) \
-                         VALUES {} ON CONFLICT (trace_id, seq) DO NOTHING RETURNING trace_id, seq",
-                        values(chunk.len(), 8, $numbered_values)
+                        "SELECT id, stages FROM traces WHERE id IN ({}) ORDER BY id{}",
+                        placeholders(chunk.len(), $numbered_values),
+                        $for_update
                     );
                     let mut q = sqlx::query(&sql);
-                    for e in chunk {
-                        q = q
-                            .bind(&e.trace_id)
-                            .bind(e.seq)
-                            .bind(&e.stage)
-                            .bind(e.at)
-                            .bind(e.duration_ms)
-                            .bind(&e.detail)
-                            .bind("")
-                            .bind(compress_payload(&e.payload));
+                    for id in chunk {
+                        q = q.bind(*id);
                     }
-                    for row in q.fetch_all(&mut *tx).await? {
-                        let (trace_id, seq): (String, i64) = (row.try_get("trace_id")?, row.try_get("seq")?);
-                        fresh.extend(by_stage.get(&(trace_id.as_str(), seq)).copied());
+                    let rows = q.fetch_all(&mut *tx).await?;
+                    let mut legacy = Self::legacy_stage_numbers(&mut tx, &rows).await?;
+                    for row in &rows {
+                        let id: String = row.try_get("id")?;
+                        let Some((id, batch_stages)) = by_trace.get_key_value(id.as_str()) else { continue };
+                        let blob: Option<Vec<u8>> = row.try_get("stages")?;
+                        let stored = blob.as_deref().map(stages::decode).transpose()?.unwrap_or_default();
+                        let earlier = legacy.remove(*id).unwrap_or_default();
+                        let have: HashSet<i64> = stored.iter().map(|s| s.seq).chain(earlier).collect();
+                        let added: Vec<&TraceEventRecord> =
+                            batch_stages.iter().copied().filter(|e| !have.contains(&e.seq)).collect();
+                        if !added.is_empty() {
+                            let mut all: Vec<StageRef<'_>> = stored.iter().map(StageRef::from).collect();
+                            all.extend(stage_refs(&added));
+                            all.sort_unstable_by_key(|s| s.seq);
+                            merged.push((id, stages::encode(all)));
+                            fresh.extend(added);
+                        }
                     }
                 }
-                // Traces stored before: one update each with what their new stages change.
-                // What the new stages say, per trace: created ones have it already.
+                // One update each with what their new stages change.
                 let changed = trace_states(fresh.iter().copied());
-                let mut updates: Vec<(&str, &TraceState)> =
-                    changed.iter().filter(|(id, _)| !created.contains(**id)).map(|(id, state)| (*id, state)).collect();
-                // In one order for every writer, so that concurrent ingests cannot deadlock.
-                updates.sort_unstable_by_key(|(id, _)| *id);
+                let blobs: HashMap<&str, Vec<u8>> = merged.into_iter().collect();
+                let updates: Vec<&str> = known.iter().copied().filter(|id| blobs.contains_key(id)).collect();
                 for rows in updates.chunks(INGEST_ROWS) {
                     let sql = format!(
                         "UPDATE traces SET \
@@ -1137,12 +1200,14 @@ macro_rules! sql_store {
                          status_seq = CASE WHEN v.column3 > traces.status_seq THEN v.column3 ELSE traces.status_seq END, \
                          error_stage = CASE WHEN traces.error = '' AND v.column6 <> '' THEN v.column5 ELSE traces.error_stage END, \
                          error = CASE WHEN traces.error = '' AND v.column6 <> '' THEN v.column6 ELSE traces.error END, \
-                         agent_ms = CASE WHEN v.column7 > traces.agent_ms THEN v.column7 ELSE traces.agent_ms END \
+                         agent_ms = CASE WHEN v.column7 > traces.agent_ms THEN v.column7 ELSE traces.agent_ms END, \
+                         stages = v.column8 \
                          FROM (VALUES {}) AS v WHERE traces.id = v.column1",
-                        values(rows.len(), 7, $numbered_values)
+                        values(rows.len(), 8, $numbered_values)
                     );
                     let mut q = sqlx::query(&sql);
-                    for (_, state) in rows {
+                    for id in rows {
+                        let state = changed[id];
                         let (error_stage, error) = state.error();
                         let latest = state.latest;
                         q = q
@@ -1152,7 +1217,8 @@ macro_rules! sql_store {
                             .bind(latest.at)
                             .bind(error_stage)
                             .bind(error)
-                            .bind(state.agent_ms);
+                            .bind(state.agent_ms)
+                            .bind(&blobs[id]);
                     }
                     q.execute(&mut *tx).await?;
                 }
@@ -1237,7 +1303,8 @@ macro_rules! sql_store {
             ) -> Result<(TraceRecord, Vec<TraceStageRecord>)> {
                 let (filter, binds) = scope_filter(scope, "i.name", 2);
                 let sql = format!(
-                    "SELECT {TRACE_COLUMNS} FROM traces t JOIN instances i ON i.id = t.instance_id WHERE t.id = $1 AND {filter}"
+                    "SELECT {TRACE_COLUMNS}, t.stages FROM traces t JOIN instances i ON i.id = t.instance_id \
+                     WHERE t.id = $1 AND {filter}"
                 );
                 let mut q = sqlx::query(&sql).bind(id);
                 for bind in &binds {
@@ -1247,29 +1314,38 @@ macro_rules! sql_store {
                     return Err(StoreError::NotFound(format!("trace {id:?}")));
                 };
                 let trace = Self::trace_from_row(&row)?;
+                let blob: Option<Vec<u8>> = row.try_get("stages")?;
+                let mut stages = blob.as_deref().map(stages::decode).transpose()?.unwrap_or_default();
+                // Stages stored before they moved into the trace's row.
                 let payload_columns = if payloads { "payload, payload_lz4" } else { "'' AS payload, NULL AS payload_lz4" };
                 let sql = format!(
                     "SELECT seq, stage, at, duration_ms, detail, {payload_columns} FROM trace_stages \
                      WHERE trace_id = $1 ORDER BY seq"
                 );
-                let rows = sqlx::query(&sql).bind(id).fetch_all(&self.pool).await?;
-                let stages = rows
-                    .iter()
-                    .map(|row| {
-                        let compressed: Option<Vec<u8>> = row.try_get("payload_lz4")?;
-                        Ok(TraceStageRecord {
-                            seq: row.try_get("seq")?,
-                            stage: row.try_get("stage")?,
-                            at: row.try_get("at")?,
-                            duration_ms: row.try_get("duration_ms")?,
-                            detail: row.try_get("detail")?,
-                            payload: match compressed {
-                                Some(bytes) => decompress_payload(&bytes)?,
-                                None => row.try_get("payload")?,
-                            },
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                for row in sqlx::query(&sql).bind(id).fetch_all(&self.pool).await? {
+                    let compressed: Option<Vec<u8>> = row.try_get("payload_lz4")?;
+                    let seq: i64 = row.try_get("seq")?;
+                    if stages.iter().any(|s| s.seq == seq) {
+                        continue;
+                    }
+                    stages.push(TraceStageRecord {
+                        seq,
+                        stage: row.try_get("stage")?,
+                        at: row.try_get("at")?,
+                        duration_ms: row.try_get("duration_ms")?,
+                        detail: row.try_get("detail")?,
+                        payload: match compressed {
+                            Some(bytes) => decompress_payload(&bytes)?,
+                            None => row.try_get("payload")?,
+                        },
+                    });
+                }
+                stages.sort_by_key(|s| s.seq);
+                if !payloads {
+                    for stage in &mut stages {
+                        stage.payload.clear();
+                    }
+                }
                 Ok((trace, stages))
             }
 
@@ -1668,9 +1744,13 @@ sql_store!(
     Some("SELECT pg_notify($1, $2)"),
     Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"),
     true,
-    "ILIKE"
+    "ILIKE",
+    "BEGIN",
+    " FOR UPDATE"
 );
-sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None, None, false, "LIKE");
+// Trace ingest reads stored stages before it writes them back: on SQLite it takes the write
+// lock first, so that no other writer can come between (a read lock cannot be upgraded).
+sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None, None, false, "LIKE", "BEGIN IMMEDIATE", "");
 
 impl PostgresStore {
     pub async fn connect(url: &str, options: StoreOptions) -> Result<Self> {
