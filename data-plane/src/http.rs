@@ -63,10 +63,15 @@ async fn slack_webhook(
     (status, Json(answer)).into_response()
 }
 
-/// Ready means a config is applied (from the control plane or the cache), not "connected":
-/// a node keeps serving its last good config while the control plane is away.
+/// Ready means a config is applied (from the control plane or the cache) and the spool takes
+/// messages, not "connected": a node keeps serving its last good config while the control plane
+/// is away.
 async fn ready(State(state): State<Arc<NodeState>>) -> Response {
     let connected = state.sync.connected.load(Ordering::Relaxed);
+    if let Some(failed) = state.spool.failed() {
+        let answer = json!({ "ready": false, "connected": connected, "node_id": state.node_id, "spool": failed });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(answer)).into_response();
+    }
     match state.config.load() {
         Some(config) => Json(json!({
             "ready": true,

@@ -274,9 +274,11 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
     for task in background {
         task.abort();
     }
-    // Messages finished meanwhile are deferred in the spool: on disk before the process ends.
-    if let Err(e) = spool.flush().await {
-        tracing::error!(error = %e, "could not flush the spool at shutdown");
+    // What was finished or shipped meanwhile is deferred, and some of it applied to the
+    // spool's memory alone: all of it on disk before the process ends, so that the next start
+    // redoes nothing.
+    if let Err(e) = spool.checkpoint().await {
+        tracing::error!(error = %e, "could not checkpoint the spool at shutdown");
     }
     // Leave the latest applied config on disk for the next start.
     let _ = stop_cache.send(true);

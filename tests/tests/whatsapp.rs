@@ -442,6 +442,35 @@ async fn a_crashed_node_answers_every_accepted_message_once() {
     }
 }
 
+/// A node stopped with SIGTERM leaves everything on disk: started again, it has nothing to
+/// redo or resume, and sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_starts_again_with_nothing_to_redo() {
+    let hub = Hub::start().await;
+    let (agent, evolution) = (FakeAgent::start().await, FakeEvolution::start().await);
+    let token = hub.instance("acme-wa", &agent, &evolution, "acme", "k1", &[]).await;
+    for i in 0..5 {
+        let (status, _) = hub.webhook("acme-wa", &token, &text("5511888", &format!("S{i}"), &format!("s{i}"))).await;
+        assert_eq!(status, 200);
+    }
+    hub.finished_traces("acme-wa", 5).await;
+    let Hub { cp, node, admin, dir } = hub;
+    assert!(node.terminate().await.success(), "SIGTERM is a clean stop");
+
+    let node = DataPlane::start_for(&cp, &dir.path().join("node"), DataPlaneOptions::default()).await;
+    assert_eq!(node.metric("omni_node_spool_depth").await, 0.0, "every message was finished on disk:\n{}", node.log());
+    let log = node.log();
+    assert!(!log.contains("redid"), "nothing left in the spool's log to redo:\n{log}");
+    let hub = Hub { cp, node, admin, dir };
+    // A message sent after the restart is answered, after the five before it, none twice.
+    let (status, _) = hub.webhook("acme-wa", &token, &text("5511888", "S5", "s5")).await;
+    assert_eq!(status, 200);
+    hub.finished_traces("acme-wa", 6).await;
+    let replies: Vec<String> = evolution.replies().into_iter().map(|(_, t)| t).collect();
+    assert_eq!(replies.len(), 6, "{replies:?}");
+    assert!(!hub.node.log().contains("resumed"), "nothing to resume");
+}
+
 /// A control-plane outage delays traces and stops nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_answered_while_the_control_plane_is_down() {

@@ -1,8 +1,8 @@
 //! The spool's write-ahead log: what a group of operations changed, appended as one checksummed
 //! frame and flushed before anyone is told it is durable.
 //!
-//! The tables themselves are committed without a flush; only a checkpoint makes them durable,
-//! after which the log starts over at its beginning. Frames carry consecutive group numbers and
+//! The tables are written only by a checkpoint, in one durable transaction, after which the log
+//! starts over at its beginning. Frames carry consecutive group numbers and
 //! a checksum salted per round of the log; the tables record the last group they hold and the
 //! round's salt, so after a crash exactly the frames after the checkpoint are redone: a stale
 //! frame from an earlier round (even one quoted inside a newer frame's payload), or a torn one,
@@ -149,12 +149,16 @@ impl Log {
 /// The block size direct writes are aligned to (a multiple of any disk's logical block).
 const BLOCK: usize = 4096;
 
+/// The direct-write buffer is kept up to this size whatever the frames need.
+const KEEP_BUFFER: usize = 1 << 20;
+
 /// How frames reach the disk.
 enum Writer {
     /// `O_DIRECT | O_DSYNC`. `buffer` holds, from its first aligned byte, the block at `held`
     /// (the one the last frame ended in), so that the next frame's first block is written again
-    /// with what it already holds.
-    Direct { file: File, buffer: Vec<u8>, held: Option<u64> },
+    /// with what it already holds. `buffered` is the same file opened without them, for a device
+    /// that turns out to refuse 4 KiB direct writes.
+    Direct { file: File, buffered: File, buffer: Vec<u8>, held: Option<u64> },
     /// A write, then `fdatasync` (file systems without `O_DIRECT`, such as tmpfs).
     Buffered(File),
 }
@@ -165,7 +169,7 @@ impl Writer {
         {
             let flags = libc::O_DIRECT | libc::O_DSYNC;
             if let Ok(file) = OpenOptions::new().read(true).write(true).custom_flags(flags).open(path) {
-                return Writer::Direct { file, buffer: Vec::new(), held: None };
+                return Writer::Direct { file, buffered, buffer: Vec::new(), held: None };
             }
         }
         let _ = path;
@@ -174,40 +178,60 @@ impl Writer {
 
     /// Writes `bytes` at `offset` and returns once they are on disk.
     fn write_durably(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
-        let (file, buffer, held) = match self {
+        match self {
             Writer::Buffered(file) => {
                 file.write_all_at(bytes, offset)?;
-                return file.sync_data();
+                file.sync_data()
             }
-            Writer::Direct { file, buffer, held } => (file, buffer, held),
-        };
-        let block_start = offset - offset % BLOCK as u64;
-        let kept = (offset - block_start) as usize;
-        let end = kept + bytes.len();
-        let padded = end.div_ceil(BLOCK) * BLOCK;
-        if buffer.len() < padded + BLOCK {
-            // Room for the frame, and for its first aligned byte wherever the allocation lands.
-            *buffer = vec![0; (padded + BLOCK).next_power_of_two()];
-            *held = None;
+            Writer::Direct { file, buffered, buffer, held } => match write_direct(file, buffer, held, bytes, offset) {
+                // Blocks larger than 4 KiB (a direct write is then refused, and wrote nothing).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(error = %e, "spool log: direct writes refused; writing and syncing instead");
+                    *self = Writer::Buffered(buffered.try_clone()?);
+                    self.write_durably(bytes, offset)
+                }
+                written => written,
+            },
         }
-        let start = buffer.as_ptr().align_offset(BLOCK);
-        let aligned = &mut buffer[start..start + padded];
-        if kept > 0 && *held != Some(block_start) {
-            // Not the block held (a failed frame's place given back, a new buffer): read it.
-            *held = None;
-            file.read_exact_at(&mut aligned[..BLOCK], block_start)?;
-        }
-        aligned[kept..end].copy_from_slice(bytes);
-        aligned[end..].fill(0);
-        *held = None;
-        file.write_all_at(aligned, block_start)?;
-        let last = end - end % BLOCK;
-        if last < end {
-            aligned.copy_within(last..padded, 0);
-            *held = Some(block_start + last as u64);
-        }
-        Ok(())
     }
+}
+
+/// One direct write of the whole blocks `bytes` covers at `offset`.
+fn write_direct(
+    file: &File,
+    buffer: &mut Vec<u8>,
+    held: &mut Option<u64>,
+    bytes: &[u8],
+    offset: u64,
+) -> io::Result<()> {
+    let block_start = offset - offset % BLOCK as u64;
+    let kept = (offset - block_start) as usize;
+    let end = kept + bytes.len();
+    let padded = end.div_ceil(BLOCK) * BLOCK;
+    let needed = padded + BLOCK;
+    // Room for the frame, and for its first aligned byte wherever the allocation lands; given
+    // back once frames are much smaller again than one large group's.
+    if buffer.len() < needed || (buffer.len() > KEEP_BUFFER && needed * 4 < buffer.len()) {
+        *buffer = vec![0; needed.next_power_of_two()];
+        *held = None;
+    }
+    let start = buffer.as_ptr().align_offset(BLOCK);
+    let aligned = &mut buffer[start..start + padded];
+    if kept > 0 && *held != Some(block_start) {
+        // Not the block held (a failed frame's place given back, a new buffer): read it.
+        *held = None;
+        file.read_exact_at(&mut aligned[..BLOCK], block_start)?;
+    }
+    aligned[kept..end].copy_from_slice(bytes);
+    aligned[end..].fill(0);
+    *held = None;
+    file.write_all_at(aligned, block_start)?;
+    let last = end - end % BLOCK;
+    if last < end {
+        aligned.copy_within(last..padded, 0);
+        *held = Some(block_start + last as u64);
+    }
+    Ok(())
 }
 
 /// One change to the spool's tables, as the log records it: redoing it needs nothing but itself.

@@ -38,7 +38,7 @@ use overlay::Overlay;
 use redb::{Database, ReadableDatabase};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, OnceLock, RwLock, mpsc};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{Notify, oneshot};
@@ -141,8 +141,10 @@ pub enum Outcome {
 #[derive(Clone)]
 pub struct Spool {
     db: Arc<Database>,
-    overlay: Arc<Mutex<Overlay>>,
+    overlay: Arc<RwLock<Overlay>>,
     requests: mpsc::Sender<Request>,
+    /// Why the writer refuses every commit, once it does (see [`Spool::failed`]).
+    failed: Arc<OnceLock<String>>,
     /// Messages numbered up to this one were accepted before this run: the ones to resume.
     resumable_through: u64,
     /// Woken after a commit that added trace stages.
@@ -166,7 +168,13 @@ impl Spool {
         std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(storage)?;
         // The base's working set is small (what was unfinished or unshipped at a checkpoint,
         // and idempotency keys); redb's default cache would grow far beyond it.
-        let db = Arc::new(redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(storage)?);
+        let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(storage)?;
+        Spool::start(path, db)
+    }
+
+    /// Opens the spool on `db`, the base at `path`.
+    fn start(path: &Path, db: Database) -> Result<Spool, SpoolError> {
+        let db = Arc::new(db);
         let txn = db.begin_write().map_err(storage)?;
         // Redone and checkpointed in one transaction, which starts a new round of the log.
         let salt = log::new_salt();
@@ -194,7 +202,8 @@ impl Spool {
         log.restart(salt);
         let resumable_through = overlay.base_inbox_last;
         let (next_inbox, next_outbox) = (overlay.base_inbox_last + 1, overlay.base_outbox_last + 1);
-        let overlay = Arc::new(Mutex::new(overlay));
+        let overlay = Arc::new(RwLock::new(overlay));
+        let failed = Arc::new(OnceLock::new());
         // Unbounded: callers of `commit` wait for their reply, and deferred operations follow
         // committed ones (a finish follows an accept), so what waits is bounded by the work.
         let (requests, rx) = mpsc::channel();
@@ -208,6 +217,8 @@ impl Spool {
             log,
             overlay: overlay.clone(),
             base: None,
+            failed: failed.clone(),
+            deferred_failures: 0,
             next_inbox,
             next_outbox,
             traces_added: traces_added.clone(),
@@ -219,6 +230,7 @@ impl Spool {
             db,
             overlay,
             requests,
+            failed,
             resumable_through,
             traces_added,
             commits: timings.commits,
@@ -251,11 +263,6 @@ impl Spool {
         self.traces_added.clone()
     }
 
-    /// Commits whatever is deferred now (before the process exits, say).
-    pub async fn flush(&self) -> Result<(), SpoolError> {
-        self.commit(Vec::new()).await.map(drop)
-    }
-
     /// Commits whatever is deferred, then writes everything to the base and starts the log over.
     pub async fn checkpoint(&self) -> Result<(), SpoolError> {
         let (reply, done) = oneshot::channel();
@@ -270,14 +277,22 @@ impl Spool {
         self.requests.send(Request { ops, reply: None, checkpoint: false }).map_err(|_| SpoolError::Stopped)
     }
 
-    fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
-        self.overlay.lock().expect("spool overlay poisoned")
+    /// Why the spool accepts nothing any more, if it does not: a checkpoint whose commit failed
+    /// may or may not have reached the disk, and what the log holds after it might not be redone
+    /// at the next start. A restart reopens it and finds out.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    /// The overlay, read. Only the writer thread changes it, briefly.
+    fn overlay(&self) -> std::sync::RwLockReadGuard<'_, Overlay> {
+        self.overlay.read().expect("spool overlay poisoned")
     }
 
     /// Reads the base (redb) off the async threads.
     async fn read_base<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database, &Mutex<Overlay>) -> Result<T, SpoolError> + Send + 'static,
+        f: impl FnOnce(&Database, &RwLock<Overlay>) -> Result<T, SpoolError> + Send + 'static,
     ) -> Result<T, SpoolError> {
         let (db, overlay) = (self.db.clone(), self.overlay.clone());
         tokio::task::spawn_blocking(move || f(&db, &overlay)).await.map_err(storage)?
@@ -337,19 +352,24 @@ impl Spool {
             }
         }
         // Stages a checkpoint found unshipped (or an earlier run left), then the overlay's, which
-        // are all numbered above them. The overlay is held meanwhile, so that no checkpoint moves
-        // stages from one to the other between the two reads.
+        // are all numbered above them. The base's snapshot is taken with the overlay's, so that
+        // no checkpoint can move stages from the one to the other unseen: the snapshot may
+        // already hold stages the overlay still has (a checkpoint committed, the overlay not yet
+        // cleared), which are taken once.
         self.read_base(move |db, overlay| {
-            let overlay = overlay.lock().expect("spool overlay poisoned");
-            let table = db.begin_read().map_err(storage)?.open_table(base::OUTBOX).map_err(storage)?;
-            let mut out = Vec::new();
-            for entry in
-                table.range(after.max(overlay.shipped_through).saturating_add(1)..).map_err(storage)?.take(limit)
-            {
+            let (txn, shipped_through, newer) = {
+                let overlay = overlay.read().expect("spool overlay poisoned");
+                (db.begin_read().map_err(storage)?, overlay.shipped_through, overlay.stages_after(after, limit))
+            };
+            let table = txn.open_table(base::OUTBOX).map_err(storage)?;
+            let mut out = Vec::with_capacity(limit);
+            for entry in table.range(after.max(shipped_through).saturating_add(1)..).map_err(storage)?.take(limit) {
                 let (seq, event) = entry.map_err(storage)?;
                 out.push((seq.value(), Bytes::copy_from_slice(event.value())));
             }
-            out.extend(overlay.stages_after(after, limit - out.len()));
+            let last = out.last().map_or(after, |(seq, _)| *seq);
+            let room = limit - out.len();
+            out.extend(newer.into_iter().filter(|(seq, _)| *seq > last).take(room));
             Ok(out)
         })
         .await
@@ -559,5 +579,63 @@ mod tests {
             ));
             spool.close().await;
         }
+    }
+
+    /// redb's file, with syncs that fail on demand.
+    #[derive(Debug)]
+    struct FailingSyncs {
+        file: redb::backends::FileBackend,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl redb::StorageBackend for FailingSyncs {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected sync failure"));
+            }
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.file.write(offset, data)
+        }
+        fn close(&self) -> Result<(), std::io::Error> {
+            self.file.close()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_that_fails_to_commit_stops_the_spool_until_it_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
+        let backend = FailingSyncs { file: redb::backends::FileBackend::new(file).unwrap(), fail: fail.clone() };
+        let db = redb::Builder::new().create_with_backend(backend).unwrap();
+        let spool = Spool::start(&path, db).unwrap();
+        spool.commit(vec![accept("k1", "m1")]).await.unwrap();
+        assert!(spool.failed().is_none());
+
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(spool.checkpoint().await.is_err());
+        // Whether the checkpoint reached the disk is unknown: nothing more is taken.
+        assert!(spool.failed().is_some_and(|why| why.contains("restarted")), "{:?}", spool.failed());
+        assert!(matches!(spool.commit(vec![accept("k2", "m2")]).await, Err(SpoolError::Storage(_))));
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(spool.commit(vec![accept("k2", "m2")]).await.is_err(), "still stopped once the disk recovers");
+        spool.close().await;
+
+        // Reopened, it holds what it accepted before, and takes messages again.
+        let spool = Spool::open(&path).unwrap();
+        assert_eq!(spool.unfinished().await.unwrap(), [(1, b"m1".to_vec())]);
+        assert_eq!(spool.commit(vec![accept("k2", "m2")]).await.unwrap(), [Outcome::Accepted { seq: 2 }]);
     }
 }

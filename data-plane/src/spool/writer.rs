@@ -11,7 +11,7 @@ use super::{CHECKPOINT_EVERY, DEFER_AT_MOST, Op, Outcome, SpoolError, chunk_key,
 use omni_core::metrics::Histogram;
 use redb::{Database, ReadableDatabase};
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, OnceLock, RwLock, mpsc};
 use std::time::Instant;
 use tokio::sync::{Notify, oneshot};
 
@@ -36,9 +36,14 @@ pub struct Timings {
 pub struct Writer {
     pub db: Arc<Database>,
     pub log: Log,
-    pub overlay: Arc<Mutex<Overlay>>,
+    /// Only this thread changes it; others read it.
+    pub overlay: Arc<RwLock<Overlay>>,
     /// The base as of the last checkpoint (dropped while one writes).
     pub base: Option<Base>,
+    /// Set when a checkpoint's commit failed: every later commit is refused.
+    pub failed: Arc<OnceLock<String>>,
+    /// Commits in a row whose deferred operations could not be planned.
+    pub deferred_failures: u32,
     /// The next message and stage numbers; never reused within a run, so that the shipper can
     /// read on after the last stage it shipped.
     pub next_inbox: u64,
@@ -53,6 +58,9 @@ struct Due {
     deferred_since: Option<Instant>,
     /// The first change not yet made durable by a checkpoint.
     unchecked_since: Option<Instant>,
+    /// The last checkpoint that failed: a full log does not make the next one due before
+    /// [`CHECKPOINT_EVERY`] has passed.
+    checkpoint_failed: Option<Instant>,
 }
 
 impl Due {
@@ -325,22 +333,28 @@ impl Writer {
             if !group.is_empty() || deferred_due {
                 due.deferred_since = None;
                 let started = Instant::now();
-                if self.commit(std::mem::take(&mut deferred), group) {
+                if self.commit(&mut deferred, group) {
                     due.unchecked_since.get_or_insert(started);
+                }
+                if !deferred.is_empty() {
+                    // Not committed: tried again with the next group, or on their own.
+                    due.deferred_since = Some(Instant::now());
                 }
                 self.timings.commits.observe(started.elapsed());
             }
-            let checkpoint_due = self.log.offset >= log::CHECKPOINT_BYTES
+            let retry_allowed = due.checkpoint_failed.is_none_or(|at| now >= at + CHECKPOINT_EVERY);
+            let checkpoint_due = (self.log.offset >= log::CHECKPOINT_BYTES && retry_allowed)
                 || due.unchecked_since.is_some_and(|since| now >= since + CHECKPOINT_EVERY);
             if !asked.is_empty() || (checkpoint_due && due.unchecked_since.is_some()) {
                 let started = Instant::now();
                 let checkpointed = self.checkpoint();
                 match &checkpointed {
-                    Ok(()) => due.unchecked_since = None,
+                    Ok(()) => (due.unchecked_since, due.checkpoint_failed) = (None, None),
                     Err(e) => {
                         tracing::error!(error = %e, "spool checkpoint failed");
                         // Not again at once: redb may refuse every transaction until reopened.
                         due.unchecked_since = Some(Instant::now());
+                        due.checkpoint_failed = Some(Instant::now());
                     }
                 }
                 self.timings.commits.observe(started.elapsed());
@@ -351,7 +365,7 @@ impl Writer {
             }
         }
         // Closing: whatever is deferred, and a last checkpoint, so the next start has nothing to redo.
-        self.commit(deferred, Vec::new());
+        self.commit(&mut deferred, Vec::new());
         if let Err(e) = self.checkpoint() {
             tracing::error!(error = %e, "spool checkpoint failed at close");
         }
@@ -364,24 +378,27 @@ impl Writer {
         Ok(self.base.as_ref().expect("just opened"))
     }
 
-    /// Commits one group: durable (a log frame) when a request waits for it, else to the
-    /// overlay only. Returns whether anything changed.
-    fn commit(&mut self, mut deferred: Vec<Op>, group: Vec<Request>) -> bool {
+    /// Commits `deferred` (taken from it once committed) and one group: durable (a log frame)
+    /// when a request waits for it, else to the overlay only. Returns whether anything changed.
+    fn commit(&mut self, deferred: &mut Vec<Op>, group: Vec<Request>) -> bool {
+        if let Some(failed) = self.failed.get() {
+            reply_all(group, || Err(SpoolError::Storage(failed.clone())));
+            return false;
+        }
         if deferred.is_empty() && group.iter().all(|r| r.ops.is_empty()) {
             reply_all(group, || Ok(Vec::new()));
             return false;
         }
         let overlay = self.overlay.clone();
         let numbers = (self.next_inbox, self.next_outbox);
+        let mut deferred_failed = None;
         let planned = match self.base() {
             Ok(base) => {
-                let view = overlay.lock().expect("spool overlay poisoned");
-                match plan(&view, base, numbers, &deferred, &group) {
+                let view = overlay.read().expect("spool overlay poisoned");
+                match plan(&view, base, numbers, deferred, &group) {
+                    // The waiting requests are not to fail for operations nobody waits for.
                     Err(e) if !deferred.is_empty() => {
-                        // The waiting requests are not to fail for operations nobody waits for:
-                        // those are dropped (a crash would have lost them too).
-                        tracing::error!(error = %e, dropped = deferred.len(), "deferred spool operations failed");
-                        deferred.clear();
+                        deferred_failed = Some(e);
                         plan(&view, base, numbers, &[], &group)
                     }
                     planned => planned,
@@ -389,6 +406,18 @@ impl Writer {
             }
             Err(e) => Err(e),
         };
+        if let Some(e) = &deferred_failed {
+            // Tried again later, and dropped if they keep failing (a crash would have lost them
+            // too; the next start redoes their work).
+            self.deferred_failures += 1;
+            if self.deferred_failures >= 3 {
+                tracing::error!(error = %e, dropped = deferred.len(), "deferred spool operations failed");
+                deferred.clear();
+                self.deferred_failures = 0;
+            } else {
+                tracing::warn!(error = %e, "deferred spool operations failed; trying again later");
+            }
+        }
         let mut plan = match planned {
             Ok(plan) => plan,
             Err(e) => {
@@ -401,16 +430,23 @@ impl Writer {
         if let Some(frame) = plan.frame.as_mut().filter(|frame| !frame.is_empty())
             && let Err(e) = self.log.append(frame)
         {
-            // Nothing was applied: the next group takes the frame's place and numbers.
-            tracing::error!(error = %e, dropped = deferred.len(), "spool log write failed");
+            // Nothing was applied: the next group takes the frame's place and numbers, and the
+            // deferred operations are tried again.
+            tracing::error!(error = %e, "spool log write failed");
             reply_all(group, || Err(SpoolError::Storage(e.to_string())));
             return false;
         }
+        let deferred = if deferred_failed.is_none() {
+            self.deferred_failures = 0;
+            std::mem::take(deferred)
+        } else {
+            Vec::new()
+        };
         let stages_before = self.next_outbox;
         let mut planned = plan.planned.into_iter();
         let mut answers = Vec::with_capacity(group.len());
         {
-            let mut overlay = overlay.lock().expect("spool overlay poisoned");
+            let mut overlay = overlay.write().expect("spool overlay poisoned");
             for op in deferred {
                 apply(&mut overlay, op, planned.next().expect("one plan per operation"));
             }
@@ -437,21 +473,34 @@ impl Writer {
     /// Writes the overlay to the base in one durable transaction that also starts a new round
     /// of the log; the overlay starts over.
     pub fn checkpoint(&mut self) -> Result<(), SpoolError> {
+        if let Some(failed) = self.failed.get() {
+            return Err(SpoolError::Storage(failed.clone()));
+        }
         // A read snapshot held open would keep the transaction from reusing pages.
         self.base = None;
         let salt = log::new_salt();
         let overlay = self.overlay.clone();
-        let mut overlay = overlay.lock().expect("spool overlay poisoned");
-        let txn = self.db.begin_write().map_err(storage)?;
         let (inbox_last, outbox_last) = {
-            let mut tables = Tables::open(&txn)?;
-            tables.write(&overlay)?;
-            tables.meta.insert(LOG_GROUP, self.log.group).map_err(storage)?;
-            tables.meta.insert(LOG_SALT, salt).map_err(storage)?;
-            tables.last_keys()?
+            // Read-locked only: nothing else changes the overlay, and readers go on meanwhile.
+            let view = overlay.read().expect("spool overlay poisoned");
+            let txn = self.db.begin_write().map_err(storage)?;
+            let last_keys = {
+                let mut tables = Tables::open(&txn)?;
+                tables.write(&view)?;
+                tables.meta.insert(LOG_GROUP, self.log.group).map_err(storage)?;
+                tables.meta.insert(LOG_SALT, salt).map_err(storage)?;
+                tables.last_keys()?
+            };
+            if let Err(e) = txn.commit() {
+                // It may have reached the disk, with the new round's salt: frames appended under
+                // the old one would then not be redone after a crash. Nothing more is accepted.
+                let failed = format!("a spool checkpoint failed to commit ({e}); the node must be restarted");
+                let _ = self.failed.set(failed.clone());
+                return Err(SpoolError::Storage(failed));
+            }
+            last_keys
         };
-        txn.commit().map_err(storage)?;
-        overlay.checkpointed(inbox_last, outbox_last);
+        overlay.write().expect("spool overlay poisoned").checkpointed(inbox_last, outbox_last);
         self.log.restart(salt);
         Ok(())
     }
