@@ -2,6 +2,7 @@
 //! the instance's time budget, and one answer text out.
 
 use crate::channels::Inbound;
+use crate::urls::ParsedUrls;
 use omni_core::errors::root_cause;
 use omni_proto::v1::{self as pb, AgentProtocol};
 use serde_json::{Value, json};
@@ -27,13 +28,36 @@ pub enum AgentError {
 pub struct AgentAnswer {
     pub text: String,
     pub attempts: u32,
+    /// What was sent, but the channel's payload (the trace has it from the message's arrival).
     pub request: Value,
     pub response: Value,
+}
+
+/// A request's body: the protocol's fields, then the channel's payload copied in as it is.
+struct Body<'a> {
+    fields: &'a Value,
+    channel_payload: Option<&'a serde_json::value::RawValue>,
+}
+
+impl serde::Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let fields = self.fields.as_object();
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in fields.into_iter().flatten() {
+            map.serialize_entry(key, value)?;
+        }
+        if let Some(payload) = self.channel_payload {
+            map.serialize_entry("channel_payload", payload)?;
+        }
+        map.end()
+    }
 }
 
 #[derive(Clone)]
 pub struct AgentClient {
     http: reqwest::Client,
+    urls: ParsedUrls,
 }
 
 /// Who is asking, in the agent's terms.
@@ -61,11 +85,11 @@ fn snippet(text: &str) -> String {
 
 impl AgentClient {
     pub fn new(http: reqwest::Client) -> AgentClient {
-        AgentClient { http }
+        AgentClient { http, urls: ParsedUrls::default() }
     }
 
-    /// The URL, headers-free body, and answer reader of one protocol.
-    fn request(agent: &pb::NodeAgent, inbound: &Inbound, caller: &Caller<'_>, channel: &str) -> (String, Value) {
+    /// The URL and body fields of one protocol, and whether the channel's payload goes with them.
+    fn request(agent: &pb::NodeAgent, inbound: &Inbound, caller: &Caller<'_>, channel: &str) -> (String, Value, bool) {
         let base = agent.url.trim_end_matches('/');
         let user = json!({
             "phone_number": if channel == "whatsapp" { format!("+{}", inbound.sender) } else { String::new() },
@@ -85,8 +109,8 @@ impl AgentClient {
                     "session_origin": channel,
                     "media_contents": media_json(inbound),
                     "message_limit": 100,
-                    "channel_payload": inbound.raw,
                 }),
+                true,
             ),
             AgentProtocol::Openai => (
                 format!("{base}/v1/chat/completions"),
@@ -95,6 +119,7 @@ impl AgentClient {
                     "messages": [{ "role": "user", "content": inbound.text }],
                     "user": caller.user_id,
                 }),
+                false,
             ),
             AgentProtocol::Omni | AgentProtocol::Unspecified => (
                 format!("{base}/api/agent/chat"),
@@ -114,8 +139,8 @@ impl AgentClient {
                         "is_group": inbound.is_group,
                     },
                     "media": media_json(inbound),
-                    "channel_payload": inbound.raw,
                 }),
+                true,
             ),
         }
     }
@@ -145,7 +170,9 @@ impl AgentClient {
         channel: &str,
     ) -> Result<AgentAnswer, AgentError> {
         let protocol = AgentProtocol::try_from(agent.protocol).unwrap_or(AgentProtocol::Omni);
-        let (url, body) = Self::request(agent, inbound, caller, channel);
+        let (url, fields, with_payload) = Self::request(agent, inbound, caller, channel);
+        let body = Body { fields: &fields, channel_payload: with_payload.then(|| inbound.raw.as_raw()) };
+        let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"));
         let budget = Duration::from_secs(u64::from(agent.timeout_seconds.max(1)));
         let deadline = Instant::now() + budget;
         let mut backoff = Duration::from_millis(200);
@@ -156,7 +183,12 @@ impl AgentClient {
             if remaining.is_zero() {
                 return Err(AgentError::Timeout(agent.timeout_seconds));
             }
-            let mut request = self.http.post(&url).timeout(remaining).json(&body);
+            let mut request = self
+                .urls
+                .post(&self.http, &url)
+                .timeout(remaining)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
             if !agent.key.is_empty() {
                 request = request.header("x-api-key", &agent.key);
                 if protocol != AgentProtocol::Automagik {
@@ -169,7 +201,7 @@ impl AgentClient {
                     let parsed: Value = serde_json::from_slice(&bytes)
                         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
                     let text = Self::answer(protocol, &parsed)?;
-                    return Ok(AgentAnswer { text, attempts, request: body, response: parsed });
+                    return Ok(AgentAnswer { text, attempts, request: fields, response: parsed });
                 }
                 Ok(response) => {
                     let status = response.status().as_u16();

@@ -14,3 +14,4 @@ pub mod pipeline;
 pub mod spool;
 pub mod sync;
 pub mod traces;
+pub mod urls;

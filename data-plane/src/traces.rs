@@ -2,7 +2,7 @@
 //! the control plane in batches; a stage leaves the outbox only once the control plane stored
 //! it, so a control-plane outage delays traces and loses none.
 
-use crate::channels::Inbound;
+use crate::channels::{Inbound, RawJson};
 use crate::spool::{Op, Spool};
 use crate::sync::NodeToken;
 use omni_proto::v1::{self as pb, node_sync_service_client::NodeSyncServiceClient};
@@ -116,7 +116,13 @@ pub struct StageEvent<'r, 'a> {
 
 impl StageEvent<'_, '_> {
     pub fn payload(mut self, payload: &Value) -> Self {
-        self.event.payload = self.recorder.scrub(payload.to_string());
+        self.event.payload = self.recorder.scrub(serde_json::to_string(payload).expect("JSON values serialize"));
+        self
+    }
+
+    /// A payload that is JSON text already.
+    pub fn raw_payload(mut self, payload: &RawJson) -> Self {
+        self.event.payload = self.recorder.scrub(payload.get().to_owned());
         self
     }
 
@@ -238,7 +244,7 @@ mod tests {
             is_group: false,
             sent_at: 0,
             received_at: 1000,
-            raw: Value::Null,
+            raw: RawJson::default(),
         }
     }
 

@@ -122,6 +122,10 @@ async fn a_message_is_answered_by_the_tenants_agent_through_its_evolution() {
     assert_eq!(call.body["user"]["phone_number"], "+5511999999999");
     assert_eq!(call.body["context"]["conversation_id"], "5511999999999@s.whatsapp.net");
     assert!(!call.body.to_string().contains(EVOLUTION_APIKEY_IN_BODY), "the webhook's apikey never reaches the agent");
+    // The webhook itself goes along, as Evolution sent it but for the apikey.
+    let mut sent = fixture("text_dm.json");
+    sent.as_object_mut().unwrap().remove("apikey");
+    assert_eq!(call.body["channel_payload"], sent);
 
     let traces = hub.finished_traces("acme-wa", 1).await;
     let trace = &traces[0];

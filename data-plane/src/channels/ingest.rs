@@ -80,7 +80,7 @@ impl Intake {
         for candidate in candidates {
             let mut trace = Recorder::arrival(&candidate.inbound, channel, &secrets);
             let received =
-                trace.stage("received", TraceStatus::Received, now, "").payload(&candidate.inbound.raw).encode();
+                trace.stage("received", TraceStatus::Received, now, "").raw_payload(&candidate.inbound.raw).encode();
             let reason = if instance.active { candidate.ignore } else { Some("the instance is inactive".into()) };
             if let Some(reason) = reason {
                 ops.push(Op::Trace(vec![received, trace.stage("ignored", TraceStatus::Ignored, now, reason).encode()]));
@@ -110,8 +110,9 @@ impl Intake {
                     let duplicate = Inbound { id: omni_core::names::new_trace_id(), ..inbound };
                     let why = format!("duplicate delivery of {}", duplicate.external_id);
                     let mut trace = Recorder::arrival(&duplicate, channel, &secrets);
-                    duplicate_traces
-                        .push(trace.stage("received", TraceStatus::Received, now, "").payload(&duplicate.raw).encode());
+                    duplicate_traces.push(
+                        trace.stage("received", TraceStatus::Received, now, "").raw_payload(&duplicate.raw).encode(),
+                    );
                     duplicate_traces.push(trace.stage("ignored", TraceStatus::Ignored, now, why).encode());
                 }
             }

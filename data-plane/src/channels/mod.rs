@@ -38,7 +38,45 @@ pub struct Inbound {
     /// Unix milliseconds, when the hub accepted it.
     pub received_at: i64,
     /// The channel's payload with secrets removed, for the agent and the trace.
-    pub raw: serde_json::Value,
+    pub raw: RawJson,
+}
+
+/// A channel's payload as JSON text: serialized once, when the message is parsed, then copied
+/// as it is into the spool, the trace and the agent's request, instead of walked as a tree (and
+/// copied as one into the agent's request) for each of them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    pub fn new(value: &impl Serialize) -> RawJson {
+        RawJson(serde_json::value::to_raw_value(value).expect("JSON values serialize"))
+    }
+
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn as_raw(&self) -> &serde_json::value::RawValue {
+        &self.0
+    }
+
+    /// As a tree (to look into it).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.get()).expect("raw JSON is valid JSON")
+    }
+}
+
+impl Default for RawJson {
+    fn default() -> RawJson {
+        RawJson::new(&serde_json::Value::Null)
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &RawJson) -> bool {
+        self.get() == other.get()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -370,13 +370,8 @@ impl Pipeline {
             }
         };
         // The webhook is in the received stage already; the request is the rest.
-        let mut request_payload = answer.request;
-        if let Some(body) = request_payload.as_object_mut() {
-            body.remove("channel_payload");
-        }
         let attempts = format!("{} attempt(s)", answer.attempts);
-        let request =
-            trace.stage("agent_request", TraceStatus::Processing, started, attempts).payload(&request_payload);
+        let request = trace.stage("agent_request", TraceStatus::Processing, started, attempts).payload(&answer.request);
         let request = request.encode();
         let length = format!("{} characters", answer.text.chars().count());
         let response = trace

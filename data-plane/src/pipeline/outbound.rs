@@ -4,7 +4,7 @@
 //! at most once: a chunk whose outcome is unknown is reported as such, never retried.
 
 use super::{Pipeline, secrets_of};
-use crate::channels::{Inbound, channel_of};
+use crate::channels::{Inbound, RawJson, channel_of};
 use crate::spool::Op;
 use crate::traces::{Recorder, now_ms};
 use omni_proto::v1::{self as pb, TraceStatus};
@@ -76,12 +76,14 @@ impl Pipeline {
             thread: String::new(),
             sent_at: now / 1000,
             received_at: now,
-            raw,
+            raw: RawJson::new(&raw),
         };
         let secrets = secrets_of(&instance);
         let mut trace = Recorder::arrival(&message, channel_of(&instance), &secrets);
-        let request =
-            trace.stage("send_request", TraceStatus::Processing, now, "from the API").payload(&message.raw).encode();
+        let request = trace
+            .stage("send_request", TraceStatus::Processing, now, "from the API")
+            .raw_payload(&message.raw)
+            .encode();
         // Durable before anything leaves: after a crash mid-send, the trace shows a send began.
         if let Err(e) = self.spool.commit(vec![Op::Trace(vec![request])]).await {
             return failure(&command.id, format!("could not record the send: {e}"), false);

@@ -2,7 +2,7 @@
 //! (mention stripped), unless the instance answers every message. Bots, webhooks and system
 //! messages are never answered.
 
-use crate::channels::{Inbound, Media};
+use crate::channels::{Inbound, Media, RawJson};
 use omni_core::kinds::media_kind;
 use omni_proto::v1 as pb;
 use twilight_model::channel::Message;
@@ -69,7 +69,7 @@ pub fn parse(
         is_group: !is_dm,
         sent_at: message.timestamp.as_secs(),
         received_at: now_ms,
-        raw: serde_json::to_value(message).unwrap_or_default(),
+        raw: RawJson::new(message),
     };
     (inbound, ignore.map(str::to_owned))
 }

@@ -2,6 +2,7 @@
 //! presence.
 
 use crate::channels::SendError;
+use crate::urls::ParsedUrls;
 use omni_core::errors::root_cause;
 use omni_proto::v1 as pb;
 use serde_json::{Value, json};
@@ -14,6 +15,7 @@ const SERVICE: &str = "Evolution";
 #[derive(Clone)]
 pub struct EvolutionClient {
     http: reqwest::Client,
+    urls: ParsedUrls,
 }
 
 fn endpoint(evolution: &pb::NodeEvolution, action: &str) -> String {
@@ -22,7 +24,7 @@ fn endpoint(evolution: &pb::NodeEvolution, action: &str) -> String {
 
 impl EvolutionClient {
     pub fn new(http: reqwest::Client) -> EvolutionClient {
-        EvolutionClient { http }
+        EvolutionClient { http, urls: ParsedUrls::default() }
     }
 
     /// Sends one text to `number` (the JID the message came from, LIDs and groups included).
@@ -89,8 +91,8 @@ impl EvolutionClient {
         body: &Value,
     ) -> Result<String, SendError> {
         let response = self
-            .http
-            .post(endpoint(evolution, action))
+            .urls
+            .post(&self.http, &endpoint(evolution, action))
             .header("apikey", &evolution.key)
             .timeout(SEND_TIMEOUT)
             .json(body)
@@ -118,8 +120,8 @@ impl EvolutionClient {
     /// Shows "typing" in the conversation for `for_ms` (best effort).
     pub async fn typing(&self, evolution: &pb::NodeEvolution, number: &str, for_ms: u64) {
         let result = self
-            .http
-            .post(endpoint(evolution, "chat/sendPresence"))
+            .urls
+            .post(&self.http, &endpoint(evolution, "chat/sendPresence"))
             .header("apikey", &evolution.key)
             .timeout(Duration::from_millis(for_ms) + Duration::from_secs(5))
             .json(&json!({ "number": number, "presence": "composing", "delay": for_ms }))
