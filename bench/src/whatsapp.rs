@@ -164,6 +164,20 @@ async fn replies(evolution: &FakeEvolution, prefix: &str, count: usize, within: 
     Ok(())
 }
 
+/// When each reply's webhook was posted, by the reply's text (`echo: <prefix><i>`).
+fn sent_at(prefix: &str, posted: Vec<Instant>) -> HashMap<String, Instant> {
+    posted.into_iter().enumerate().map(|(i, at)| (format!("echo: {prefix}{i}"), at)).collect()
+}
+
+/// Webhook posted → reply at Evolution, for the replies `sent_at` knows.
+fn latencies(evolution: &FakeEvolution, sent_at: &HashMap<String, Instant>) -> Vec<Duration> {
+    evolution
+        .texts()
+        .iter()
+        .filter_map(|r| sent_at.get(r.body["text"].as_str()?).map(|sent| r.at.saturating_duration_since(*sent)))
+        .collect()
+}
+
 /// The floor (see `floor.rs`): the minimal relay's CPU per message, driven like the hub.
 async fn floor(options: &Options, agent: &FakeAgent, evolution: &FakeEvolution, dir: &Path) -> anyhow::Result<()> {
     let agent_url = format!("{}/api/agent/chat", agent.url);
@@ -174,9 +188,10 @@ async fn floor(options: &Options, agent: &FakeAgent, evolution: &FakeEvolution, 
     let cpu = || cpu_time(pid).unwrap_or_default();
     let total = (options.rate * options.seconds) as usize;
     let before = cpu();
-    post_at_rate(&url, "", (0..total).map(|i| webhook(i, "f")).collect(), options.rate).await?;
+    let posted = post_at_rate(&url, "", (0..total).map(|i| webhook(i, "f")).collect(), options.rate).await?;
     replies(evolution, "echo: f", total, Duration::from_secs(60)).await?;
     let at_rate = (cpu() - before).as_secs_f64() * 1e6 / total as f64;
+    let mut latencies = latencies(evolution, &sent_at("f", posted));
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "g")).collect());
     let (before, started) = (cpu(), Instant::now());
     load(url, "", bodies, options.connections).await?;
@@ -189,6 +204,12 @@ async fn floor(options: &Options, agent: &FakeAgent, evolution: &FakeEvolution, 
     println!(
         "    CPU per message: {at_rate:.0} µs at {} messages/s, {full_speed:.0} µs at full speed ({rate:.0} messages/s)",
         options.rate
+    );
+    println!(
+        "    webhook -> reply at Evolution at {} messages/s: p50 {}  p99 {}",
+        options.rate,
+        ms(percentile(&mut latencies, 50.0)),
+        ms(percentile(&mut latencies, 99.0))
     );
     Ok(())
 }
@@ -265,18 +286,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let checkpoints_before = histogram(&node, SPOOL_CHECKPOINTS).await;
     let started = Instant::now();
     let posted = post_at_rate(&url, &token, bodies, options.rate).await?;
-    let sent_at: HashMap<String, Instant> =
-        posted.into_iter().enumerate().map(|(i, at)| (format!("echo: e{i}"), at)).collect();
+    let sent_at = sent_at("e", posted);
     replies(&evolution, "echo: e", total, Duration::from_secs(120)).await?;
     let elapsed = started.elapsed();
     drain_traces(&node).await;
     let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
     let cpu: Duration = cpu_after.iter().sum::<Duration>() - cpu_before;
-    let mut latencies: Vec<Duration> = evolution
-        .texts()
-        .iter()
-        .filter_map(|r| sent_at.get(r.body["text"].as_str()?).map(|sent| r.at.saturating_duration_since(*sent)))
-        .collect();
+    let mut latencies = latencies(&evolution, &sent_at);
     let agent_calls: Vec<_> = instant.requests();
     // Where the time goes: up to the agent (ingest, spool, queue), then after it (the send
     // intent's commit, the send).
