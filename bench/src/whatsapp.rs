@@ -30,6 +30,11 @@ pub struct Options {
     /// Seconds of the end-to-end measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Run the node under this command, such as `valgrind --tool=callgrind` to count its
+    /// instructions, which depend less on the machine's neighbours than its CPU time. The node
+    /// is stopped with SIGTERM at the end, so that such a tool writes its results.
+    #[arg(long)]
+    node_wrapper: Option<String>,
 }
 
 /// A WhatsApp text webhook with message id `id`, from one of 50 senders.
@@ -264,7 +269,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         &ControlPlaneOptions { bootstrap_api_key: Some(ADMIN_KEY.into()), ..Default::default() },
     )
     .await;
-    let node_options = DataPlaneOptions { tenant_concurrency: Some(64), ..Default::default() };
+    let wrapper = options.node_wrapper.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+    let node_options = DataPlaneOptions { tenant_concurrency: Some(64), wrapper, ..Default::default() };
     let node = DataPlane::start_for(&cp, &dir.path().join("node"), node_options).await;
     let evolution = FakeEvolution::start().await;
     let instant = FakeAgent::start().await;
@@ -401,6 +407,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         per_webhook(1),
         per_webhook(0)
     );
-
+    if let Some(wrapper) = &options.node_wrapper {
+        let status = node.terminate().await;
+        println!("  node run under `{wrapper}`, stopped: {status}");
+    }
     Ok(())
 }

@@ -203,13 +203,22 @@ pub struct DataPlaneOptions {
     pub env: Vec<(String, String)>,
     /// Node id (default: generated into the data dir).
     pub node_id: Option<String>,
+    /// A command (and its arguments) to run the node under, such as a profiler.
+    pub wrapper: Vec<String>,
 }
 
 impl DataPlane {
     pub async fn start(data_dir: &Path, options: &DataPlaneOptions) -> DataPlane {
         std::fs::create_dir_all(data_dir.parent().expect("data dir has a parent")).unwrap();
         let log_path = data_dir.with_extension("log");
-        let mut command = Command::new(binary("omni-data-plane"));
+        let mut command = match options.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary("omni-data-plane"));
+                command
+            }
+            None => Command::new(binary("omni-data-plane")),
+        };
         command
             .args(["--http-listen", "127.0.0.1:0", "--control-plane", &options.control_plane])
             .arg(format!("--node-token={}", options.node_token))
