@@ -36,19 +36,41 @@ pub struct Recorder<'a> {
     /// Set for a message's arrival: its first stage carries the trace header.
     channel: Option<pb::Channel>,
     next: u32,
-    secrets: &'a [String],
+    secrets: &'a Secrets,
+}
+
+/// What a trace must never show: an instance's keys and tokens, each with its searcher built
+/// once per message rather than once per stage.
+#[derive(Default)]
+pub struct Secrets(Vec<(String, memchr::memmem::Finder<'static>)>);
+
+impl Secrets {
+    pub fn new(secrets: impl IntoIterator<Item = String>) -> Secrets {
+        // Short values (an unset key, a test token) would redact ordinary words.
+        let long = secrets.into_iter().filter(|s| s.len() >= 6);
+        Secrets(long.map(|s| (s.clone(), memchr::memmem::Finder::new(s.as_bytes()).into_owned())).collect())
+    }
+
+    fn redact(&self, mut text: String) -> String {
+        for (secret, finder) in &self.0 {
+            if finder.find(text.as_bytes()).is_some() {
+                text = text.replace(secret.as_str(), "[redacted]");
+            }
+        }
+        text
+    }
 }
 
 impl<'a> Recorder<'a> {
     /// The recorder of a message's processing; `attempt` 0 continues the stage written when it
     /// was accepted, later attempts (after a restart) number their stages above earlier ones.
-    pub fn new(inbound: &'a Inbound, attempt: u32, secrets: &'a [String]) -> Recorder<'a> {
+    pub fn new(inbound: &'a Inbound, attempt: u32, secrets: &'a Secrets) -> Recorder<'a> {
         let next = if attempt == 0 { 1 } else { attempt * SEQ_PER_ATTEMPT };
         Recorder { inbound, channel: None, next, secrets }
     }
 
     /// The recorder of a message's arrival: its first stage carries the trace header.
-    pub fn arrival(inbound: &'a Inbound, channel: pb::Channel, secrets: &'a [String]) -> Recorder<'a> {
+    pub fn arrival(inbound: &'a Inbound, channel: pb::Channel, secrets: &'a Secrets) -> Recorder<'a> {
         Recorder { inbound, channel: Some(channel), next: 0, secrets }
     }
 
@@ -66,13 +88,8 @@ impl<'a> Recorder<'a> {
         })
     }
 
-    fn scrub(&self, mut text: String) -> String {
-        // Short values (an unset key, a test token) would redact ordinary words.
-        for secret in self.secrets.iter().filter(|s| s.len() >= 6) {
-            if text.contains(secret.as_str()) {
-                text = text.replace(secret.as_str(), "[redacted]");
-            }
-        }
+    fn scrub(&self, text: String) -> String {
+        let mut text = self.secrets.redact(text);
         if text.len() > MAX_PAYLOAD {
             let mut cut = MAX_PAYLOAD;
             while !text.is_char_boundary(cut) {
@@ -251,7 +268,7 @@ mod tests {
     #[test]
     fn stages_are_numbered_and_scrubbed() {
         let message = inbound();
-        let secrets = ["super-secret-key".to_owned(), "short".to_owned()];
+        let secrets = Secrets::new(["super-secret-key".to_owned(), "short".to_owned()]);
         let mut arrival = Recorder::arrival(&message, pb::Channel::Whatsapp, &secrets);
         let first = pb::TraceEvent::decode(
             arrival
@@ -265,13 +282,14 @@ mod tests {
         assert_eq!(first.header.unwrap().sender, "5511");
         assert_eq!(first.payload, r#"{"k":"[redacted]","w":"short"}"#);
 
-        let mut processing = Recorder::new(&message, 0, &[]);
+        let none = Secrets::default();
+        let mut processing = Recorder::new(&message, 0, &none);
         let next = pb::TraceEvent::decode(
             processing.stage("access", pb::TraceStatus::Processing, 1001, "").encode().as_slice(),
         )
         .unwrap();
         assert_eq!((next.seq, next.header.is_none()), (1, true));
-        let mut resumed = Recorder::new(&message, 2, &[]);
+        let mut resumed = Recorder::new(&message, 2, &none);
         let later =
             pb::TraceEvent::decode(resumed.stage("access", pb::TraceStatus::Processing, 1001, "").encode().as_slice())
                 .unwrap();

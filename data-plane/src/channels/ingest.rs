@@ -4,7 +4,7 @@
 //! of its own saying what it duplicates, and nothing else.
 
 use super::Inbound;
-use crate::pipeline::{Job, Pipeline, secrets_of};
+use crate::pipeline::{Job, Pipeline};
 use crate::spool::{Op, Outcome, Spool, SpoolError};
 use crate::traces::{Recorder, now_ms};
 use omni_proto::v1::{self as pb, TraceStatus};
@@ -74,7 +74,7 @@ impl Intake {
         candidates: Vec<Candidate>,
     ) -> Result<Counts, SpoolError> {
         let now = now_ms();
-        let secrets = secrets_of(instance);
+        let secrets = self.pipeline.secrets(instance);
         let mut ops = Vec::with_capacity(candidates.len());
         let mut answered = Vec::new();
         for candidate in candidates {

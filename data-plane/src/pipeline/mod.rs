@@ -15,7 +15,7 @@ use crate::agent::{AgentClient, AgentError, Caller};
 use crate::channels::{Channels, Inbound, channel_name, channel_of};
 use crate::config::ConfigHandle;
 use crate::spool::{Op, Outcome, SendState, Spool};
-use crate::traces::{Recorder, now_ms};
+use crate::traces::{Recorder, Secrets, now_ms};
 use omni_core::access::{Action, decide};
 use omni_core::metrics::Histogram;
 use omni_core::names::{session_name, user_id};
@@ -80,6 +80,9 @@ pub struct Pipeline {
     tenant_concurrency: usize,
     conversations: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Each instance's secrets, with their searchers, by instance id: built once per revision of
+    /// its config (building them took more than the searches themselves).
+    secrets: Mutex<HashMap<String, (i64, Arc<Secrets>)>>,
     pub stats: PipelineStats,
 }
 
@@ -126,7 +129,7 @@ fn action_of(value: i32) -> Action {
 }
 
 /// The instance's secrets, to be kept out of trace payloads whatever carries them.
-pub fn secrets_of(instance: &pb::InstanceConfig) -> Vec<String> {
+fn secrets_of(instance: &pb::InstanceConfig) -> Secrets {
     let mut secrets = vec![instance.webhook_token.clone()];
     if let Some(a) = &instance.agent {
         secrets.push(a.key.clone());
@@ -140,7 +143,7 @@ pub fn secrets_of(instance: &pb::InstanceConfig) -> Vec<String> {
     if let Some(s) = &instance.slack {
         secrets.extend([s.bot_token.clone(), s.signing_secret.clone()]);
     }
-    secrets
+    Secrets::new(secrets)
 }
 
 impl Pipeline {
@@ -159,8 +162,26 @@ impl Pipeline {
             tenant_concurrency: tenant_concurrency.max(1),
             conversations: Mutex::new(HashMap::new()),
             tenants: Mutex::new(HashMap::new()),
+            secrets: Mutex::new(HashMap::new()),
             stats: PipelineStats::default(),
         }
+    }
+
+    /// What the traces of `instance`'s messages must not show.
+    pub fn secrets(&self, instance: &pb::InstanceConfig) -> Arc<Secrets> {
+        let mut cache = self.secrets.lock().expect("secrets cache poisoned");
+        if let Some((revision, secrets)) = cache.get(&instance.id)
+            && *revision == instance.revision
+        {
+            return secrets.clone();
+        }
+        // Deleted instances' entries go when there are too many.
+        if cache.len() >= 100_000 {
+            cache.clear();
+        }
+        let secrets = Arc::new(secrets_of(instance));
+        cache.insert(instance.id.clone(), (instance.revision, secrets.clone()));
+        secrets
     }
 
     /// Conversations with a queue (messages waiting or being handled).
@@ -267,7 +288,7 @@ impl Pipeline {
             .load()
             .and_then(|c| c.instances.get(&job.inbound.instance).cloned())
             .filter(|i| i.id == job.inbound.instance_id);
-        let secrets = instance.as_deref().map(secrets_of).unwrap_or_default();
+        let secrets = instance.as_deref().map(|i| self.secrets(i)).unwrap_or_default();
         let channel = instance.as_deref().map_or("unknown", |i| channel_name(channel_of(i)));
         let mut trace = Recorder::new(&job.inbound, job.attempt, &secrets);
         let mut pending = Pending::default();

@@ -3,7 +3,7 @@
 //! message (the trace's stages go to the spool's outbox and on to the control plane). A send is
 //! at most once: a chunk whose outcome is unknown is reported as such, never retried.
 
-use super::{Pipeline, secrets_of};
+use super::Pipeline;
 use crate::channels::{Inbound, RawJson, channel_of};
 use crate::spool::Op;
 use crate::traces::{Recorder, now_ms};
@@ -78,7 +78,7 @@ impl Pipeline {
             received_at: now,
             raw: RawJson::new(&raw),
         };
-        let secrets = secrets_of(&instance);
+        let secrets = self.secrets(&instance);
         let mut trace = Recorder::arrival(&message, channel_of(&instance), &secrets);
         let request = trace
             .stage("send_request", TraceStatus::Processing, now, "from the API")
