@@ -30,9 +30,11 @@ pub struct Options {
     /// Seconds of the end-to-end measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Run the node under this command, such as `valgrind --tool=callgrind` to count its
-    /// instructions, which depend less on the machine's neighbours than its CPU time. The node
-    /// is stopped with SIGTERM at the end, so that such a tool writes its results.
+    /// Run the node under this command (words split at spaces), such as `valgrind
+    /// --tool=callgrind` to count its instructions, which depend less on the machine's
+    /// neighbours than its CPU time. The node is stopped with SIGTERM at the end, so that such
+    /// a tool writes its results; the command must run the node in its own process, as valgrind
+    /// does (the CPU figures are the command's process).
     #[arg(long)]
     node_wrapper: Option<String>,
 }

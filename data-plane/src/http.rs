@@ -68,7 +68,9 @@ async fn slack_webhook(
 /// is away.
 async fn ready(State(state): State<Arc<NodeState>>) -> Response {
     let connected = state.sync.connected.load(Ordering::Relaxed);
-    if let Some(failed) = state.spool.failed() {
+    // The cause is in the node's log; the endpoint may be public.
+    if state.spool.failed().is_some() {
+        let failed = "stopped after a failed checkpoint: restart the node";
         let answer = json!({ "ready": false, "connected": connected, "node_id": state.node_id, "spool": failed });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(answer)).into_response();
     }

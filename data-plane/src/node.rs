@@ -276,7 +276,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
     }
     // What was finished or shipped meanwhile is deferred, and some of it applied to the
     // spool's memory alone: all of it on disk before the process ends, so that the next start
-    // redoes nothing.
+    // redoes only what messages still being handled commit after this.
     if let Err(e) = spool.checkpoint().await {
         tracing::error!(error = %e, "could not checkpoint the spool at shutdown");
     }

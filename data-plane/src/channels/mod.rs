@@ -49,8 +49,11 @@ pub struct Inbound {
 pub struct RawJson(Box<serde_json::value::RawValue>);
 
 impl RawJson {
+    /// `value` as JSON text; `null` for a value that does not serialize (none of the channels'
+    /// payloads, which are JSON to begin with), since a message is not to fail for its payload.
     pub fn new(value: &impl Serialize) -> RawJson {
-        RawJson(serde_json::value::to_raw_value(value).expect("JSON values serialize"))
+        let null = || serde_json::value::to_raw_value(&serde_json::Value::Null).expect("null serializes");
+        RawJson(serde_json::value::to_raw_value(value).unwrap_or_else(|_| null()))
     }
 
     pub fn get(&self) -> &str {

@@ -350,6 +350,11 @@ impl Writer {
                 let checkpointed = self.checkpoint();
                 match &checkpointed {
                     Ok(()) => (due.unchecked_since, due.checkpoint_failed) = (None, None),
+                    // Stopped for good (see `Writer::failed`): nothing more to checkpoint.
+                    Err(e) if self.failed.get().is_some() => {
+                        tracing::error!(error = %e, "spool stopped");
+                        (due.unchecked_since, due.checkpoint_failed) = (None, None);
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "spool checkpoint failed");
                         // Not again at once: redb may refuse every transaction until reopened.
@@ -382,6 +387,8 @@ impl Writer {
     /// when a request waits for it, else to the overlay only. Returns whether anything changed.
     fn commit(&mut self, deferred: &mut Vec<Op>, group: Vec<Request>) -> bool {
         if let Some(failed) = self.failed.get() {
+            // Refused like the rest, and not kept: they would wait for a commit that never comes.
+            deferred.clear();
             reply_all(group, || Err(SpoolError::Storage(failed.clone())));
             return false;
         }
@@ -406,9 +413,15 @@ impl Writer {
             }
             Err(e) => Err(e),
         };
+        if planned.is_err() {
+            // The group failed on its own: the deferred operations are not to blame.
+            deferred_failed = None;
+        }
         if let Some(e) = &deferred_failed {
-            // Tried again later, and dropped if they keep failing (a crash would have lost them
-            // too; the next start redoes their work).
+            // Tried again later on a fresh snapshot, and dropped if they keep failing, as a crash
+            // would have lost them: a message not marked finished is resumed and finished again,
+            // stages not marked shipped are shipped again, and deferred trace stages are lost.
+            self.base = None;
             self.deferred_failures += 1;
             if self.deferred_failures >= 3 {
                 tracing::error!(error = %e, dropped = deferred.len(), "deferred spool operations failed");
@@ -442,6 +455,7 @@ impl Writer {
         } else {
             Vec::new()
         };
+        let changed = !deferred.is_empty() || group.iter().any(|r| !r.ops.is_empty());
         let stages_before = self.next_outbox;
         let mut planned = plan.planned.into_iter();
         let mut answers = Vec::with_capacity(group.len());
@@ -467,7 +481,7 @@ impl Writer {
         for (reply, outcomes) in answers {
             reply.map(|reply| reply.send(Ok(outcomes)));
         }
-        true
+        changed
     }
 
     /// Writes the overlay to the base in one durable transaction that also starts a new round
