@@ -172,7 +172,9 @@ impl AgentClient {
         let protocol = AgentProtocol::try_from(agent.protocol).unwrap_or(AgentProtocol::Omni);
         let (url, fields, with_payload) = Self::request(agent, inbound, caller, channel);
         let body = Body { fields: &fields, channel_payload: with_payload.then(|| inbound.raw.as_raw()) };
-        let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"));
+        let mut bytes = Vec::with_capacity(inbound.raw.get().len() + inbound.text.len() + 1024);
+        serde_json::to_writer(&mut bytes, &body).expect("JSON values serialize");
+        let body = bytes::Bytes::from(bytes);
         let budget = Duration::from_secs(u64::from(agent.timeout_seconds.max(1)));
         let deadline = Instant::now() + budget;
         let mut backoff = Duration::from_millis(200);

@@ -39,6 +39,13 @@ pub struct Counts {
     pub ignored: usize,
 }
 
+/// A message as the spool keeps it, written into a buffer of about its size at once.
+fn stored(inbound: &Inbound) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(inbound.raw.get().len() + inbound.text.len() + 512);
+    serde_json::to_writer(&mut bytes, inbound).expect("messages serialize");
+    bytes
+}
+
 /// Where accepted messages go.
 #[derive(Clone)]
 pub struct Intake {
@@ -89,7 +96,7 @@ impl Intake {
             ops.push(Op::Accept {
                 dedupe_key: format!("{}\u{0}{}", instance.id, candidate.dedupe_key),
                 now_ms: now,
-                message: serde_json::to_vec(&candidate.inbound).expect("messages serialize"),
+                message: stored(&candidate.inbound),
                 trace: vec![received],
             });
             answered.push((ops.len() - 1, candidate.inbound, candidate.trace_duplicate));
