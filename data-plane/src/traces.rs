@@ -39,8 +39,8 @@ pub struct Recorder<'a> {
     secrets: &'a Secrets,
 }
 
-/// What a trace must never show: an instance's keys and tokens, each with its searcher built
-/// once per message rather than once per stage.
+/// What a trace must never show: an instance's keys and tokens, each with its searcher (built
+/// once per revision of the instance's config, see `Pipeline::secrets`).
 #[derive(Default)]
 pub struct Secrets(Vec<(String, memchr::memmem::Finder<'static>)>);
 
@@ -191,10 +191,10 @@ async fn report(grpc: &mut tonic::client::Grpc<NodeChannel>, report: EncodedRepo
     grpc.unary(tonic::Request::new(report), path, codec).await.map(drop)
 }
 
-/// The stages of `events` that decode; the others are logged and left out.
-fn readable(events: &[bytes::Bytes], seqs: impl Iterator<Item = u64>) -> Vec<bytes::Bytes> {
-    let mut kept = Vec::with_capacity(events.len());
-    for (seq, event) in seqs.zip(events) {
+/// The stages of `batch` that decode; the others are logged and left out.
+fn readable(batch: &[(u64, bytes::Bytes)]) -> Vec<bytes::Bytes> {
+    let mut kept = Vec::with_capacity(batch.len());
+    for (seq, event) in batch {
         match pb::TraceEvent::decode(event.as_ref()) {
             Ok(_) => kept.push(event.clone()),
             Err(e) => tracing::error!(seq, error = %e, "dropping an unreadable trace stage"),
@@ -242,15 +242,15 @@ pub async fn ship(
         let full = fits < batch.len() || batch.len() == SHIP_BATCH;
         batch.truncate(fits);
         let through = batch.last().map_or(shipped, |(seq, _)| *seq);
-        let events: Vec<bytes::Bytes> = batch.iter().map(|(_, event)| event.clone()).collect();
-        let mut reported = report(&mut grpc, EncodedReport { node_id: node_id.clone(), events: events.clone() }).await;
+        let events = batch.iter().map(|(_, event)| event.clone()).collect();
+        let mut reported = report(&mut grpc, EncodedReport { node_id: node_id.clone(), events }).await;
         if let Err(status) = &reported
             && !matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unauthenticated)
         {
             // Refused: an unreadable stage (never written so, but a report is not to be held
             // up for ever by one) would be why. Sent again without any.
-            let kept = readable(&events, batch.iter().map(|(seq, _)| *seq));
-            if kept.len() < events.len() {
+            let kept = readable(&batch);
+            if kept.len() < batch.len() {
                 reported = report(&mut grpc, EncodedReport { node_id: node_id.clone(), events: kept }).await;
             }
         }
@@ -340,8 +340,12 @@ mod tests {
         let read = pb::ReportTracesRequest::decode(wire.as_slice()).unwrap();
         assert_eq!((read.node_id.as_str(), read.events), ("n1", vec![stage(0), stage(1)]));
 
-        let mut with_garbage = events;
-        with_garbage.insert(1, bytes::Bytes::from_static(b"\xff\xff\xff"));
-        assert_eq!(readable(&with_garbage, 1..).len(), 2, "the unreadable stage is left out");
+        let mut with_garbage: Vec<(u64, bytes::Bytes)> = (1..).zip(events).collect();
+        with_garbage.insert(1, (9, bytes::Bytes::from_static(b"\xff\xff\xff")));
+        assert_eq!(
+            readable(&with_garbage),
+            [with_garbage[0].1.clone(), with_garbage[2].1.clone()],
+            "the unreadable stage is left out"
+        );
     }
 }
