@@ -2,12 +2,23 @@
 //!
 //! Accepted shapes: `data` as one message object (v2), `data.messages[]` (older servers), and
 //! `data` as a base64 string of a whole envelope. Binary and Long fields arrive in several
-//! encodings, so everything is read from `serde_json::Value`.
+//! encodings, so fields are read leniently: a field of an unexpected type reads as absent.
+//!
+//! Bodies are not built into a `serde_json::Value` tree: each object is read as its members in
+//! document order with their values left as JSON text, and only the members a message needs are
+//! looked into. What the agent and the trace see is the body's own text, spliced (the `apikey`
+//! member dropped, `data` replaced by the one message), not a tree serialized again.
 
 pub use crate::channels::ParseError;
 use crate::channels::{Inbound, Media, RawJson};
 use base64::Engine as _;
-use serde_json::{Map, Value};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
 
 /// What a webhook body holds.
 #[derive(Debug)]
@@ -66,66 +77,217 @@ pub fn parse(
     now_ms: i64,
     new_id: &mut dyn FnMut() -> String,
 ) -> Result<Event, ParseError> {
-    let envelope: Value = serde_json::from_slice(body).map_err(|e| ParseError::Json(e.to_string()))?;
-    let envelope = match envelope.get("data") {
+    let envelope = Object::from_body(body)?;
+    match envelope.get("data") {
         // Webhook base64 mode: `data` is a whole envelope, encoded.
-        Some(Value::String(encoded)) => {
+        Some(data) if data.get().starts_with('"') => {
+            let encoded = text(Some(data));
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(encoded.trim())
                 .map_err(|_| ParseError::Shape("data is a string but not base64".into()))?;
-            let inner: Value = serde_json::from_slice(&decoded).map_err(|e| ParseError::Json(e.to_string()))?;
-            if inner.get("data").is_some_and(Value::is_string) {
+            let inner = Object::from_body(&decoded)?;
+            if inner.get("data").is_some_and(|d| d.get().starts_with('"')) {
                 return Err(ParseError::Shape("data nests another encoded envelope".into()));
             }
-            inner
+            envelope_event(&inner, instance, instance_id, now_ms, new_id)
         }
-        _ => envelope,
-    };
-    let Value::Object(mut envelope) = envelope else {
-        return Err(ParseError::Shape("body is not a JSON object".into()));
-    };
-    let event =
-        envelope.get("event").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase().replace('_', ".");
-    // Taken, not copied: what the agent and the trace see is rebuilt per message below.
-    let mut data = envelope.remove("data").unwrap_or(Value::Null);
-    match event.as_str() {
-        "messages.upsert" => {}
-        "connection.update" => return Ok(Event::ConnectionUpdate(data)),
-        "qrcode.updated" => return Ok(Event::QrCodeUpdated(data)),
-        other => return Ok(Event::Other(other.to_owned())),
+        _ => envelope_event(&envelope, instance, instance_id, now_ms, new_id),
     }
-    let own_jid = envelope.get("sender").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let items: Vec<Value> = if let Some(Value::Array(messages)) = data.get_mut("messages") {
-        std::mem::take(messages)
-    } else if data.get("key").is_some() {
-        vec![data]
+}
+
+fn envelope_event(
+    envelope: &Object<'_>,
+    instance: &str,
+    instance_id: &str,
+    now_ms: i64,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Event, ParseError> {
+    let event = text(envelope.get("event"));
+    let data = envelope.get("data");
+    let tree = || data.and_then(|d| serde_json::from_str(d.get()).ok()).unwrap_or(Value::Null);
+    // `MESSAGES_UPSERT` and `messages.upsert` are the same event.
+    let is = |name: &str| event.len() == name.len() && event.bytes().zip(name.bytes()).all(|(a, b)| same(a, b));
+    if is("messages.upsert") {
+    } else if is("connection.update") {
+        return Ok(Event::ConnectionUpdate(tree()));
+    } else if is("qrcode.updated") {
+        return Ok(Event::QrCodeUpdated(tree()));
     } else {
-        return Err(ParseError::Shape("messages.upsert without a message".into()));
+        return Ok(Event::Other(event.to_ascii_lowercase().replace('_', ".")));
+    }
+    let own_jid = text(envelope.get("sender")).into_owned();
+    let data_object = Object::of(data);
+    let shared = Shared { envelope, own_jid: &own_jid, instance, instance_id, now_ms };
+    let messages = match (data_object.get("messages"), data) {
+        (Some(messages), _) if messages.get().starts_with('[') => {
+            let items: Vec<&RawValue> =
+                serde_json::from_str(messages.get()).map_err(|e| ParseError::Shape(format!("data.messages: {e}")))?;
+            items
+                .into_iter()
+                .map(|json| shared.message(json, Object::of(Some(json)), new_id()))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        (_, Some(json)) if data_object.get("key").is_some() => {
+            vec![shared.message(json, data_object, new_id())?]
+        }
+        _ => return Err(ParseError::Shape("messages.upsert without a message".into())),
     };
-    // The instance token never leaves the parser.
-    envelope.remove("apikey");
-    let messages = items
-        .into_iter()
-        .map(|item| message(item, &own_jid, instance, instance_id, now_ms, new_id(), &envelope))
-        .collect::<Result<Vec<_>, _>>()?;
     Ok(Event::Messages { own_jid, messages })
 }
 
-fn str_at<'a>(value: &'a Value, path: &[&str]) -> &'a str {
-    path.iter().try_fold(value, |v, key| v.get(key)).and_then(Value::as_str).unwrap_or_default()
+/// `a` (from the body) matches `b` (lower case, dots) ignoring case and `_` for `.`.
+fn same(a: u8, b: u8) -> bool {
+    a.to_ascii_lowercase() == b || (a == b'_' && b == b'.')
+}
+
+/// A JSON object's members in document order, their values as JSON text; empty for anything
+/// that is not an object. Lookups are linear: webhook objects have a dozen members.
+#[derive(Default)]
+struct Object<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Object<'a> {
+    /// A body's top level, which must be an object.
+    fn from_body(body: &'a [u8]) -> Result<Object<'a>, ParseError> {
+        serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                ParseError::Shape("body is not a JSON object".into())
+            } else {
+                ParseError::Json(e.to_string())
+            }
+        })
+    }
+
+    fn of(value: Option<&'a RawValue>) -> Object<'a> {
+        match value {
+            Some(v) if v.get().starts_with('{') => serde_json::from_str(v.get()).unwrap_or_default(),
+            _ => Object::default(),
+        }
+    }
+
+    /// The last member named `key`, the one a tree would keep.
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    fn without(&self, key: &str) -> Object<'a> {
+        Object(self.0.iter().filter(|(k, _)| k != key).cloned().collect())
+    }
+}
+
+impl<'de> Deserialize<'de> for Object<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Object<'de>, D::Error> {
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = Object<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Object<'de>, M::Error> {
+                let mut members = Vec::with_capacity(16);
+                while let Some(Key(key)) = map.next_key()? {
+                    members.push((key, map.next_value()?));
+                }
+                Ok(Object(members))
+            }
+        }
+        deserializer.deserialize_map(Members)
+    }
+}
+
+impl Serialize for Object<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (key, value) in &self.0 {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+/// A member name, borrowed from the body unless it had escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Key<'de>, D::Error> {
+        struct Name;
+        impl<'de> Visitor<'de> for Name {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(name)))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(name.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Name)
+    }
+}
+
+/// The envelope as the agent and the trace see it: without the `apikey`, with `data` holding
+/// one message.
+struct Spliced<'e, 'a> {
+    envelope: &'e Object<'a>,
+    data: &'e RawValue,
+}
+
+impl Serialize for Spliced<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let members = &self.envelope.0;
+        let last_data = members.iter().rposition(|(k, _)| k == "data");
+        let mut map = serializer.serialize_map(None)?;
+        for (i, (key, value)) in members.iter().enumerate() {
+            match key.as_ref() {
+                // The instance token never leaves the parser.
+                "apikey" => {}
+                "data" if Some(i) == last_data => map.serialize_entry(key, self.data)?,
+                "data" => {}
+                _ => map.serialize_entry(key, value)?,
+            }
+        }
+        if last_data.is_none() {
+            map.serialize_entry("data", self.data)?;
+        }
+        map.end()
+    }
+}
+
+/// A string member's text; `None` when absent or not a string.
+fn string(value: Option<&RawValue>) -> Option<Cow<'_, str>> {
+    let json = value?.get();
+    if !json.starts_with('"') {
+        return None;
+    }
+    // Without escapes, the text between the quotes is the string itself.
+    if !json.contains('\\') {
+        return Some(Cow::Borrowed(&json[1..json.len() - 1]));
+    }
+    serde_json::from_str(json).ok().map(Cow::Owned)
+}
+
+/// A string member's text; empty when absent or not a string.
+fn text(value: Option<&RawValue>) -> Cow<'_, str> {
+    string(value).unwrap_or_default()
+}
+
+fn boolean(value: Option<&RawValue>) -> bool {
+    value.is_some_and(|v| v.get() == "true")
 }
 
 /// A number that may be a JSON number, a numeric string, or a protobuf Long `{low, high}`.
-fn long(value: Option<&Value>) -> Option<i64> {
-    match value? {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.parse().ok(),
-        Value::Object(o) => {
-            let low = o.get("low")?.as_i64()? & 0xffff_ffff;
-            let high = o.get("high").and_then(Value::as_i64).unwrap_or(0);
+fn long(value: Option<&RawValue>) -> Option<i64> {
+    let json = value?.get();
+    match json.as_bytes().first()? {
+        b'"' => string(value)?.parse().ok(),
+        b'{' => {
+            let long = Object::of(value);
+            let low = long.get("low")?.get().parse::<i64>().ok()? & 0xffff_ffff;
+            let high = long.get("high").and_then(|h| h.get().parse::<i64>().ok()).unwrap_or(0);
             Some((high << 32) | low)
         }
-        _ => None,
+        _ => json.parse().ok(),
     }
 }
 
@@ -144,103 +306,121 @@ const MEDIA_KINDS: &[(&str, &str)] = &[
     ("ptvMessage", "video"),
 ];
 
-fn message(
-    mut item: Value,
-    own_jid: &str,
-    instance: &str,
-    instance_id: &str,
+/// The JIDs a `contextInfo` mentions, added to `into`.
+fn mentioned<'a>(into: &mut Vec<Cow<'a, str>>, context: Option<&'a RawValue>) {
+    let Some(jids) = Object::of(context).get("mentionedJid").filter(|j| j.get().starts_with('[')) else {
+        return;
+    };
+    let jids: Vec<&RawValue> = serde_json::from_str(jids.get()).unwrap_or_default();
+    into.extend(jids.into_iter().filter_map(|jid| string(Some(jid))));
+}
+
+/// What the messages of one body share.
+struct Shared<'e, 'a> {
+    envelope: &'e Object<'a>,
+    own_jid: &'e str,
+    instance: &'e str,
+    instance_id: &'e str,
     now_ms: i64,
-    id: String,
-    envelope: &Map<String, Value>,
-) -> Result<Message, ParseError> {
-    let key = item.get("key").ok_or_else(|| ParseError::Shape("message without key".into()))?;
-    let remote_jid = str_at(key, &["remoteJid"]);
-    let external_id = str_at(key, &["id"]);
-    if remote_jid.is_empty() || external_id.is_empty() {
-        return Err(ParseError::Shape("message key needs remoteJid and id".into()));
-    }
-    let is_group = remote_jid.ends_with("@g.us");
-    let (author, author_alt) = if is_group {
-        (str_at(key, &["participant"]), str_at(key, &["participantAlt"]))
-    } else {
-        (remote_jid, str_at(key, &["remoteJidAlt"]))
-    };
-    // A LID says nothing about the phone; when the alternate JID has the number, use it, so
-    // access rules and users keyed by phone keep working.
-    let sender =
-        if author.ends_with("@lid") && !author_alt.is_empty() { jid_user(author_alt) } else { jid_user(author) };
+}
 
-    let empty = Value::Object(Map::new());
-    let content = item.get("message").unwrap_or(&empty);
-    let mut text = str_at(content, &["conversation"]).to_owned();
-    if text.is_empty() {
-        text = str_at(content, &["extendedTextMessage", "text"]).to_owned();
-    }
-    let mut media = Vec::new();
-    let mut mentions: Vec<&str> = Vec::new();
-    fn collect<'v>(mentions: &mut Vec<&'v str>, context: Option<&'v Value>) {
-        if let Some(Value::Array(jids)) = context.and_then(|c| c.get("mentionedJid")) {
-            mentions.extend(jids.iter().filter_map(Value::as_str));
+impl Shared<'_, '_> {
+    /// One message; `item` is `item_json`'s members.
+    fn message(&self, item_json: &RawValue, item: Object<'_>, id: String) -> Result<Message, ParseError> {
+        let Shared { envelope, own_jid, instance, instance_id, now_ms } = *self;
+        let key = Object::of(Some(item.get("key").ok_or_else(|| ParseError::Shape("message without key".into()))?));
+        let remote_jid = text(key.get("remoteJid"));
+        let external_id = text(key.get("id"));
+        if remote_jid.is_empty() || external_id.is_empty() {
+            return Err(ParseError::Shape("message key needs remoteJid and id".into()));
         }
-    }
-    collect(&mut mentions, item.get("contextInfo"));
-    collect(&mut mentions, content.get("extendedTextMessage").and_then(|m| m.get("contextInfo")));
-    let inline_base64 = content.get("base64").or_else(|| item.get("base64")).and_then(Value::as_str);
-    let media_url = content.get("mediaUrl").or_else(|| item.get("mediaUrl")).and_then(Value::as_str);
-    for (field, kind) in MEDIA_KINDS {
-        let Some(m) = content.get(*field) else { continue };
-        collect(&mut mentions, m.get("contextInfo"));
-        if text.is_empty() {
-            text = str_at(m, &["caption"]).to_owned();
+        let is_group = remote_jid.ends_with("@g.us");
+        let (author, author_alt) = if is_group {
+            (text(key.get("participant")), text(key.get("participantAlt")))
+        } else {
+            (remote_jid.clone(), text(key.get("remoteJidAlt")))
+        };
+        // A LID says nothing about the phone; when the alternate JID has the number, use it, so
+        // access rules and users keyed by phone keep working.
+        let sender =
+            if author.ends_with("@lid") && !author_alt.is_empty() { jid_user(&author_alt) } else { jid_user(&author) };
+
+        let content = Object::of(item.get("message"));
+        let extended = Object::of(content.get("extendedTextMessage"));
+        let mut text_of = text(content.get("conversation"));
+        if text_of.is_empty() {
+            text_of = text(extended.get("text"));
         }
-        media.push(Media {
-            kind: (*kind).to_owned(),
-            mime_type: str_at(m, &["mimetype"]).to_owned(),
-            url: media_url.unwrap_or(str_at(m, &["url"])).to_owned(),
-            base64: inline_base64.or_else(|| m.get("base64").and_then(Value::as_str)).map(str::to_owned),
-            file_name: str_at(m, &["fileName"]).to_owned(),
-            seconds: long(m.get("seconds")).map(|s| s.max(0) as u64),
-            voice_note: m.get("ptt").and_then(Value::as_bool).unwrap_or(false),
-        });
-    }
-    let own_user = jid_user(own_jid);
-    let mentions_bot = !own_user.is_empty() && mentions.iter().any(|m| jid_user(m) == own_user);
+        let mut media = Vec::new();
+        let mut mentions = Vec::new();
+        mentioned(&mut mentions, item.get("contextInfo"));
+        mentioned(&mut mentions, extended.get("contextInfo"));
+        let inline_base64 = content.get("base64").or_else(|| item.get("base64"));
+        let media_url = string(content.get("mediaUrl").or_else(|| item.get("mediaUrl")));
+        for (field, kind) in MEDIA_KINDS {
+            let Some(m) = content.get(field) else { continue };
+            let m = Object::of(Some(m));
+            mentioned(&mut mentions, m.get("contextInfo"));
+            if text_of.is_empty() {
+                text_of = text(m.get("caption"));
+            }
+            media.push(Media {
+                kind: (*kind).to_owned(),
+                mime_type: text(m.get("mimetype")).into_owned(),
+                url: media_url.clone().unwrap_or_else(|| text(m.get("url"))).into_owned(),
+                base64: string(inline_base64).or_else(|| string(m.get("base64"))).map(Cow::into_owned),
+                file_name: text(m.get("fileName")).into_owned(),
+                seconds: long(m.get("seconds")).map(|s| s.max(0) as u64),
+                voice_note: boolean(m.get("ptt")),
+            });
+        }
+        let own_user = jid_user(own_jid);
+        let mentions_bot = !own_user.is_empty() && mentions.iter().any(|m| jid_user(m) == own_user);
 
-    let message_type = item
-        .get("messageType")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .unwrap_or_else(|| content.as_object().and_then(|o| o.keys().next().cloned()).unwrap_or_default());
-    let inbound = Inbound {
-        id,
-        instance: instance.to_owned(),
-        instance_id: instance_id.to_owned(),
-        external_id: external_id.to_owned(),
-        conversation: remote_jid.to_owned(),
-        thread: String::new(),
-        sender: sender.to_owned(),
-        sender_name: str_at(&item, &["pushName"]).to_owned(),
-        text,
-        message_type,
-        media,
-        is_group,
-        sent_at: long(item.get("messageTimestamp")).unwrap_or(0),
-        received_at: now_ms,
-        raw: RawJson::default(),
-    };
-    let from_me = key.get("fromMe").and_then(Value::as_bool).unwrap_or(false);
+        let message_type = match string(item.get("messageType")) {
+            Some(kind) => kind.into_owned(),
+            // Baileys writes a message's fields in proto order: its kind comes first.
+            None => content.0.first().map(|(kind, _)| kind.clone().into_owned()).unwrap_or_default(),
+        };
 
-    // What the agent and the trace see: the envelope with this message, minus the token and
-    // minus inline media (it travels once, in `media`).
-    if let Some(Value::Object(m)) = item.get_mut("message") {
-        m.remove("base64");
+        // What the agent and the trace see: the envelope with this message, minus the token and
+        // minus inline media (it travels once, in `media`).
+        let content_without_media;
+        let item_without_media;
+        let data = if item.get("base64").is_none() && content.get("base64").is_none() {
+            item_json
+        } else {
+            let mut stripped = item.without("base64");
+            if let Some(slot) = stripped.0.iter_mut().rev().find(|(k, _)| k == "message") {
+                content_without_media = serde_json::value::to_raw_value(&content.without("base64"))
+                    .map_err(|e| ParseError::Shape(e.to_string()))?;
+                slot.1 = &content_without_media;
+            }
+            item_without_media =
+                serde_json::value::to_raw_value(&stripped).map_err(|e| ParseError::Shape(e.to_string()))?;
+            &item_without_media
+        };
+        let raw = RawJson::new(&Spliced { envelope, data });
+
+        let inbound = Inbound {
+            id,
+            instance: instance.to_owned(),
+            instance_id: instance_id.to_owned(),
+            external_id: external_id.into_owned(),
+            conversation: remote_jid.clone().into_owned(),
+            thread: String::new(),
+            sender: sender.to_owned(),
+            sender_name: text(item.get("pushName")).into_owned(),
+            text: text_of.into_owned(),
+            message_type,
+            media,
+            is_group,
+            sent_at: long(item.get("messageTimestamp")).unwrap_or(0),
+            received_at: now_ms,
+            raw,
+        };
+        Ok(Message { from_me: boolean(key.get("fromMe")), mentions_bot, inbound })
     }
-    if let Value::Object(d) = &mut item {
-        d.remove("base64");
-    }
-    let mut raw = envelope.clone();
-    raw.insert("data".into(), item);
-    Ok(Message { from_me, mentions_bot, inbound: Inbound { raw: RawJson::new(&raw), ..inbound } })
 }
 
 #[cfg(test)]
@@ -388,10 +568,51 @@ mod tests {
 
     #[test]
     fn longs_in_every_encoding() {
-        assert_eq!(long(Some(&serde_json::json!(5))), Some(5));
-        assert_eq!(long(Some(&serde_json::json!("1763638839"))), Some(1_763_638_839));
-        assert_eq!(long(Some(&serde_json::json!({"low": 52311, "high": 0, "unsigned": true}))), Some(52311));
-        assert_eq!(long(Some(&serde_json::json!({"low": -1, "high": 1}))), Some((1 << 32) | 0xffff_ffff));
+        let raw = |json: &str| RawValue::from_string(json.to_owned()).unwrap();
+        assert_eq!(long(Some(&raw("5"))), Some(5));
+        assert_eq!(long(Some(&raw(r#""1763638839""#))), Some(1_763_638_839));
+        assert_eq!(long(Some(&raw(r#"{"low": 52311, "high": 0, "unsigned": true}"#))), Some(52311));
+        assert_eq!(long(Some(&raw(r#"{"low": -1, "high": 1}"#))), Some((1 << 32) | 0xffff_ffff));
+        assert_eq!(long(Some(&raw("1.5"))), None);
+        assert_eq!(long(Some(&raw("null"))), None);
         assert_eq!(jid_user("5511999999999:12@s.whatsapp.net"), "5511999999999");
+    }
+
+    #[test]
+    fn the_agent_sees_the_envelope_as_sent_minus_the_token() {
+        let m = one("text_dm.json");
+        let mut expected: Value = serde_json::from_slice(&fixture("text_dm.json")).unwrap();
+        expected.as_object_mut().unwrap().remove("apikey");
+        assert_eq!(m.inbound.raw.to_value(), expected);
+
+        let m = one("image_base64.json");
+        let mut expected: Value = serde_json::from_slice(&fixture("image_base64.json")).unwrap();
+        expected.as_object_mut().unwrap().remove("apikey");
+        expected["data"]["message"].as_object_mut().unwrap().remove("base64");
+        assert_eq!(m.inbound.raw.to_value(), expected);
+
+        let (_, all) = messages("legacy_messages_array.json");
+        let envelope: Value = serde_json::from_slice(&fixture("legacy_messages_array.json")).unwrap();
+        for (i, m) in all.iter().enumerate() {
+            let raw = m.inbound.raw.to_value();
+            assert_eq!(raw["data"], envelope["data"]["messages"][i], "each message travels alone");
+            assert!(raw.get("apikey").is_none());
+        }
+    }
+
+    #[test]
+    fn escapes_upper_case_events_and_repeated_members() {
+        let body = br#"{"event":"MESSAGES_UPSERT","sender":"5511888888888@s.whatsapp.net",
+            "apikey":"one","data":{"key":{"remoteJid":"5511999999999@s.whatsapp.net","id":"X1"},
+            "pushName":"Jo\u00e3o","message":{"conversation":"line one\nline \"two\""},
+            "messageTimestamp":{"low":1763638839,"high":0}},"api\u006bey":"two","apikey":"three"}"#;
+        let mut ids = || "t".to_owned();
+        let Ok(Event::Messages { messages, .. }) = parse(body, "a", "i", 0, &mut ids) else { panic!() };
+        let m = &messages[0].inbound;
+        assert_eq!((m.sender_name.as_str(), m.text.as_str()), ("João", "line one\nline \"two\""));
+        assert_eq!((m.sent_at, m.message_type.as_str()), (1_763_638_839, "conversation"));
+        let raw = m.raw.get();
+        assert!(!raw.contains("one\"") && !raw.contains("two\"") && !raw.contains("three"), "{raw}");
+        assert_eq!(m.raw.to_value()["data"]["pushName"], "João");
     }
 }
