@@ -1,15 +1,19 @@
-//! The floor: the least any hub on this stack (tokio, hyper, reqwest, a flushed file) does per
+//! The floor: the least any hub on this stack (tokio, axum, hyper's client, a flushed file) does per
 //! message, as a process of its own. It serves the webhook, makes it durable, asks the agent,
 //! makes the answer durable, sends it to Evolution. No dedupe, access rules, users or traces.
 //! The whatsapp benchmark drives it like the hub and prints its CPU per message beside the hub's.
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderName, StatusCode};
+use omni_data_plane::http_client::HttpClient;
 use serde_json::{Value, json};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, mpsc};
+use std::time::Duration;
 use tokio::sync::oneshot;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Size of the circular file records are written to.
 const LOG_BYTES: u64 = 8 << 20;
@@ -60,7 +64,8 @@ impl Flusher {
 
 struct Relay {
     flusher: Flusher,
-    http: reqwest::Client,
+    /// The client the hub calls agents and Evolution with.
+    http: HttpClient,
     agent_url: String,
     send_url: String,
 }
@@ -68,11 +73,13 @@ struct Relay {
 impl Relay {
     async fn answer(&self, text: String) -> anyhow::Result<()> {
         let ask = json!({ "message": text, "session_id": "floor", "user_id": "floor" });
-        let answer: Value = self.http.post(&self.agent_url).json(&ask).send().await?.json().await?;
+        let answer = self.http.post_json(&self.agent_url, &[], serde_json::to_vec(&ask)?.into(), TIMEOUT).await?;
+        let answer: Value = serde_json::from_slice(&answer.body)?;
         let text = answer["message"].as_str().unwrap_or_default().to_owned();
         self.flusher.write(text.clone().into_bytes()).await?;
         let send = json!({ "number": "5511999999999", "text": text });
-        self.http.post(&self.send_url).header("apikey", super::whatsapp::EVOLUTION_KEY).json(&send).send().await?;
+        let key = [(HeaderName::from_static("apikey"), super::whatsapp::EVOLUTION_KEY)];
+        self.http.post_json(&self.send_url, &key, serde_json::to_vec(&send)?.into(), TIMEOUT).await?;
         Ok(())
     }
 }
@@ -93,7 +100,7 @@ async fn webhook(State(relay): State<Arc<Relay>>, body: Bytes) -> StatusCode {
 pub async fn serve(agent_url: String, send_url: String, dir: std::path::PathBuf) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let flusher = Flusher::start(&dir.join("floor.log"))?;
-    let relay = Relay { flusher, http: reqwest::Client::new(), agent_url, send_url };
+    let relay = Relay { flusher, http: HttpClient::new()?, agent_url, send_url };
     let router = axum::Router::new().fallback(axum::routing::post(webhook)).with_state(Arc::new(relay));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("floor listening on {}", listener.local_addr()?);

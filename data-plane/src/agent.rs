@@ -2,8 +2,8 @@
 //! the instance's time budget, and one answer text out.
 
 use crate::channels::Inbound;
-use crate::urls::ParsedUrls;
-use omni_core::errors::root_cause;
+use crate::http_client::{CallError, HttpClient};
+use http::HeaderName;
 use omni_proto::v1::{self as pb, AgentProtocol};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -56,8 +56,7 @@ impl serde::Serialize for Body<'_> {
 
 #[derive(Clone)]
 pub struct AgentClient {
-    http: reqwest::Client,
-    urls: ParsedUrls,
+    http: HttpClient,
 }
 
 /// Who is asking, in the agent's terms.
@@ -84,8 +83,8 @@ fn snippet(text: &str) -> String {
 }
 
 impl AgentClient {
-    pub fn new(http: reqwest::Client) -> AgentClient {
-        AgentClient { http, urls: ParsedUrls::default() }
+    pub fn new(http: HttpClient) -> AgentClient {
+        AgentClient { http }
     }
 
     /// The URL and body fields of one protocol, and whether the channel's payload goes with them.
@@ -178,6 +177,15 @@ impl AgentClient {
         let budget = Duration::from_secs(u64::from(agent.timeout_seconds.max(1)));
         let deadline = Instant::now() + budget;
         let mut backoff = Duration::from_millis(200);
+        let bearer;
+        let mut headers: Vec<(HeaderName, &str)> = Vec::with_capacity(2);
+        if !agent.key.is_empty() {
+            headers.push((HeaderName::from_static("x-api-key"), &agent.key));
+            if protocol != AgentProtocol::Automagik {
+                bearer = format!("Bearer {}", agent.key);
+                headers.push((http::header::AUTHORIZATION, &bearer));
+            }
+        }
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -185,37 +193,24 @@ impl AgentClient {
             if remaining.is_zero() {
                 return Err(AgentError::Timeout(agent.timeout_seconds));
             }
-            let mut request = self
-                .urls
-                .post(&self.http, &url)
-                .timeout(remaining)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
-            if !agent.key.is_empty() {
-                request = request.header("x-api-key", &agent.key);
-                if protocol != AgentProtocol::Automagik {
-                    request = request.bearer_auth(&agent.key);
-                }
-            }
-            let retryable = match request.send().await {
-                Ok(response) if response.status().is_success() => {
-                    let bytes = response.bytes().await.map_err(|e| AgentError::BadAnswer(e.to_string()))?;
-                    let parsed: Value = serde_json::from_slice(&bytes)
-                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+            let retryable = match self.http.post_json(&url, &headers, body.clone(), remaining).await {
+                Ok(answer) if answer.is_success() => {
+                    let parsed: Value = serde_json::from_slice(&answer.body)
+                        .unwrap_or_else(|_| Value::String(answer.text().into_owned()));
                     let text = Self::answer(protocol, &parsed)?;
                     return Ok(AgentAnswer { text, attempts, request: fields, response: parsed });
                 }
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let body = snippet(&response.text().await.unwrap_or_default());
-                    let error = AgentError::Status { status, body };
+                Ok(answer) => {
+                    let status = answer.status;
+                    let error = AgentError::Status { status, body: snippet(&answer.text()) };
                     if status < 500 && status != 429 {
                         return Err(error);
                     }
                     error
                 }
-                Err(e) if e.is_timeout() => return Err(AgentError::Timeout(agent.timeout_seconds)),
-                Err(e) => AgentError::Unreachable(root_cause(&e)),
+                Err(CallError::Timeout(_)) => return Err(AgentError::Timeout(agent.timeout_seconds)),
+                Err(e @ CallError::Invalid(_)) => return Err(AgentError::Unreachable(e.to_string())),
+                Err(e) => AgentError::Unreachable(e.to_string()),
             };
             let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
             if pause.is_zero() {

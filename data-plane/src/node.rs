@@ -11,6 +11,7 @@ use crate::channels::slack::client::SlackClient;
 use crate::config::{ConfigHandle, Limits};
 use crate::connection_events::ConnectionEvents;
 use crate::http::{NodeState, router};
+use crate::http_client::HttpClient;
 use crate::pipeline::Pipeline;
 use crate::spool::{Op, Spool};
 use crate::sync::{Sends, SyncClient, SyncSettings, SyncStatus};
@@ -192,14 +193,15 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .map_err(|e| NodeError::HttpClient(e.to_string()))?;
+    let per_message = HttpClient::new().map_err(|e| NodeError::HttpClient(e.to_string()))?;
     let spool = Spool::open(&dir.join("spool.redb"))?;
     let discord = DiscordClients::new(&options.channels.discord_api_url);
     let pipeline = Arc::new(Pipeline::new(
         spool.clone(),
         config.clone(),
-        AgentClient::new(http.clone()),
+        AgentClient::new(per_message.clone()),
         Channels {
-            evolution: EvolutionClient::new(http.clone()),
+            evolution: EvolutionClient::new(per_message),
             slack: SlackClient::new(http, &options.channels.slack_api_url),
             discord: discord.clone(),
         },

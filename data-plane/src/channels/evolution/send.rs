@@ -2,20 +2,35 @@
 //! presence.
 
 use crate::channels::SendError;
-use crate::urls::ParsedUrls;
-use omni_core::errors::root_cause;
+use crate::http_client::{CallError, HttpClient};
+use http::HeaderName;
 use omni_proto::v1 as pb;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use std::time::Duration;
 
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 const SERVICE: &str = "Evolution";
 
+const APIKEY: HeaderName = HeaderName::from_static("apikey");
+
+/// The part of Evolution's answer to a send that Omni keeps.
+#[derive(Deserialize)]
+struct Sent {
+    #[serde(default)]
+    key: SentKey,
+}
+
+#[derive(Deserialize, Default)]
+struct SentKey {
+    #[serde(default)]
+    id: String,
+}
+
 #[derive(Clone)]
 pub struct EvolutionClient {
-    http: reqwest::Client,
-    urls: ParsedUrls,
+    http: HttpClient,
 }
 
 fn endpoint(evolution: &pb::NodeEvolution, action: &str) -> String {
@@ -23,8 +38,8 @@ fn endpoint(evolution: &pb::NodeEvolution, action: &str) -> String {
 }
 
 impl EvolutionClient {
-    pub fn new(http: reqwest::Client) -> EvolutionClient {
-        EvolutionClient { http, urls: ParsedUrls::default() }
+    pub fn new(http: HttpClient) -> EvolutionClient {
+        EvolutionClient { http }
     }
 
     /// Sends one text to `number` (the JID the message came from, LIDs and groups included).
@@ -35,7 +50,12 @@ impl EvolutionClient {
         number: &str,
         text: &str,
     ) -> Result<String, SendError> {
-        self.post_message(evolution, "message/sendText", &json!({ "number": number, "text": text })).await
+        #[derive(Serialize)]
+        struct SendText<'a> {
+            number: &'a str,
+            text: &'a str,
+        }
+        self.post_message(evolution, "message/sendText", &SendText { number, text }).await
     }
 
     /// Sends one file (a URL Evolution fetches, or the bytes, base64) with an optional caption.
@@ -70,12 +90,13 @@ impl EvolutionClient {
         &self,
         evolution: &pb::NodeEvolution,
         action: &str,
-        body: &Value,
+        body: &(impl Serialize + Sync),
     ) -> Result<String, SendError> {
+        let body = bytes::Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.post_message_once(evolution, action, body).await {
+            match self.post_message_once(evolution, action, body.clone()).await {
                 Err(e) if e.retryable() && attempt < 3 => {
                     tokio::time::sleep(Duration::from_millis(300 * attempt)).await
                 }
@@ -88,23 +109,22 @@ impl EvolutionClient {
         &self,
         evolution: &pb::NodeEvolution,
         action: &str,
-        body: &Value,
+        body: bytes::Bytes,
     ) -> Result<String, SendError> {
-        let response = self
-            .urls
-            .post(&self.http, &endpoint(evolution, action))
-            .header("apikey", &evolution.key)
-            .timeout(SEND_TIMEOUT)
-            .json(body)
-            .send()
+        let answer = self
+            .http
+            .post_json(&endpoint(evolution, action), &[(APIKEY, &evolution.key)], body, SEND_TIMEOUT)
             .await
-            .map_err(|e| SendError::without_answer(SERVICE, &e))?;
-        let status = response.status().as_u16();
-        let answer = response.text().await.unwrap_or_default();
-        if (200..300).contains(&status) {
-            let parsed: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
-            return Ok(parsed.pointer("/key/id").and_then(Value::as_str).unwrap_or_default().to_owned());
+            .map_err(|e| match e {
+                CallError::Invalid(_) => SendError::Refused(SERVICE, e.to_string()),
+                e if e.never_sent() => SendError::NotSent(SERVICE, e.to_string()),
+                e => SendError::Unknown(SERVICE, e.to_string()),
+            })?;
+        let status = answer.status;
+        if answer.is_success() {
+            return Ok(serde_json::from_slice::<Sent>(&answer.body).map(|sent| sent.key.id).unwrap_or_default());
         }
+        let answer = answer.text();
         let mut quoted: String = answer.chars().take(300).collect();
         if !evolution.key.is_empty() {
             // Evolution may echo the key; the error goes to traces and to API callers.
@@ -119,16 +139,21 @@ impl EvolutionClient {
 
     /// Shows "typing" in the conversation for `for_ms` (best effort).
     pub async fn typing(&self, evolution: &pb::NodeEvolution, number: &str, for_ms: u64) {
+        #[derive(Serialize)]
+        struct Presence<'a> {
+            number: &'a str,
+            presence: &'a str,
+            delay: u64,
+        }
+        let body =
+            serde_json::to_vec(&Presence { number, presence: "composing", delay: for_ms }).expect("JSON serializes");
+        let wait = Duration::from_millis(for_ms) + Duration::from_secs(5);
         let result = self
-            .urls
-            .post(&self.http, &endpoint(evolution, "chat/sendPresence"))
-            .header("apikey", &evolution.key)
-            .timeout(Duration::from_millis(for_ms) + Duration::from_secs(5))
-            .json(&json!({ "number": number, "presence": "composing", "delay": for_ms }))
-            .send()
+            .http
+            .post_json(&endpoint(evolution, "chat/sendPresence"), &[(APIKEY, &evolution.key)], body.into(), wait)
             .await;
         if let Err(e) = result {
-            tracing::debug!(error = %root_cause(&e), "typing presence not shown");
+            tracing::debug!(error = %e, "typing presence not shown");
         }
     }
 }

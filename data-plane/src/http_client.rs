@@ -1,0 +1,249 @@
+//! The HTTP client of the calls the node makes for each message (the tenant's agent, its
+//! Evolution server): hyper's pooled client over rustls, each URL parsed once.
+//!
+//! Not reqwest, whose redirect and retry layers parse every request's URL twice more and cost
+//! a quarter of the node's instructions per message; these calls need neither (a POST is not to
+//! be redirected or resent behind the caller's back: the callers decide what is retried).
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use omni_core::errors::root_cause;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use thiserror::Error;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The largest answer read; an agent's reply text is far smaller.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+/// URLs kept parsed at most; past that the cache starts over (URLs come from tenants' config,
+/// and a config with more of them than this is better served slower than by unbounded memory).
+const KEEP_URLS: usize = 10_000;
+
+#[derive(Debug, Error)]
+pub enum CallError {
+    /// A URL or header value that cannot be sent.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("could not connect: {0}")]
+    Connect(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The request may have reached the server.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CallError {
+    /// The server cannot have seen the request.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, CallError::Invalid(_) | CallError::Connect(_))
+    }
+}
+
+/// What the server answered.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.body)
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    uris: Arc<RwLock<HashMap<String, Uri>>>,
+}
+
+#[derive(Debug, Error)]
+#[error("HTTP client: {0}")]
+pub struct ClientError(String);
+
+impl HttpClient {
+    /// Trusts what the platform trusts (its CA store), as browsers and reqwest do. Uses the
+    /// process's rustls provider, which must be installed first.
+    pub fn new() -> Result<HttpClient, ClientError> {
+        let provider = rustls::crypto::CryptoProvider::get_default()
+            .cloned()
+            .ok_or_else(|| ClientError("no rustls crypto provider installed".into()))?;
+        let verifier =
+            rustls_platform_verifier::Verifier::new(provider.clone()).map_err(|e| ClientError(e.to_string()))?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .build(connector);
+        Ok(HttpClient { client, uris: Arc::default() })
+    }
+
+    /// POSTs `body` as JSON to `url` with `headers`, and reads the answer, all within `timeout`.
+    pub async fn post_json(
+        &self,
+        url: &str,
+        headers: &[(HeaderName, &str)],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Answer, CallError> {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.uri(url)?;
+        let fields = request.headers_mut();
+        fields.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in headers {
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| CallError::Invalid(format!("{name} is not a valid header value")))?;
+            fields.insert(name, value);
+        }
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|e| {
+                if e.is_connect() { CallError::Connect(root_cause(&e)) } else { CallError::Failed(root_cause(&e)) }
+            })?;
+            let status = response.status().as_u16();
+            let body = Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| CallError::Failed(format!("reading the answer: {}", root_cause(&*e))))?
+                .to_bytes();
+            Ok(Answer { status, body })
+        };
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| CallError::Timeout(timeout))?
+    }
+
+    fn uri(&self, url: &str) -> Result<Uri, CallError> {
+        if let Some(uri) = self.uris.read().expect("uri cache poisoned").get(url) {
+            return Ok(uri.clone());
+        }
+        let uri: Uri = url.parse().map_err(|_| CallError::Invalid(format!("URL {url:?}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(CallError::Invalid(format!("URL {url:?}")));
+        }
+        let mut uris = self.uris.write().expect("uri cache poisoned");
+        if uris.len() >= KEEP_URLS {
+            uris.clear();
+        }
+        uris.insert(url.to_owned(), uri.clone());
+        Ok(uri)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn client() -> HttpClient {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        HttpClient::new().unwrap()
+    }
+
+    /// A server that answers each connection's first request with `answer` after `delay`, and
+    /// hands over what it read.
+    async fn server(answer: &'static str, delay: Duration) -> (String, tokio::sync::mpsc::Receiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut read = Vec::new();
+                    let mut buf = [0; 4096];
+                    // Headers, then as much body as Content-Length says.
+                    loop {
+                        let n = socket.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        read.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&read).into_owned();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .and_then(|n| n.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if read.len() >= end + 4 + length {
+                                let _ = tx.send(text).await;
+                                break;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (url, rx)
+    }
+
+    #[tokio::test]
+    async fn posts_json_with_its_headers_and_reads_the_answer() {
+        let (url, mut seen) =
+            server("HTTP/1.1 201 Created\r\ncontent-length: 11\r\n\r\n{\"ok\":true}", Duration::ZERO).await;
+        let http = client();
+        let key = HeaderName::from_static("apikey");
+        let answer = http
+            .post_json(&url, &[(key, "k-1")], Bytes::from_static(b"{\"a\":1}"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!((answer.status, answer.text().as_ref()), (201, "{\"ok\":true}"));
+        assert!(answer.is_success());
+        let request = seen.recv().await.unwrap();
+        assert!(request.starts_with("POST /hook HTTP/1.1\r\n"), "{request}");
+        assert!(
+            request.contains("content-type: application/json\r\n") && request.contains("apikey: k-1\r\n"),
+            "{request}"
+        );
+        assert!(request.ends_with("{\"a\":1}"), "{request}");
+    }
+
+    #[tokio::test]
+    async fn says_whether_the_request_can_have_been_seen() {
+        let http = client();
+        let body = || Bytes::from_static(b"{}");
+        // A port nothing listens on: refused, never sent.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let refused =
+            http.post_json(&format!("http://{closed}/"), &[], body(), Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(refused, CallError::Connect(_)) && refused.never_sent(), "{refused:?}");
+        for bad in ["not a url", "ftp://example.com/x", "/relative"] {
+            let error = http.post_json(bad, &[], body(), Duration::from_secs(5)).await.unwrap_err();
+            assert!(matches!(error, CallError::Invalid(_)) && error.never_sent(), "{bad}: {error:?}");
+        }
+        // Read, then no answer in time: perhaps delivered.
+        let (url, mut seen) = server("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", Duration::from_secs(30)).await;
+        let late = http.post_json(&url, &[], body(), Duration::from_millis(200)).await.unwrap_err();
+        assert!(matches!(late, CallError::Timeout(_)) && !late.never_sent(), "{late:?}");
+        assert!(seen.recv().await.is_some());
+    }
+}
