@@ -209,6 +209,10 @@ impl AgentClient {
                     error
                 }
                 Err(CallError::Timeout(_)) => return Err(AgentError::Timeout(agent.timeout_seconds)),
+                // The agent answered; what it answered cannot be read (asking again would run it
+                // again), unless it failed.
+                Err(CallError::Unread { status, why }) if status < 500 => return Err(AgentError::BadAnswer(why)),
+                Err(CallError::Unread { status, why }) => AgentError::Status { status, body: snippet(&why) },
                 Err(e @ CallError::Invalid(_)) => return Err(AgentError::Unreachable(e.to_string())),
                 Err(e) => AgentError::Unreachable(e.to_string()),
             };

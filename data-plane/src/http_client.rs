@@ -4,6 +4,8 @@
 //! Not reqwest, whose redirect and retry layers parse every request's URL twice more and cost
 //! a quarter of the node's instructions per message; these calls need neither (a POST is not to
 //! be redirected or resent behind the caller's back: the callers decide what is retried).
+//! HTTP/1.1 only: a stream an HTTP/2 server refuses would otherwise look like a request that may
+//! have been delivered, and a reply chunk in that state is never sent again.
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
@@ -14,12 +16,21 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use omni_core::errors::root_cause;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use thiserror::Error;
+use tower_service::Service;
 
+/// For a connection in all: the name resolved, TCP connected, TLS negotiated.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// A pooled connection a middlebox dropped silently is found dead by keepalive probes (15 s idle,
+/// then three 15 s apart), and unacknowledged data gives up after 30 s, as reqwest's defaults.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest answer read; an agent's reply text is far smaller.
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
 /// URLs kept parsed at most; past that the cache starts over (URLs come from tenants' config,
@@ -38,6 +49,9 @@ pub enum CallError {
     /// The request may have reached the server.
     #[error("{0}")]
     Failed(String),
+    /// The server answered `status`, and reading the rest of its answer failed.
+    #[error("answer (HTTP {status}) unreadable: {why}")]
+    Unread { status: u16, why: String },
 }
 
 impl CallError {
@@ -66,7 +80,7 @@ impl Answer {
 
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<Bounded<HttpsConnector<HttpConnector>>, Full<Bytes>>,
     uris: Arc<RwLock<HashMap<String, Uri>>>,
 }
 
@@ -92,17 +106,19 @@ impl HttpClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        http.set_keepalive(Some(KEEPALIVE));
+        http.set_keepalive_interval(Some(KEEPALIVE));
+        http.set_keepalive_retries(Some(3));
+        http.set_tcp_user_timeout(Some(USER_TIMEOUT));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .enable_http2()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
-            .build(connector);
+            .build(Bounded(connector));
         Ok(HttpClient { client, uris: Arc::default() })
     }
 
@@ -132,7 +148,7 @@ impl HttpClient {
             let body = Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
                 .await
-                .map_err(|e| CallError::Failed(format!("reading the answer: {}", root_cause(&*e))))?
+                .map_err(|e| CallError::Unread { status, why: root_cause(&*e) })?
                 .to_bytes();
             Ok(Answer { status, body })
         };
@@ -153,6 +169,39 @@ impl HttpClient {
         }
         uris.insert(url.to_owned(), uri.clone());
         Ok(uri)
+    }
+}
+
+/// A connector that gives up on a connection after [`CONNECT_TIMEOUT`], name resolution and TLS
+/// included (hyper's own timeout covers the TCP connect only), so that a server that never
+/// completes a handshake is known not to have seen the request.
+#[derive(Clone)]
+struct Bounded<C>(C);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> Service<Uri> for Bounded<C>
+where
+    C: Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(format!("no connection within {CONNECT_TIMEOUT:?}").into()),
+            }
+        })
     }
 }
 
@@ -245,5 +294,26 @@ mod tests {
         let late = http.post_json(&url, &[], body(), Duration::from_millis(200)).await.unwrap_err();
         assert!(matches!(late, CallError::Timeout(_)) && !late.never_sent(), "{late:?}");
         assert!(seen.recv().await.is_some());
+        // Answered, then cut short: the server saw it.
+        let (url, _seen) = server("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", Duration::ZERO).await;
+        let cut = http.post_json(&url, &[], body(), Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(cut, CallError::Unread { status: 200, .. }) && !cut.never_sent(), "{cut:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_completes_a_handshake_never_saw_the_request() {
+        // TCP accepted, TLS never answered: given up after the connect timeout, not the request's.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}/hook", listener.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let error =
+            client().post_json(&url, &[], Bytes::from_static(b"{}"), Duration::from_secs(60)).await.unwrap_err();
+        assert!(matches!(error, CallError::Connect(_)) && error.never_sent(), "{error:?}");
+        held.abort();
     }
 }

@@ -264,7 +264,53 @@ fn string(value: Option<&RawValue>) -> Option<Cow<'_, str>> {
     if !json.contains('\\') {
         return Some(Cow::Borrowed(&json[1..json.len() - 1]));
     }
-    serde_json::from_str(json).ok().map(Cow::Owned)
+    Some(Cow::Owned(serde_json::from_str(json).unwrap_or_else(|_| unescape_lossy(&json[1..json.len() - 1]))))
+}
+
+/// A JSON string's contents with its escapes resolved, where serde_json refuses one: a lone
+/// UTF-16 surrogate (`"\ud83d"`, text cut in the middle of an emoji) becomes U+FFFD, so that
+/// the rest of the text still reaches the agent.
+fn unescape_lossy(escaped: &str) -> String {
+    let hex = |chars: &mut std::str::Chars<'_>| {
+        let digits: String = chars.by_ref().take(4).collect();
+        if digits.len() == 4 { u32::from_str_radix(&digits, 16).ok() } else { None }
+    };
+    let mut out = String::with_capacity(escaped.len());
+    let mut chars = escaped.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some('u') => {
+                let decoded = match hex(&mut chars) {
+                    Some(high @ 0xd800..=0xdbff) => {
+                        let mut ahead = chars.clone();
+                        let pair = ahead.next() == Some('\\') && ahead.next() == Some('u');
+                        match pair.then(|| hex(&mut ahead)).flatten() {
+                            Some(low @ 0xdc00..=0xdfff) => {
+                                chars = ahead;
+                                char::from_u32(0x10000 + ((high - 0xd800) << 10) + (low - 0xdc00))
+                            }
+                            _ => None,
+                        }
+                    }
+                    Some(unit) => char::from_u32(unit),
+                    None => None,
+                };
+                out.push(decoded.unwrap_or(char::REPLACEMENT_CHARACTER));
+            }
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
 }
 
 /// A string member's text; empty when absent or not a string.
@@ -305,6 +351,9 @@ const MEDIA_KINDS: &[(&str, &str)] = &[
     ("stickerMessage", "sticker"),
     ("ptvMessage", "video"),
 ];
+
+/// Members of `message` that are not its kind.
+const ACCOMPANYING: &[&str] = &["messageContextInfo", "senderKeyDistributionMessage", "base64", "mediaUrl"];
 
 /// The JIDs a `contextInfo` mentions, added to `into`.
 fn mentioned<'a>(into: &mut Vec<Cow<'a, str>>, context: Option<&'a RawValue>) {
@@ -379,8 +428,15 @@ impl Shared<'_, '_> {
 
         let message_type = match string(item.get("messageType")) {
             Some(kind) => kind.into_owned(),
-            // Baileys writes a message's fields in proto order: its kind comes first.
-            None => content.0.first().map(|(kind, _)| kind.clone().into_owned()).unwrap_or_default(),
+            // Baileys writes a message's fields in proto order: its kind comes first, after
+            // what only accompanies a message.
+            None => content
+                .0
+                .iter()
+                .map(|(kind, _)| kind)
+                .find(|kind| !ACCOMPANYING.contains(&kind.as_ref()))
+                .map(|kind| kind.clone().into_owned())
+                .unwrap_or_default(),
         };
 
         // What the agent and the trace see: the envelope with this message, minus the token and
@@ -598,6 +654,25 @@ mod tests {
             assert_eq!(raw["data"], envelope["data"]["messages"][i], "each message travels alone");
             assert!(raw.get("apikey").is_none());
         }
+    }
+
+    #[test]
+    fn the_kind_is_the_first_member_that_is_a_message() {
+        let body = br#"{"event":"messages.upsert","data":{"key":{"remoteJid":"120363025246125888@g.us","id":"K1"},
+            "message":{"senderKeyDistributionMessage":{"groupId":"g"},"imageMessage":{"mimetype":"image/jpeg"}}}}"#;
+        let mut ids = || "t".to_owned();
+        let Ok(Event::Messages { messages, .. }) = parse(body, "a", "i", 0, &mut ids) else { panic!() };
+        assert_eq!(messages[0].inbound.message_type, "imageMessage");
+    }
+
+    #[test]
+    fn a_lone_surrogate_costs_one_character_not_the_message() {
+        let body = br#"{"event":"messages.upsert","data":{"key":{"remoteJid":"5511999999999@s.whatsapp.net","id":"S1"},
+            "message":{"conversation":"cut \ud83d here, kept \ud83d\ude00 and \u00e9\n"}}}"#;
+        let mut ids = || "t".to_owned();
+        let Ok(Event::Messages { messages, .. }) = parse(body, "a", "i", 0, &mut ids) else { panic!() };
+        assert_eq!(messages[0].inbound.text, "cut \u{fffd} here, kept \u{1f600} and é\n");
+        assert_eq!(unescape_lossy(r#"\"q\" \\ \/ \t \ud800x \u12"#), "\"q\" \\ / \t \u{fffd}x \u{fffd}");
     }
 
     #[test]

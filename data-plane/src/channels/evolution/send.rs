@@ -111,20 +111,20 @@ impl EvolutionClient {
         action: &str,
         body: bytes::Bytes,
     ) -> Result<String, SendError> {
-        let answer = self
-            .http
-            .post_json(&endpoint(evolution, action), &[(APIKEY, &evolution.key)], body, SEND_TIMEOUT)
-            .await
-            .map_err(|e| match e {
-                CallError::Invalid(_) => SendError::Refused(SERVICE, e.to_string()),
-                e if e.never_sent() => SendError::NotSent(SERVICE, e.to_string()),
-                e => SendError::Unknown(SERVICE, e.to_string()),
-            })?;
-        let status = answer.status;
-        if answer.is_success() {
-            return Ok(serde_json::from_slice::<Sent>(&answer.body).map(|sent| sent.key.id).unwrap_or_default());
-        }
-        let answer = answer.text();
+        let sent =
+            self.http.post_json(&endpoint(evolution, action), &[(APIKEY, &evolution.key)], body, SEND_TIMEOUT).await;
+        let (status, answer) = match sent {
+            Ok(answer) if answer.is_success() => {
+                return Ok(serde_json::from_slice::<Sent>(&answer.body).map(|sent| sent.key.id).unwrap_or_default());
+            }
+            Ok(answer) => (answer.status, answer.text().into_owned()),
+            // Evolution took the message; only its id is missing.
+            Err(CallError::Unread { status: 200..=299, .. }) => return Ok(String::new()),
+            Err(CallError::Unread { status, .. }) => (status, String::new()),
+            Err(e @ CallError::Invalid(_)) => return Err(SendError::Refused(SERVICE, e.to_string())),
+            Err(e) if e.never_sent() => return Err(SendError::NotSent(SERVICE, e.to_string())),
+            Err(e) => return Err(SendError::Unknown(SERVICE, e.to_string())),
+        };
         let mut quoted: String = answer.chars().take(300).collect();
         if !evolution.key.is_empty() {
             // Evolution may echo the key; the error goes to traces and to API callers.
