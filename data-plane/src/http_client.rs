@@ -90,20 +90,12 @@ pub struct HttpClient {
 pub struct ClientError(String);
 
 impl HttpClient {
-    /// Trusts what the platform trusts (its CA store), as browsers and reqwest do. Uses the
-    /// process's rustls provider, which must be installed first.
+    /// Trusts what the platform trusts (see [`platform_tls`]).
     pub fn new() -> Result<HttpClient, ClientError> {
-        let provider = rustls::crypto::CryptoProvider::get_default()
-            .cloned()
-            .ok_or_else(|| ClientError("no rustls crypto provider installed".into()))?;
-        let verifier =
-            rustls_platform_verifier::Verifier::new(provider.clone()).map_err(|e| ClientError(e.to_string()))?;
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
+        Ok(HttpClient::with_tls(platform_tls()?))
+    }
+
+    pub fn with_tls(tls: rustls::ClientConfig) -> HttpClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -120,7 +112,7 @@ impl HttpClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
             .build(Bounded(connector));
-        Ok(HttpClient { client, uris: Arc::default() })
+        HttpClient { client, uris: Arc::default() }
     }
 
     /// POSTs `body` as JSON to `url` with `headers`, and reads the answer, all within `timeout`.
@@ -171,6 +163,22 @@ impl HttpClient {
         uris.insert(url.to_owned(), uri.clone());
         Ok(uri)
     }
+}
+
+/// TLS that trusts what the platform trusts (its CA store, read here: build it once per
+/// process), as browsers and reqwest do. Uses the process's rustls provider, which must be
+/// installed first.
+pub fn platform_tls() -> Result<rustls::ClientConfig, ClientError> {
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .ok_or_else(|| ClientError("no rustls crypto provider installed".into()))?;
+    let verifier = rustls_platform_verifier::Verifier::new(provider.clone()).map_err(|e| ClientError(e.to_string()))?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
 }
 
 /// A connector that gives up on a connection after [`CONNECT_TIMEOUT`], name resolution and TLS
@@ -299,6 +307,56 @@ mod tests {
         let (url, _seen) = server("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", Duration::ZERO).await;
         let cut = http.post_json(&url, &[], body(), Duration::from_secs(5)).await.unwrap_err();
         assert!(matches!(cut, CallError::Unread { status: 200, .. }) && !cut.never_sent(), "{cut:?}");
+    }
+
+    /// An HTTPS server for "localhost" with a self-signed certificate, answering 200 `ok`: its
+    /// URL and its certificate.
+    async fn https_server() -> (String, rustls::pki_types::CertificateDer<'static>) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = certified.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+        let config =
+            rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![cert.clone()], key).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://localhost:{}/hook", listener.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(socket).await else { return };
+                    let mut read = Vec::new();
+                    let mut buf = [0; 4096];
+                    while !read.ends_with(b"{}") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    let _ = tls.flush().await;
+                });
+            }
+        });
+        (url, cert)
+    }
+
+    #[tokio::test]
+    async fn https_certificates_are_verified() {
+        let (url, cert) = https_server().await;
+        let body = || Bytes::from_static(b"{}");
+        // Self-signed: not trusted by the platform, and nothing was sent.
+        let untrusted = client().post_json(&url, &[], body(), Duration::from_secs(10)).await.unwrap_err();
+        assert!(matches!(untrusted, CallError::Connect(_)) && untrusted.never_sent(), "{untrusted:?}");
+        assert!(untrusted.to_string().to_lowercase().contains("certificate"), "{untrusted}");
+        // Trusted: the request goes through TLS.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let trusting =
+            HttpClient::with_tls(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+        let answer = trusting.post_json(&url, &[], body(), Duration::from_secs(10)).await.unwrap();
+        assert_eq!((answer.status, answer.text().as_ref()), (200, "ok"));
     }
 
     #[tokio::test]

@@ -188,12 +188,17 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
 
     // rustls needs one process-wide crypto provider; tonic's TLS uses ring too.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // One read of the platform's CA store for both clients.
+    let tls = crate::http_client::platform_tls().map_err(|e| NodeError::HttpClient(e.to_string()))?;
+    let mut slack_tls = tls.clone();
+    slack_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(slack_tls)
         .connect_timeout(Duration::from_secs(5))
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .map_err(|e| NodeError::HttpClient(e.to_string()))?;
-    let per_message = HttpClient::new().map_err(|e| NodeError::HttpClient(e.to_string()))?;
+    let per_message = HttpClient::with_tls(tls);
     let spool = Spool::open(&dir.join("spool.redb"))?;
     let discord = DiscordClients::new(&options.channels.discord_api_url);
     let pipeline = Arc::new(Pipeline::new(
