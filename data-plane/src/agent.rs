@@ -1,7 +1,7 @@
 //! Calling a tenant's agent: three wire protocols, retries on connection errors and 5xx within
 //! the instance's time budget, and one answer text out.
 
-use crate::channels::Inbound;
+use crate::channels::{Inbound, RawJson};
 use crate::http_client::{CallError, HttpClient};
 use http::HeaderName;
 use omni_proto::v1::{self as pb, AgentProtocol};
@@ -29,29 +29,26 @@ pub struct AgentAnswer {
     pub text: String,
     pub attempts: u32,
     /// What was sent, but the channel's payload (the trace has it from the message's arrival).
-    pub request: Value,
+    pub request: RawJson,
     pub response: Value,
 }
 
-/// A request's body: the protocol's fields, then the channel's payload copied in as it is.
-struct Body<'a> {
-    fields: &'a Value,
-    channel_payload: Option<&'a serde_json::value::RawValue>,
-}
-
-impl serde::Serialize for Body<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let fields = self.fields.as_object();
-        let mut map = serializer.serialize_map(None)?;
-        for (key, value) in fields.into_iter().flatten() {
-            map.serialize_entry(key, value)?;
-        }
-        if let Some(payload) = self.channel_payload {
-            map.serialize_entry("channel_payload", payload)?;
-        }
-        map.end()
+/// A request's body: the protocol's fields (a JSON object), then the channel's payload copied in
+/// as it is. The fields are serialized once, for this and for the trace.
+fn body(fields: &RawJson, channel_payload: Option<&serde_json::value::RawValue>) -> bytes::Bytes {
+    let fields = fields.get();
+    let (Some(payload), Some(open)) = (channel_payload, fields.strip_suffix('}')) else {
+        return bytes::Bytes::copy_from_slice(fields.as_bytes());
+    };
+    let mut body = Vec::with_capacity(fields.len() + payload.get().len() + 24);
+    body.extend_from_slice(open.as_bytes());
+    if open != "{" {
+        body.push(b',');
     }
+    body.extend_from_slice(b"\"channel_payload\":");
+    body.extend_from_slice(payload.get().as_bytes());
+    body.push(b'}');
+    body.into()
 }
 
 #[derive(Clone)]
@@ -170,10 +167,8 @@ impl AgentClient {
     ) -> Result<AgentAnswer, AgentError> {
         let protocol = AgentProtocol::try_from(agent.protocol).unwrap_or(AgentProtocol::Omni);
         let (url, fields, with_payload) = Self::request(agent, inbound, caller, channel);
-        let body = Body { fields: &fields, channel_payload: with_payload.then(|| inbound.raw.as_raw()) };
-        let mut bytes = Vec::with_capacity(inbound.raw.get().len() + inbound.text.len() + 1024);
-        serde_json::to_writer(&mut bytes, &body).expect("JSON values serialize");
-        let body = bytes::Bytes::from(bytes);
+        let fields = RawJson::new(&fields);
+        let body = body(&fields, with_payload.then(|| inbound.raw.as_raw()));
         let budget = Duration::from_secs(u64::from(agent.timeout_seconds.max(1)));
         let deadline = Instant::now() + budget;
         let mut backoff = Duration::from_millis(200);
@@ -233,6 +228,25 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_body_is_the_fields_with_the_channel_payload_copied_in() {
+        let payload =
+            serde_json::value::RawValue::from_string(r#"{"event":"messages.upsert","n":[1, 2]}"#.into()).unwrap();
+        let fields = RawJson::new(&json!({ "message": "hi }", "user": { "id": 1 } }));
+        let spliced: Value = serde_json::from_slice(&body(&fields, Some(&payload))).unwrap();
+        assert_eq!(
+            spliced,
+            json!({ "message": "hi }", "user": { "id": 1 }, "channel_payload": { "event": "messages.upsert", "n": [1, 2] } })
+        );
+        let spliced: Value = serde_json::from_slice(&body_of_empty(&payload)).unwrap();
+        assert_eq!(spliced, json!({ "channel_payload": { "event": "messages.upsert", "n": [1, 2] } }));
+        assert_eq!(&body(&fields, None)[..], fields.get().as_bytes(), "without a payload, the fields alone");
+    }
+
+    fn body_of_empty(payload: &serde_json::value::RawValue) -> bytes::Bytes {
+        body(&RawJson::new(&json!({})), Some(payload))
+    }
 
     #[test]
     fn answers_by_protocol() {

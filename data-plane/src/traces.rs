@@ -7,7 +7,6 @@ use crate::spool::{Op, Spool};
 use crate::sync::NodeToken;
 use omni_proto::v1 as pb;
 use prost::Message;
-use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -132,8 +131,8 @@ pub struct StageEvent<'r, 'a> {
 }
 
 impl StageEvent<'_, '_> {
-    pub fn payload(mut self, payload: &Value) -> Self {
-        self.event.payload = self.recorder.scrub(serde_json::to_string(payload).expect("JSON values serialize"));
+    pub fn payload(mut self, payload: &impl serde::Serialize) -> Self {
+        self.event.payload = self.recorder.scrub(serde_json::to_string(payload).unwrap_or_default());
         self
     }
 

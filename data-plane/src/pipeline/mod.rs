@@ -20,12 +20,18 @@ use omni_core::access::{Action, decide};
 use omni_core::metrics::Histogram;
 use omni_core::names::{session_name, user_id};
 use omni_proto::v1::{self as pb, TraceStatus};
-use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
+
+/// A reply chunk as its trace stage shows it.
+#[derive(serde::Serialize)]
+struct ChunkSent<'a> {
+    to: &'a str,
+    text: &'a str,
+}
 
 /// An accepted message and its place in the spool.
 #[derive(Debug)]
@@ -392,7 +398,8 @@ impl Pipeline {
         };
         // The webhook is in the received stage already; the request is the rest.
         let attempts = format!("{} attempt(s)", answer.attempts);
-        let request = trace.stage("agent_request", TraceStatus::Processing, started, attempts).payload(&answer.request);
+        let request =
+            trace.stage("agent_request", TraceStatus::Processing, started, attempts).raw_payload(&answer.request);
         let request = request.encode();
         let length = format!("{} characters", answer.text.chars().count());
         let response = trace
@@ -469,7 +476,7 @@ impl Pipeline {
             }
             let started = now_ms();
             let sent = self.channels.send_text(instance, &inbound.conversation, &inbound.thread, chunk).await;
-            let payload = json!({ "to": inbound.conversation, "text": chunk });
+            let payload = ChunkSent { to: &inbound.conversation, text: chunk };
             let (state, event) = match &sent {
                 Ok(message_id) => (
                     SendState::Sent,
