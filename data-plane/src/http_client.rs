@@ -128,9 +128,12 @@ impl HttpClient {
         *request.uri_mut() = self.uri(url)?;
         let fields = request.headers_mut();
         fields.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        fields.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         for (name, value) in headers {
-            let value = HeaderValue::from_str(value)
+            let mut value = HeaderValue::from_str(value)
                 .map_err(|_| CallError::Invalid(format!("{name} is not a valid header value")))?;
+            // The callers' headers carry keys: never shown in a header map's Debug output.
+            value.set_sensitive(true);
             fields.insert(name, value);
         }
         let exchange = async {
@@ -279,7 +282,9 @@ mod tests {
         let request = seen.recv().await.unwrap();
         assert!(request.starts_with("POST /hook HTTP/1.1\r\n"), "{request}");
         assert!(
-            request.contains("content-type: application/json\r\n") && request.contains("apikey: k-1\r\n"),
+            request.contains("content-type: application/json\r\n")
+                && request.contains("accept: */*\r\n")
+                && request.contains("apikey: k-1\r\n"),
             "{request}"
         );
         assert!(request.ends_with("{\"a\":1}"), "{request}");
