@@ -107,12 +107,13 @@ fn envelope_event(
     let tree = || data.and_then(|d| serde_json::from_str(d.get()).ok()).unwrap_or(Value::Null);
     // `MESSAGES_UPSERT` and `messages.upsert` are the same event.
     let is = |name: &str| event.len() == name.len() && event.bytes().zip(name.bytes()).all(|(a, b)| same(a, b));
-    if is("messages.upsert") {
-    } else if is("connection.update") {
+    if is("connection.update") {
         return Ok(Event::ConnectionUpdate(tree()));
-    } else if is("qrcode.updated") {
+    }
+    if is("qrcode.updated") {
         return Ok(Event::QrCodeUpdated(tree()));
-    } else {
+    }
+    if !is("messages.upsert") {
         return Ok(Event::Other(event.to_ascii_lowercase().replace('_', ".")));
     }
     let own_jid = text(envelope.get("sender")).into_owned();
@@ -463,7 +464,7 @@ impl Shared<'_, '_> {
             instance: instance.to_owned(),
             instance_id: instance_id.to_owned(),
             external_id: external_id.into_owned(),
-            conversation: remote_jid.clone().into_owned(),
+            conversation: remote_jid.into_owned(),
             thread: String::new(),
             sender: sender.to_owned(),
             sender_name: text(item.get("pushName")).into_owned(),
