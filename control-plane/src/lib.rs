@@ -8,5 +8,6 @@ pub use omni_core::crypto;
 pub mod metrics;
 pub mod retention;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 pub mod sync;

@@ -2,6 +2,7 @@
 //! the holder of the `trace-retention` lease does the work, so replicas do not race each other.
 
 use crate::metrics::Metrics;
+use crate::shutdown::Stopping;
 use crate::store::{Store, now_millis};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,13 +24,13 @@ impl Default for RetentionSettings {
     }
 }
 
-/// Runs passes until `stopped` turns true. `holder` names this control plane in the lease.
+/// Runs passes until the control plane stops. `holder` names this control plane in the lease.
 pub async fn run(
     store: Arc<dyn Store>,
     settings: RetentionSettings,
     holder: String,
     metrics: Arc<Metrics>,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    stopping: Stopping,
 ) {
     let interval_ms = settings.interval.as_millis() as i64;
     loop {
@@ -57,7 +58,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(settings.interval) => {}
-            _ = stopped.wait_for(|s| *s) => return,
+            _ = stopping.clone().wait() => return,
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::crypto::random_token;
 use crate::crypto::{CryptoError, Keyring};
 use crate::metrics::{self, Metrics};
 use crate::retention::{self, RetentionSettings};
+use crate::shutdown::{self, Stopping};
 use crate::store::{self, Backend, StoreError, StoreOptions};
 use crate::sync::dispatch::Dispatcher;
 use crate::sync::{MAX_NODE_MESSAGE_BYTES, SyncApi, SyncSettings};
@@ -184,14 +185,11 @@ async fn load_keyring(config: &Config, backend: Backend) -> Result<Keyring, Star
 /// Runs the control plane until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
     // One signal stops both the gRPC server and, in standalone mode, the embedded node.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopping) = Stopping::channel();
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop.send(true);
     });
-    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
     let data_dir_error = |source| StartError::DataDir { path: config.data_dir.clone(), source };
     tokio::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.data_dir).await.map_err(data_dir_error)?;
     // It holds the master key and the admin key: owner only, even if it existed before.
@@ -239,6 +237,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         config.sync,
         metrics.clone(),
         dispatcher.clone(),
+        stopping.clone(),
     );
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
@@ -248,7 +247,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let stop = until_stopped(stopped.clone());
+        let stop = stopping.clone().wait();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
                 tracing::error!(error = %e, "metrics listener failed");
@@ -256,13 +255,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         });
     }
     let holder = format!("{}/{}", hostname(), uuid::Uuid::new_v4().simple());
-    tokio::spawn(retention::run(store.clone(), config.retention, holder, metrics, stopped.clone()));
+    tokio::spawn(retention::run(store.clone(), config.retention, holder, metrics, stopping.clone()));
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ctx = ApiContext {
         store: store.clone(),
         keyring,
         auth: Arc::new(Authenticator::new(store.clone())),
         http: crate::evolution::client(),
+        stopping: stopping.clone(),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<InstanceServiceServer<InstanceApi>>().await;
@@ -320,10 +320,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             tenant_concurrency: omni_data_plane::node::NodeOptions::DEFAULT_TENANT_CONCURRENCY,
             channels: omni_data_plane::node::ChannelEndpoints::from_env(),
         };
-        tokio::spawn(omni_data_plane::node::run(options, until_stopped(stopped.clone())))
+        tokio::spawn(omni_data_plane::node::run(options, stopping.clone().wait()))
     });
 
-    server
+    let serving = server
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
@@ -340,8 +340,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         .add_service(NodeSyncServiceServer::new(sync).max_decoding_message_size(MAX_NODE_MESSAGE_BYTES))
         // An incoming stream of our own does not inherit the server's nodelay setting; without
         // it, Nagle's algorithm holds multi-frame responses back by a delayed ACK (~40 ms).
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), until_stopped(stopped))
-        .await?;
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stopping.clone().wait());
+    let cut_off = async {
+        stopping.wait().await;
+        tokio::time::sleep(shutdown::GRACE).await;
+    };
+    tokio::select! {
+        served = serving => served?,
+        _ = cut_off => tracing::warn!(grace = ?shutdown::GRACE, "requests still open after the grace period were cut off"),
+    }
     if let Some(node) = embedded {
         match node.await {
             Ok(Err(e)) => tracing::error!(error = %e, "embedded data plane failed"),

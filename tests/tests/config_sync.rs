@@ -1,7 +1,7 @@
 //! Config sync through the real binaries: control planes, data-plane nodes, omnictl.
 
 use omni_tests::postgres::TestDatabase;
-use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, omnictl};
+use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, omnictl, omnictl_stream};
 use omni_tests::wait_for;
 use serde_json::Value;
 use std::path::Path;
@@ -144,6 +144,41 @@ async fn nodes_ride_out_a_control_plane_outage() {
     let updated = update_timeout(&cp, &key, "acme-wa", 20).await;
     node.wait_for_revision(updated).await;
     assert_eq!(node.metric("omni_node_config_snapshots_total").await, 0.0, "resumed from its revision");
+}
+
+/// SIGTERM stops a control plane cleanly with a node's config stream and a trace tail open: both
+/// are ended rather than waited for (a graceful stop used to wait for them forever), the tail
+/// says why, and the node reconnects once the control plane is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_stops_cleanly_with_streams_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ControlPlaneOptions { listen: Some(free_port()), ..Default::default() };
+    let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
+    let key = admin_key(&cp);
+    let node = start_node(dir.path(), "n1", &cp).await;
+    let revision = create(&cp, &key, "acme-wa").await;
+    node.wait_for_revision(revision).await;
+    let mut tail = omnictl_stream(&cp.url(), &key, &["trace", "tail"]);
+    tail.next_line(Duration::from_secs(10)).await.expect("the tail's header");
+
+    let log_path = cp.log_path.clone();
+    assert!(cp.terminate().await.success(), "SIGTERM is a clean stop");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("cut off"), "the streams ended themselves, none waited out the grace period:\n{log}");
+    let (code, stderr) = tail.exit().await;
+    assert!(code != 0 && stderr.contains("the control plane is stopping"), "{code} {stderr}");
+    wait_for("the node to notice the stop", Duration::from_secs(10), || async {
+        (node.ready().await.1["connected"] == false).then_some(())
+    })
+    .await;
+
+    let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
+    wait_for("the node to reconnect", Duration::from_secs(30), || async {
+        (node.ready().await.1["connected"] == true).then_some(())
+    })
+    .await;
+    let updated = update_timeout(&cp, &key, "acme-wa", 20).await;
+    node.wait_for_revision(updated).await;
 }
 
 /// A node whose revision was compacted out of the change log gets a snapshot.

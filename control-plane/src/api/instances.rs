@@ -396,6 +396,7 @@ mod tests {
             auth: Arc::new(Authenticator::new(store.clone())),
             store,
             keyring: Arc::new(Keyring::parse(&Keyring::generate_encoded()).unwrap()),
+            stopping: crate::shutdown::Stopping::channel().1,
             // Never used here: nothing in these tests talks to Evolution.
             http: {
                 let _ = rustls::crypto::ring::default_provider().install_default();

@@ -22,4 +22,6 @@ pub struct ApiContext {
     pub keyring: Arc<Keyring>,
     pub auth: Arc<Authenticator>,
     pub http: reqwest::Client,
+    /// Long-lived streams (trace tails) end on it.
+    pub stopping: crate::shutdown::Stopping,
 }

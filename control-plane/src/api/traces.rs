@@ -268,10 +268,17 @@ impl TraceApi {
         let (tx, rx) = tokio::sync::mpsc::channel(TAIL_BUFFER);
         let store = self.ctx.store.clone();
         let scope = caller.scope;
+        let stopping = self.ctx.stopping.clone();
         tokio::spawn(async move {
+            let stopped = stopping.wait();
+            tokio::pin!(stopped);
             loop {
                 let ids = tokio::select! {
                     _ = tx.closed() => return,
+                    _ = &mut stopped => {
+                        let _ = tx.send(Err(Status::unavailable("the control plane is stopping"))).await;
+                        return;
+                    }
                     next = finished.recv() => match next {
                         Ok(ids) => ids,
                         Err(RecvError::Lagged(missed)) => {

@@ -11,6 +11,7 @@ pub mod dispatch;
 
 use crate::crypto::{Keyring, constant_time_eq};
 use crate::metrics::Metrics;
+use crate::shutdown::Stopping;
 use crate::store::{
     ChangeOp, ConfigChange, InstanceConfig, InstanceEventRecord, KIND_INSTANCE, NodeRecord, Store, now_millis,
 };
@@ -67,6 +68,7 @@ pub struct SyncApi {
     settings: SyncSettings,
     metrics: Arc<Metrics>,
     dispatcher: Arc<Dispatcher>,
+    stopping: Stopping,
 }
 
 impl SyncApi {
@@ -77,8 +79,9 @@ impl SyncApi {
         settings: SyncSettings,
         metrics: Arc<Metrics>,
         dispatcher: Arc<Dispatcher>,
+        stopping: Stopping,
     ) -> SyncApi {
-        SyncApi { store, keyring, node_token, settings, metrics, dispatcher }
+        SyncApi { store, keyring, node_token, settings, metrics, dispatcher, stopping }
     }
 
     fn check_node_token<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -232,6 +235,7 @@ impl NodeSyncService for SyncApi {
             last_heartbeat: 0,
             last_heartbeat_at: Instant::now(),
             released: false,
+            stopping: self.stopping.clone(),
         };
         tokio::spawn(session.run(hello.resume_revision, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -244,6 +248,8 @@ enum End {
     Gone,
     /// Tell the node, then close.
     Error(Status),
+    /// The control plane is stopping: the node reconnects, to it once restarted or to another.
+    Stopping,
 }
 
 impl From<crate::store::StoreError> for End {
@@ -280,15 +286,23 @@ struct Session {
     last_heartbeat_at: Instant,
     /// The node handed its leases back (it is shutting down).
     released: bool,
+    /// Ends the stream, so that a graceful stop is not held open by it.
+    stopping: Stopping,
 }
 
 impl Session {
     async fn run(mut self, resume: i64, mut inbound: Streaming<pb::WatchRequest>) {
         let end = self.serve(resume, &mut inbound).await;
         self.dispatcher.unregister(&self.node_id, &self.applied);
-        if let Err(End::Error(status)) = end {
-            tracing::warn!(node_id = %self.node_id, error = %status.message(), "config stream failed");
-            let _ = self.tx.send(Err(status)).await;
+        match end {
+            Err(End::Error(status)) => {
+                tracing::warn!(node_id = %self.node_id, error = %status.message(), "config stream failed");
+                let _ = self.tx.send(Err(status)).await;
+            }
+            Err(End::Stopping) => {
+                let _ = self.tx.send(Err(Status::unavailable("the control plane is stopping"))).await;
+            }
+            Ok(()) | Err(End::Gone) => {}
         }
         if let Err(e) = self.store.node_disconnected(&self.node_id, now_millis()).await {
             tracing::warn!(node_id = %self.node_id, error = %e, "could not record node disconnect");
@@ -304,8 +318,11 @@ impl Session {
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         progress.tick().await;
         let mut last_heard = Instant::now();
+        let stopped = self.stopping.clone().wait();
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
+                _ = &mut stopped => return Err(End::Stopping),
                 changed = revisions.changed() => {
                     if changed.is_err() {
                         return Err(End::Gone);
