@@ -37,6 +37,14 @@ pub struct Options {
     /// does (the CPU figures are the command's process).
     #[arg(long)]
     node_wrapper: Option<String>,
+    /// Run the control plane under this command, as `--node-wrapper` does the node.
+    #[arg(long)]
+    control_plane_wrapper: Option<String>,
+}
+
+/// A wrapper command given as one string, split into words.
+fn words(command: &Option<String>) -> Vec<String> {
+    command.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect()
 }
 
 /// A WhatsApp text webhook with message id `id`, from one of 50 senders.
@@ -268,11 +276,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cp = ControlPlane::start(
         &dir.path().join("cp"),
-        &ControlPlaneOptions { bootstrap_api_key: Some(ADMIN_KEY.into()), ..Default::default() },
+        &ControlPlaneOptions {
+            bootstrap_api_key: Some(ADMIN_KEY.into()),
+            wrapper: words(&options.control_plane_wrapper),
+            ..Default::default()
+        },
     )
     .await;
-    let wrapper = options.node_wrapper.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect();
-    let node_options = DataPlaneOptions { tenant_concurrency: Some(64), wrapper, ..Default::default() };
+    let node_options =
+        DataPlaneOptions { tenant_concurrency: Some(64), wrapper: words(&options.node_wrapper), ..Default::default() };
     let node = DataPlane::start_for(&cp, &dir.path().join("node"), node_options).await;
     let evolution = FakeEvolution::start().await;
     let instant = FakeAgent::start().await;
@@ -412,6 +424,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     if let Some(wrapper) = &options.node_wrapper {
         let status = node.terminate().await;
         println!("  node run under `{wrapper}`, stopped: {status}");
+    }
+    if let Some(wrapper) = &options.control_plane_wrapper {
+        let status = cp.terminate().await;
+        println!("  control plane run under `{wrapper}`, stopped: {status}");
     }
     Ok(())
 }

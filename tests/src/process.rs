@@ -90,6 +90,20 @@ pub struct ControlPlaneOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Further flags, as given.
     pub extra_args: Vec<String>,
+    /// A command (and its arguments) to run the control plane under, such as a profiler.
+    pub wrapper: Vec<String>,
+}
+
+/// `binary`, or `wrapper` with `binary` as its last argument.
+fn wrapped(wrapper: &[String], binary: PathBuf) -> Command {
+    match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    }
 }
 
 impl ControlPlane {
@@ -104,7 +118,7 @@ impl ControlPlane {
     pub async fn try_start(data_dir: &Path, options: &ControlPlaneOptions) -> Result<ControlPlane, String> {
         std::fs::create_dir_all(data_dir.parent().expect("data dir has a parent")).unwrap();
         let log_path = data_dir.with_extension("log");
-        let mut command = Command::new(binary("omni-control-plane"));
+        let mut command = wrapped(&options.wrapper, binary("omni-control-plane"));
         command
             .arg("--listen")
             .arg(options.listen.as_deref().unwrap_or("127.0.0.1:0"))
@@ -211,14 +225,7 @@ impl DataPlane {
     pub async fn start(data_dir: &Path, options: &DataPlaneOptions) -> DataPlane {
         std::fs::create_dir_all(data_dir.parent().expect("data dir has a parent")).unwrap();
         let log_path = data_dir.with_extension("log");
-        let mut command = match options.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(binary("omni-data-plane"));
-                command
-            }
-            None => Command::new(binary("omni-data-plane")),
-        };
+        let mut command = wrapped(&options.wrapper, binary("omni-data-plane"));
         command
             .args(["--http-listen", "127.0.0.1:0", "--control-plane", &options.control_plane])
             .arg(format!("--node-token={}", options.node_token))
