@@ -876,6 +876,33 @@ async fn stages_in_pieces_add_up(store: Shared) {
     }
 }
 
+/// One report of hundreds of traces, some stored before and some new, spans several
+/// statements of each kind: every trace and stage lands, and each sender is counted once per
+/// message.
+async fn a_large_batch_is_stored_whole(store: Shared) {
+    let acme = store.create_instance(&record("acme-wa", Channel::Whatsapp)).await.unwrap();
+    let received = |i: usize| TraceEventRecord {
+        header: Some(header(&format!("55{}", i % 7), "")),
+        ..trace_event(&format!("t{i:03}"), &acme.id, 0, "received", "received")
+    };
+    let completed = |i: usize| trace_event(&format!("t{i:03}"), &acme.id, 1, "completed", "completed");
+    let earlier: Vec<_> = (0..150).map(received).collect();
+    assert_eq!(store.ingest_trace_events("n1", &earlier).await.unwrap(), 150);
+    let batch: Vec<_> = (0..150).map(completed).chain((150..301).flat_map(|i| [received(i), completed(i)])).collect();
+    assert_eq!(store.ingest_trace_events("n1", &batch).await.unwrap(), 150 + 2 * 151);
+
+    let traces = store.list_traces(&Scope::Admin, &TraceQuery { limit: 500, ..Default::default() }).await.unwrap();
+    assert_eq!(traces.len(), 301);
+    assert!(traces.iter().all(|t| t.status == "completed"), "every trace got its last stage");
+    for id in ["t000", "t149", "t150", "t300"] {
+        let (_, stages) = store.get_trace(&Scope::Admin, id, false).await.unwrap();
+        assert_eq!(stages.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>(), ["received", "completed"], "{id}");
+    }
+    let users = store.list_users(&Scope::Admin, &users_of("acme-wa")).await.unwrap();
+    assert_eq!(users.len(), 7);
+    assert_eq!(users.iter().map(|u| u.message_count).sum::<i64>(), 301);
+}
+
 async fn connection_events_keep_the_latest(store: Shared) {
     let event = |kind: &str, state: &str, at: i64| InstanceEventRecord {
         instance_id: "i1".into(),
@@ -1321,6 +1348,7 @@ conformance!(
         users_are_searched_and_paged,
         leases_have_one_holder,
         stages_in_pieces_add_up,
+        a_large_batch_is_stored_whole,
         connection_events_keep_the_latest,
         gateway_leases_spread_renew_and_move,
         gateway_leases_follow_eligibility,

@@ -54,8 +54,25 @@ fn scope_filter(scope: &Scope, column: &str, first_param: usize) -> (String, Vec
     (format!("({})", clauses.join(" OR ")), binds)
 }
 
-/// Rows per multi-row statement of trace ingest (SQLite allows 32766 parameters per statement).
-const INGEST_ROWS: usize = 200;
+/// Rows per multi-row statement of trace ingest, a power of two (SQLite allows 32766
+/// parameters per statement).
+const INGEST_ROWS: usize = 128;
+
+/// `items` in chunks whose lengths are powers of two (at most [`INGEST_ROWS`]), so that a
+/// statement with a row per item takes one of eight shapes, each prepared once per connection
+/// and then cached, instead of a new one for each batch size: preparing a statement of many
+/// rows costs more than running it.
+fn shaped_chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        let n = items.len().min(INGEST_ROWS);
+        if n == 0 {
+            return None;
+        }
+        let (chunk, rest) = items.split_at(1 << n.ilog2());
+        items = rest;
+        Some(chunk)
+    })
+}
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters; with `numbered` false,
 /// `(?, ?), (?, ?)`. SQLite resolves each named parameter with a linear scan, which makes
@@ -1091,7 +1108,7 @@ macro_rules! sql_store {
                 let headers: Vec<(&TraceEventRecord, &TraceHeaderRecord)> =
                     ids.iter().filter_map(|id| by_trace[id].iter().find_map(|e| e.header.as_ref().map(|h| (*e, h)))).collect();
                 let mut created: HashSet<String> = HashSet::new();
-                for rows in headers.chunks(INGEST_ROWS) {
+                for rows in shaped_chunks(&headers) {
                     let sql = format!(
                         "INSERT INTO traces (id, instance_id, channel, external_id, conversation_id, sender, sender_name, \
                          user_id, message_type, text, status, status_seq, error_stage, error, received_at, updated_at, \
@@ -1123,34 +1140,34 @@ macro_rules! sql_store {
                             .bind(node_id)
                             .bind(stages::encode(stage_refs(&by_trace[event.trace_id.as_str()])));
                     }
-                    let mut inserted: HashSet<String> = HashSet::new();
                     for row in q.fetch_all(&mut *tx).await? {
-                        inserted.insert(row.try_get("id")?);
+                        created.insert(row.try_get("id")?);
                     }
-                    let users = users_of(rows.iter().filter(|(e, _)| inserted.contains(&e.trace_id)).copied());
-                    created.extend(inserted);
-                    if !users.is_empty() {
-                        let sql = format!(
-                            "INSERT INTO users (id, instance_id, identity, display_name, first_seen_at, last_seen_at, message_count) \
-                             VALUES {} ON CONFLICT (instance_id, identity) DO UPDATE SET \
-                             display_name = CASE WHEN excluded.display_name <> '' THEN excluded.display_name ELSE users.display_name END, \
-                             last_seen_at = CASE WHEN excluded.last_seen_at > users.last_seen_at THEN excluded.last_seen_at ELSE users.last_seen_at END, \
-                             message_count = users.message_count + excluded.message_count",
-                            values(users.len(), 7, $numbered_values)
-                        );
-                        let mut q = sqlx::query(&sql);
-                        for u in &users {
-                            q = q
-                                .bind(&u.id)
-                                .bind(&u.instance_id)
-                                .bind(&u.identity)
-                                .bind(&u.name)
-                                .bind(u.first_seen)
-                                .bind(u.last_seen)
-                                .bind(u.count);
-                        }
-                        q.execute(&mut *tx).await?;
+                }
+                // In one order for every writer, as the traces are.
+                let mut users = users_of(headers.iter().filter(|(e, _)| created.contains(&e.trace_id)).copied());
+                users.sort_unstable_by(|a, b| (&a.instance_id, &a.identity).cmp(&(&b.instance_id, &b.identity)));
+                for users in shaped_chunks(&users) {
+                    let sql = format!(
+                        "INSERT INTO users (id, instance_id, identity, display_name, first_seen_at, last_seen_at, message_count) \
+                         VALUES {} ON CONFLICT (instance_id, identity) DO UPDATE SET \
+                         display_name = CASE WHEN excluded.display_name <> '' THEN excluded.display_name ELSE users.display_name END, \
+                         last_seen_at = CASE WHEN excluded.last_seen_at > users.last_seen_at THEN excluded.last_seen_at ELSE users.last_seen_at END, \
+                         message_count = users.message_count + excluded.message_count",
+                        values(users.len(), 7, $numbered_values)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for u in users {
+                        q = q
+                            .bind(&u.id)
+                            .bind(&u.instance_id)
+                            .bind(&u.identity)
+                            .bind(&u.name)
+                            .bind(u.first_seen)
+                            .bind(u.last_seen)
+                            .bind(u.count);
                     }
+                    q.execute(&mut *tx).await?;
                 }
                 let mut fresh: Vec<&TraceEventRecord> =
                     created.iter().flat_map(|id| by_trace[id.as_str()].iter().copied()).collect();
@@ -1158,7 +1175,7 @@ macro_rules! sql_store {
                 // Stages of a trace that is not stored (purged meanwhile) have nowhere to go.
                 let known: Vec<&str> = ids.iter().copied().filter(|id| !created.contains(*id)).collect();
                 let mut merged: Vec<(&str, Vec<u8>)> = Vec::new();
-                for chunk in known.chunks(INGEST_ROWS) {
+                for chunk in shaped_chunks(&known) {
                     let sql = format!(
                         "SELECT id, stages FROM traces WHERE id IN ({}) ORDER BY id{}",
                         placeholders(chunk.len(), $numbered_values),
@@ -1192,7 +1209,7 @@ macro_rules! sql_store {
                 let changed = trace_states(fresh.iter().copied());
                 let blobs: HashMap<&str, Vec<u8>> = merged.into_iter().collect();
                 let updates: Vec<&str> = known.iter().copied().filter(|id| blobs.contains_key(id)).collect();
-                for rows in updates.chunks(INGEST_ROWS) {
+                for rows in shaped_chunks(&updates) {
                     let sql = format!(
                         "UPDATE traces SET \
                          status = CASE WHEN v.column3 > traces.status_seq THEN v.column2 ELSE traces.status END, \
@@ -1858,5 +1875,15 @@ mod tests {
         let (sql, binds) = scope_filter(&Scope::Instances(vec!["acme-*".into(), "solo".into()]), "name", 3);
         assert_eq!(sql, "(name LIKE $3 OR name = $4)");
         assert_eq!(binds, vec!["acme-%".to_owned(), "solo".to_owned()]);
+    }
+
+    #[test]
+    fn chunks_take_few_shapes() {
+        let lengths = |n: usize| shaped_chunks(&vec![0; n]).map(<[i32]>::len).collect::<Vec<_>>();
+        assert_eq!(lengths(0), Vec::<usize>::new());
+        assert_eq!(lengths(1), [1]);
+        assert_eq!(lengths(7), [4, 2, 1]);
+        assert_eq!(lengths(128), [128]);
+        assert_eq!(lengths(450), [128, 128, 128, 64, 2]);
     }
 }

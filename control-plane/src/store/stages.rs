@@ -77,13 +77,46 @@ impl StageRef<'_> {
     }
 }
 
-/// The stored form of `stages` (in seq order): a [`StoredStages`], compressed.
+/// What encoding reuses from one trace to the next: the LZ4 table (an 8 KiB allocation,
+/// zeroed, per trace otherwise) and the buffers.
+#[derive(Default)]
+struct Scratch {
+    table: lz4_flex::block::CompressTable,
+    encoded: Vec<u8>,
+    compressed: Vec<u8>,
+}
+
+/// Buffers larger than this are freed after use.
+const KEPT_BUFFER: usize = 256 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// The stored form of `stages` (in seq order): a [`StoredStages`], LZ4-compressed with its
+/// length before it (as `lz4_flex::block::compress_prepend_size` writes it).
 pub fn encode<'a>(stages: impl IntoIterator<Item = StageRef<'a>>) -> Vec<u8> {
-    let mut encoded = Vec::new();
-    for stage in stages {
-        stage.encode(&mut encoded);
-    }
-    lz4_flex::block::compress_prepend_size(&encoded)
+    SCRATCH.with_borrow_mut(|Scratch { table, encoded, compressed }| {
+        encoded.clear();
+        for stage in stages {
+            stage.encode(encoded);
+        }
+        let most = lz4_flex::block::get_maximum_output_size(encoded.len());
+        if compressed.len() < most {
+            compressed.resize(most, 0);
+        }
+        let length = lz4_flex::block::compress_into_with_table(encoded, compressed, table)
+            .expect("the output holds the largest compressed size");
+        let mut stored = Vec::with_capacity(4 + length);
+        stored.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        stored.extend_from_slice(&compressed[..length]);
+        // A rare huge trace does not keep its buffers' memory for good.
+        if compressed.len() > KEPT_BUFFER {
+            *encoded = Vec::new();
+            *compressed = Vec::new();
+        }
+        stored
+    })
 }
 
 pub fn decode(blob: &[u8]) -> Result<Vec<TraceStageRecord>, StoreError> {
@@ -124,5 +157,12 @@ mod tests {
         assert_eq!(decode(&encode(stored.iter().map(StageRef::from))).unwrap(), stored);
         assert_eq!(decode(&encode([])).unwrap(), []);
         assert!(matches!(decode(b"not lz4"), Err(StoreError::Corrupt(_))));
+        // The same bytes as the one-call form of the format, and so for a second trace with
+        // the buffers reused.
+        for stored in [stored.clone(), vec![stage(7, "completed")]] {
+            let mut plain = Vec::new();
+            stored.iter().for_each(|s| StageRef::from(s).encode(&mut plain));
+            assert_eq!(encode(stored.iter().map(StageRef::from)), lz4_flex::block::compress_prepend_size(&plain));
+        }
     }
 }
