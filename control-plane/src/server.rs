@@ -31,7 +31,9 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
 
 /// No `Debug`: it holds the node token and the bootstrap key, which must never reach a log.
 #[derive(Clone)]
@@ -265,13 +267,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         stopping: stopping.clone(),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<InstanceServiceServer<InstanceApi>>().await;
-    health.set_serving::<AccessServiceServer<AccessApi>>().await;
-    health.set_serving::<ApiKeyServiceServer<ApiKeyApi>>().await;
-    health.set_serving::<NodeServiceServer<NodeApi>>().await;
-    health.set_serving::<TraceServiceServer<TraceApi>>().await;
-    health.set_serving::<MessageServiceServer<MessageApi>>().await;
-    health.set_serving::<NodeSyncServiceServer<SyncApi>>().await;
+    let services = [
+        "",
+        <InstanceServiceServer<InstanceApi> as NamedService>::NAME,
+        <AccessServiceServer<AccessApi> as NamedService>::NAME,
+        <ApiKeyServiceServer<ApiKeyApi> as NamedService>::NAME,
+        <NodeServiceServer<NodeApi> as NamedService>::NAME,
+        <TraceServiceServer<TraceApi> as NamedService>::NAME,
+        <MessageServiceServer<MessageApi> as NamedService>::NAME,
+        <NodeSyncServiceServer<SyncApi> as NamedService>::NAME,
+    ];
+    for service in services {
+        health.set_service_status(service, ServingStatus::Serving).await;
+    }
+    // Health checks (and watches) say NOT_SERVING from the stop on, while requests finish.
+    let stop = stopping.clone();
+    tokio::spawn(async move {
+        stop.wait().await;
+        for service in services {
+            health.set_service_status(service, ServingStatus::NotServing).await;
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(omni_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

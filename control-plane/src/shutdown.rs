@@ -1,12 +1,17 @@
 //! The control plane's stop signal. A graceful gRPC shutdown waits for every open stream, so
-//! the long-lived ones (node config streams, trace tails) end themselves on it; whatever is
-//! still open after [`GRACE`] is cut off.
+//! the long-lived ones end themselves on it: trace tails at once, node config streams once the
+//! sends under way on them have reported ([`DRAIN`]). Whatever is still open after [`GRACE`]
+//! (a health watch, say) is cut off.
 
 use std::time::Duration;
 use tokio::sync::watch;
 
 /// How long requests still running at a stop may take to finish.
 pub const GRACE: Duration = Duration::from_secs(10);
+
+/// How long a node's config stream stays open after a stop for the sends under way on it to
+/// report (their callers wait for the outcome), within [`GRACE`].
+pub const DRAIN: Duration = Duration::from_secs(8);
 
 /// Resolves once the control plane is stopping.
 #[derive(Clone, Debug)]

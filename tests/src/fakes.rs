@@ -118,6 +118,10 @@ struct Evolution {
     sent: Vec<Received>,
     /// Every lifecycle request (create, fetch, webhook/set, delete, state, connect), accepted or not.
     lifecycle: Vec<Received>,
+    /// sendText answers this much later (it is recorded when answered).
+    send_delay: Duration,
+    /// sendText requests that arrived, answered or not yet.
+    sends_arrived: usize,
 }
 
 impl Evolution {
@@ -165,6 +169,16 @@ impl FakeEvolution {
     /// Accepts `key` for Evolution instance `instance`.
     pub fn instance(&self, instance: &str, key: &str) {
         self.state.lock().unwrap().keys.insert(instance.to_owned(), key.to_owned());
+    }
+
+    /// Answers each sendText `delay` after it arrives, as a slow Evolution server would.
+    pub fn delay_sends(&self, delay: Duration) {
+        self.state.lock().unwrap().send_delay = delay;
+    }
+
+    /// sendText requests that arrived so far, including those not answered yet.
+    pub fn sends_arrived(&self) -> usize {
+        self.state.lock().unwrap().sends_arrived
     }
 
     /// The server's global key (`AUTHENTICATION_API_KEY`), good for every route.
@@ -253,6 +267,14 @@ async fn send_text(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let delay = {
+        let mut state = state.lock().unwrap();
+        state.sends_arrived += 1;
+        state.send_delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut state = state.lock().unwrap();
     if !state.authorized(Some(&instance), &headers) {
         return evolution_error(StatusCode::UNAUTHORIZED, json!("Unauthorized"));

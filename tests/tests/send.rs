@@ -143,3 +143,29 @@ async fn refused_scoped_and_undeliverable_sends_say_why() {
     .await;
     assert_ne!(down.code, 0);
 }
+
+/// A send under way when the control plane is stopped is answered, not cut off: the node's
+/// config stream stays open until the node reports the outcome, and only then does the control
+/// plane exit (cleanly, with nothing cut off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_under_way_at_a_stop_is_answered() {
+    let Hub { cp, node: _node, evolution, dir: _dir } = Hub::start().await;
+    evolution.delay_sends(Duration::from_secs(1));
+    let url = cp.url();
+    let send = tokio::spawn(async move {
+        omnictl(&url, ADMIN_KEY, &["send", "text", "acme-wa", "--to", "5511999999999", "--text", "Hi", "-o", "json"])
+            .await
+    });
+    wait_for("the send to reach Evolution", Duration::from_secs(10), || async {
+        (evolution.sends_arrived() == 1).then_some(())
+    })
+    .await;
+
+    let log_path = cp.log_path.clone();
+    assert!(cp.terminate().await.success(), "SIGTERM is a clean stop");
+    let sent = send.await.unwrap().json();
+    assert_eq!(sent["message_ids"].as_array().map(Vec::len), Some(1), "{sent}");
+    assert_eq!(evolution.texts().len(), 1);
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(!log.contains("cut off") && !log.contains("before the node reported"), "{log}");
+}

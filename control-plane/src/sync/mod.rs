@@ -11,11 +11,12 @@ pub mod dispatch;
 
 use crate::crypto::{Keyring, constant_time_eq};
 use crate::metrics::Metrics;
-use crate::shutdown::Stopping;
+use crate::shutdown::{self, Stopping};
 use crate::store::{
     ChangeOp, ConfigChange, InstanceConfig, InstanceEventRecord, KIND_INSTANCE, NodeRecord, Store, now_millis,
 };
 use omni_proto::v1::{self as pb, node_sync_service_server::NodeSyncService, watch_request, watch_response};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -236,6 +237,7 @@ impl NodeSyncService for SyncApi {
             last_heartbeat_at: Instant::now(),
             released: false,
             stopping: self.stopping.clone(),
+            sends_in_flight: HashSet::new(),
         };
         tokio::spawn(session.run(hello.resume_revision, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -288,12 +290,19 @@ struct Session {
     released: bool,
     /// Ends the stream, so that a graceful stop is not held open by it.
     stopping: Stopping,
+    /// Sends forwarded to the node whose results it has not reported yet.
+    sends_in_flight: HashSet<String>,
 }
 
 impl Session {
     async fn run(mut self, resume: i64, mut inbound: Streaming<pb::WatchRequest>) {
         let end = self.serve(resume, &mut inbound).await;
         self.dispatcher.unregister(&self.node_id, &self.applied);
+        // Recorded before the stream ends: the node may reconnect (here or to another control
+        // plane) as soon as it does, and a stopping control plane exits once its streams end.
+        if let Err(e) = self.store.node_disconnected(&self.node_id, now_millis()).await {
+            tracing::warn!(node_id = %self.node_id, error = %e, "could not record node disconnect");
+        }
         match end {
             Err(End::Error(status)) => {
                 tracing::warn!(node_id = %self.node_id, error = %status.message(), "config stream failed");
@@ -303,9 +312,6 @@ impl Session {
                 let _ = self.tx.send(Err(Status::unavailable("the control plane is stopping"))).await;
             }
             Ok(()) | Err(End::Gone) => {}
-        }
-        if let Err(e) = self.store.node_disconnected(&self.node_id, now_millis()).await {
-            tracing::warn!(node_id = %self.node_id, error = %e, "could not record node disconnect");
         }
         tracing::info!(node_id = %self.node_id, "node disconnected");
     }
@@ -320,9 +326,25 @@ impl Session {
         let mut last_heard = Instant::now();
         let stopped = self.stopping.clone().wait();
         tokio::pin!(stopped);
+        // Once stopping: the node is given no more sends, and the stream ends when those under
+        // way have reported (their callers are waiting for the outcome) or after a while.
+        let mut draining = false;
+        let drained = tokio::time::sleep(shutdown::DRAIN);
+        tokio::pin!(drained);
         loop {
+            if draining && self.sends_in_flight.is_empty() && self.commands.is_empty() {
+                return Err(End::Stopping);
+            }
             tokio::select! {
-                _ = &mut stopped => return Err(End::Stopping),
+                _ = &mut stopped, if !draining => {
+                    self.dispatcher.unregister(&self.node_id, &self.applied);
+                    drained.as_mut().reset(tokio::time::Instant::now() + shutdown::DRAIN);
+                    draining = true;
+                }
+                _ = &mut drained, if draining => {
+                    tracing::warn!(node_id = %self.node_id, sends = self.sends_in_flight.len(), "stopping before the node reported every send");
+                    return Err(End::Stopping);
+                }
                 changed = revisions.changed() => {
                     if changed.is_err() {
                         return Err(End::Gone);
@@ -336,6 +358,7 @@ impl Session {
                     self.forward_new(true).await?;
                 }
                 Some(command) = self.commands.recv() => {
+                    self.sends_in_flight.insert(command.id.clone());
                     self.send(watch_response::Kind::Send(command)).await?;
                 }
                 Ok(()) = self.freed.changed(), if self.last_heartbeat > 0 => {
@@ -367,7 +390,10 @@ impl Session {
                 self.applied.store(ack.revision, Ordering::Relaxed);
                 self.store.node_acked(&self.node_id, ack.revision, now).await?
             }
-            Some(watch_request::Kind::SendResult(result)) => self.dispatcher.complete(result),
+            Some(watch_request::Kind::SendResult(result)) => {
+                self.sends_in_flight.remove(&result.id);
+                self.dispatcher.complete(result)
+            }
             Some(watch_request::Kind::Nack(nack)) => {
                 tracing::warn!(node_id = %self.node_id, revision = nack.revision, error = %nack.error, "node rejected config");
                 self.store.node_nacked(&self.node_id, &nack.error, now).await?;
