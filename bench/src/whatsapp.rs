@@ -43,8 +43,8 @@ pub struct Options {
 }
 
 /// A wrapper command given as one string, split into words.
-fn words(command: &Option<String>) -> Vec<String> {
-    command.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect()
+fn words(command: Option<&str>) -> Vec<String> {
+    command.unwrap_or_default().split_whitespace().map(str::to_owned).collect()
 }
 
 /// A WhatsApp text webhook with message id `id`, from one of 50 senders.
@@ -278,13 +278,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         &dir.path().join("cp"),
         &ControlPlaneOptions {
             bootstrap_api_key: Some(ADMIN_KEY.into()),
-            wrapper: words(&options.control_plane_wrapper),
+            wrapper: words(options.control_plane_wrapper.as_deref()),
             ..Default::default()
         },
     )
     .await;
-    let node_options =
-        DataPlaneOptions { tenant_concurrency: Some(64), wrapper: words(&options.node_wrapper), ..Default::default() };
+    let node_options = DataPlaneOptions {
+        tenant_concurrency: Some(64),
+        wrapper: words(options.node_wrapper.as_deref()),
+        ..Default::default()
+    };
     let node = DataPlane::start_for(&cp, &dir.path().join("node"), node_options).await;
     let evolution = FakeEvolution::start().await;
     let instant = FakeAgent::start().await;

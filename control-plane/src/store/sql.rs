@@ -58,17 +58,18 @@ fn scope_filter(scope: &Scope, column: &str, first_param: usize) -> (String, Vec
 /// parameters per statement).
 const INGEST_ROWS: usize = 128;
 
-/// `items` in chunks whose lengths are powers of two (at most [`INGEST_ROWS`]), so that a
-/// statement with a row per item takes one of eight shapes, each prepared once per connection
-/// and then cached, instead of a new one for each batch size: preparing a statement of many
-/// rows costs more than running it.
-fn shaped_chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+/// `items` in chunks of at most [`INGEST_ROWS`], for statements with a row per item. `shaped`:
+/// chunk lengths are powers of two, so that such a statement takes one of eight shapes, each
+/// prepared once per connection and then cached, instead of a new one for each batch size
+/// (SQLite: preparing a statement of many rows costs more than running it, and each statement
+/// is a call within the process; for Postgres each is a round trip, so fewer is better).
+fn ingest_chunks<T>(mut items: &[T], shaped: bool) -> impl Iterator<Item = &[T]> {
     std::iter::from_fn(move || {
         let n = items.len().min(INGEST_ROWS);
         if n == 0 {
             return None;
         }
-        let (chunk, rest) = items.split_at(1 << n.ilog2());
+        let (chunk, rest) = items.split_at(if shaped { 1 << n.ilog2() } else { n });
         items = rest;
         Some(chunk)
     })
@@ -338,10 +339,12 @@ const GATEWAY_ELIGIBLE: &str = "i.channel = 'discord' AND i.active = TRUE \
 /// transactions already have one).
 /// `$numbered_values`: whether generated multi-row parameter lists use `$n` (Postgres) or `?`.
 /// `$ilike`: case-insensitive LIKE (SQLite's LIKE already is, for ASCII).
+/// `$begin_ingest`, `$for_update`: how trace ingest starts its transaction and locks the rows
+/// it reads. `$shaped_statements`: see [`ingest_chunks`].
 macro_rules! sql_store {
     (
         $store:ident, $db:ty, $backend:expr, $notify:expr, $snapshot_isolation:expr, $numbered_values:expr, $ilike:expr,
-        $begin_ingest:expr, $for_update:expr
+        $begin_ingest:expr, $for_update:expr, $shaped_statements:expr
     ) => {
         pub struct $store {
             pool: sqlx::Pool<$db>,
@@ -1091,7 +1094,10 @@ macro_rules! sql_store {
 
             async fn ingest_trace_events(&self, node_id: &str, events: &[TraceEventRecord]) -> Result<usize> {
                 // The batch's stages by trace (a stage reported twice counts once), and the
-                // traces in one order for every writer, so that concurrent ingests cannot deadlock.
+                // traces in one order for every writer, then their senders in one order, so
+                // that concurrent ingests seldom deadlock (the trace rows are locked in two
+                // passes, new and known; Postgres fails one of two deadlocked ingests, and its
+                // node reports again).
                 let mut by_trace: HashMap<&str, Vec<&TraceEventRecord>> = HashMap::new();
                 for e in events {
                     let stages = by_trace.entry(e.trace_id.as_str()).or_default();
@@ -1108,7 +1114,7 @@ macro_rules! sql_store {
                 let headers: Vec<(&TraceEventRecord, &TraceHeaderRecord)> =
                     ids.iter().filter_map(|id| by_trace[id].iter().find_map(|e| e.header.as_ref().map(|h| (*e, h)))).collect();
                 let mut created: HashSet<String> = HashSet::new();
-                for rows in shaped_chunks(&headers) {
+                for rows in ingest_chunks(&headers, $shaped_statements) {
                     let sql = format!(
                         "INSERT INTO traces (id, instance_id, channel, external_id, conversation_id, sender, sender_name, \
                          user_id, message_type, text, status, status_seq, error_stage, error, received_at, updated_at, \
@@ -1144,38 +1150,13 @@ macro_rules! sql_store {
                         created.insert(row.try_get("id")?);
                     }
                 }
-                // In one order for every writer, as the traces are.
-                let mut users = users_of(headers.iter().filter(|(e, _)| created.contains(&e.trace_id)).copied());
-                users.sort_unstable_by(|a, b| (&a.instance_id, &a.identity).cmp(&(&b.instance_id, &b.identity)));
-                for users in shaped_chunks(&users) {
-                    let sql = format!(
-                        "INSERT INTO users (id, instance_id, identity, display_name, first_seen_at, last_seen_at, message_count) \
-                         VALUES {} ON CONFLICT (instance_id, identity) DO UPDATE SET \
-                         display_name = CASE WHEN excluded.display_name <> '' THEN excluded.display_name ELSE users.display_name END, \
-                         last_seen_at = CASE WHEN excluded.last_seen_at > users.last_seen_at THEN excluded.last_seen_at ELSE users.last_seen_at END, \
-                         message_count = users.message_count + excluded.message_count",
-                        values(users.len(), 7, $numbered_values)
-                    );
-                    let mut q = sqlx::query(&sql);
-                    for u in users {
-                        q = q
-                            .bind(&u.id)
-                            .bind(&u.instance_id)
-                            .bind(&u.identity)
-                            .bind(&u.name)
-                            .bind(u.first_seen)
-                            .bind(u.last_seen)
-                            .bind(u.count);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
                 let mut fresh: Vec<&TraceEventRecord> =
                     created.iter().flat_map(|id| by_trace[id.as_str()].iter().copied()).collect();
                 // Traces stored before: their stored stages, with those of the batch they lack.
                 // Stages of a trace that is not stored (purged meanwhile) have nowhere to go.
                 let known: Vec<&str> = ids.iter().copied().filter(|id| !created.contains(*id)).collect();
                 let mut merged: Vec<(&str, Vec<u8>)> = Vec::new();
-                for chunk in shaped_chunks(&known) {
+                for chunk in ingest_chunks(&known, $shaped_statements) {
                     let sql = format!(
                         "SELECT id, stages FROM traces WHERE id IN ({}) ORDER BY id{}",
                         placeholders(chunk.len(), $numbered_values),
@@ -1209,7 +1190,7 @@ macro_rules! sql_store {
                 let changed = trace_states(fresh.iter().copied());
                 let blobs: HashMap<&str, Vec<u8>> = merged.into_iter().collect();
                 let updates: Vec<&str> = known.iter().copied().filter(|id| blobs.contains_key(id)).collect();
-                for rows in shaped_chunks(&updates) {
+                for rows in ingest_chunks(&updates, $shaped_statements) {
                     let sql = format!(
                         "UPDATE traces SET \
                          status = CASE WHEN v.column3 > traces.status_seq THEN v.column2 ELSE traces.status END, \
@@ -1236,6 +1217,30 @@ macro_rules! sql_store {
                             .bind(error)
                             .bind(state.agent_ms)
                             .bind(&blobs[id]);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+                // The senders of the traces new here, after every trace row is locked.
+                let users = users_of(headers.iter().filter(|(e, _)| created.contains(&e.trace_id)).copied());
+                for users in ingest_chunks(&users, $shaped_statements) {
+                    let sql = format!(
+                        "INSERT INTO users (id, instance_id, identity, display_name, first_seen_at, last_seen_at, message_count) \
+                         VALUES {} ON CONFLICT (instance_id, identity) DO UPDATE SET \
+                         display_name = CASE WHEN excluded.display_name <> '' THEN excluded.display_name ELSE users.display_name END, \
+                         last_seen_at = CASE WHEN excluded.last_seen_at > users.last_seen_at THEN excluded.last_seen_at ELSE users.last_seen_at END, \
+                         message_count = users.message_count + excluded.message_count",
+                        values(users.len(), 7, $numbered_values)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for u in users {
+                        q = q
+                            .bind(&u.id)
+                            .bind(&u.instance_id)
+                            .bind(&u.identity)
+                            .bind(&u.name)
+                            .bind(u.first_seen)
+                            .bind(u.last_seen)
+                            .bind(u.count);
                     }
                     q.execute(&mut *tx).await?;
                 }
@@ -1763,11 +1768,12 @@ sql_store!(
     true,
     "ILIKE",
     "BEGIN",
-    " FOR UPDATE"
+    " FOR UPDATE",
+    false
 );
 // Trace ingest reads stored stages before it writes them back: on SQLite it takes the write
 // lock first, so that no other writer can come between (a read lock cannot be upgraded).
-sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None, None, false, "LIKE", "BEGIN IMMEDIATE", "");
+sql_store!(SqliteStore, sqlx::Sqlite, Backend::Sqlite, None, None, false, "LIKE", "BEGIN IMMEDIATE", "", true);
 
 impl PostgresStore {
     pub async fn connect(url: &str, options: StoreOptions) -> Result<Self> {
@@ -1879,11 +1885,13 @@ mod tests {
 
     #[test]
     fn chunks_take_few_shapes() {
-        let lengths = |n: usize| shaped_chunks(&vec![0; n]).map(<[i32]>::len).collect::<Vec<_>>();
+        let lengths = |n: usize| ingest_chunks(&vec![0; n], true).map(<[i32]>::len).collect::<Vec<_>>();
         assert_eq!(lengths(0), Vec::<usize>::new());
         assert_eq!(lengths(1), [1]);
         assert_eq!(lengths(7), [4, 2, 1]);
         assert_eq!(lengths(128), [128]);
         assert_eq!(lengths(450), [128, 128, 128, 64, 2]);
+        let unshaped = ingest_chunks(&[0; 450], false).map(<[i32]>::len).collect::<Vec<_>>();
+        assert_eq!(unshaped, [128, 128, 128, 66]);
     }
 }

@@ -77,8 +77,8 @@ impl StageRef<'_> {
     }
 }
 
-/// What encoding reuses from one trace to the next: the LZ4 table (an 8 KiB allocation,
-/// zeroed, per trace otherwise) and the buffers.
+/// What encoding reuses from one trace to the next: the LZ4 table (allocated for each trace
+/// otherwise; it is still cleared for each) and the buffers.
 #[derive(Default)]
 struct Scratch {
     table: lz4_flex::block::CompressTable,
@@ -86,8 +86,8 @@ struct Scratch {
     compressed: Vec<u8>,
 }
 
-/// Buffers larger than this are freed after use.
-const KEPT_BUFFER: usize = 256 * 1024;
+/// Inputs from this size on need LZ4's large table (lz4_flex switches at `u16::MAX`).
+const SMALL_TABLE_INPUT: usize = u16::MAX as usize;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
@@ -101,6 +101,13 @@ pub fn encode<'a>(stages: impl IntoIterator<Item = StageRef<'a>>) -> Vec<u8> {
         for stage in stages {
             stage.encode(encoded);
         }
+        if encoded.len() >= SMALL_TABLE_INPUT {
+            // The reused table would turn into the large one for good, and the buffers kept
+            // would be as large.
+            let stored = lz4_flex::block::compress_prepend_size(encoded);
+            *encoded = Vec::new();
+            return stored;
+        }
         let most = lz4_flex::block::get_maximum_output_size(encoded.len());
         if compressed.len() < most {
             compressed.resize(most, 0);
@@ -110,11 +117,6 @@ pub fn encode<'a>(stages: impl IntoIterator<Item = StageRef<'a>>) -> Vec<u8> {
         let mut stored = Vec::with_capacity(4 + length);
         stored.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
         stored.extend_from_slice(&compressed[..length]);
-        // A rare huge trace does not keep its buffers' memory for good.
-        if compressed.len() > KEPT_BUFFER {
-            *encoded = Vec::new();
-            *compressed = Vec::new();
-        }
         stored
     })
 }
@@ -159,6 +161,8 @@ mod tests {
         assert!(matches!(decode(b"not lz4"), Err(StoreError::Corrupt(_))));
         // The same bytes as the one-call form of the format, and so for a second trace with
         // the buffers reused.
+        let large = TraceStageRecord { payload: "x".repeat(100_000), ..stage(3, "agent_response") };
+        assert_eq!(decode(&encode([StageRef::from(&large)])).unwrap(), [large]);
         for stored in [stored.clone(), vec![stage(7, "completed")]] {
             let mut plain = Vec::new();
             stored.iter().for_each(|s| StageRef::from(s).encode(&mut plain));
