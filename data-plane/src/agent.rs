@@ -1,11 +1,12 @@
 //! Calling a tenant's agent: three wire protocols, retries on connection errors and 5xx within
 //! the instance's time budget, and one answer text out.
 
-use crate::channels::{Inbound, RawJson};
+use crate::channels::{Inbound, Media, RawJson};
 use crate::http_client::{CallError, HttpClient};
 use http::HeaderName;
 use omni_proto::v1::{self as pb, AgentProtocol};
-use serde_json::{Value, json};
+use serde::{Serialize, Serializer};
+use serde_json::Value;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -62,17 +63,110 @@ pub struct Caller<'a> {
     pub session_name: &'a str,
 }
 
-fn media_json(inbound: &Inbound) -> Vec<Value> {
-    inbound
-        .media
-        .iter()
-        .map(|m| {
-            json!({
-                "type": m.kind, "mime_type": m.mime_type, "url": m.url, "data": m.base64,
-                "file_name": m.file_name, "seconds": m.seconds, "voice_note": m.voice_note,
-            })
-        })
-        .collect()
+/// The sender as agents know them, in every protocol that sends one.
+#[derive(Serialize)]
+struct AgentUser<'a> {
+    phone_number: PhoneNumber<'a>,
+    email: Option<&'a str>,
+    display_name: &'a str,
+    user_data: UserData<'a>,
+}
+
+#[derive(Serialize)]
+struct UserData<'a> {
+    identity: &'a str,
+    channel: &'a str,
+}
+
+/// `+` and the number on WhatsApp; empty elsewhere.
+struct PhoneNumber<'a>(Option<&'a str>);
+
+impl Serialize for PhoneNumber<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(number) => serializer.collect_str(&format_args!("+{number}")),
+            None => serializer.serialize_str(""),
+        }
+    }
+}
+
+/// A message's media, each as agents read it.
+struct MediaList<'a>(&'a [Media]);
+
+impl Serialize for MediaList<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|m| MediaItem {
+            kind: &m.kind,
+            mime_type: &m.mime_type,
+            url: &m.url,
+            data: m.base64.as_deref(),
+            file_name: &m.file_name,
+            seconds: m.seconds,
+            voice_note: m.voice_note,
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct MediaItem<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    mime_type: &'a str,
+    url: &'a str,
+    data: Option<&'a str>,
+    file_name: &'a str,
+    seconds: Option<u64>,
+    voice_note: bool,
+}
+
+/// `omni`: `POST {url}/api/agent/chat`.
+#[derive(Serialize)]
+struct OmniFields<'a> {
+    user_id: &'a str,
+    session_id: &'a str,
+    session_name: &'a str,
+    message: &'a str,
+    message_type: &'a str,
+    session_origin: &'a str,
+    agent_id: &'a str,
+    user: AgentUser<'a>,
+    context: OmniContext<'a>,
+    media: MediaList<'a>,
+}
+
+#[derive(Serialize)]
+struct OmniContext<'a> {
+    instance: &'a str,
+    channel: &'a str,
+    conversation_id: &'a str,
+    is_group: bool,
+}
+
+/// `automagik`: `POST {url}/api/v1/agent/{agent id}/run`.
+#[derive(Serialize)]
+struct AutomagikFields<'a> {
+    message_content: &'a str,
+    message_type: &'a str,
+    user_id: &'a str,
+    user: AgentUser<'a>,
+    session_name: &'a str,
+    session_origin: &'a str,
+    media_contents: MediaList<'a>,
+    message_limit: u32,
+}
+
+/// `openai`: `POST {url}/v1/chat/completions`.
+#[derive(Serialize)]
+struct OpenaiFields<'a> {
+    model: &'a str,
+    messages: [OpenaiMessage<'a>; 1],
+    user: &'a str,
+}
+
+#[derive(Serialize)]
+struct OpenaiMessage<'a> {
+    role: &'static str,
+    content: &'a str,
 }
 
 fn snippet(text: &str) -> String {
@@ -84,57 +178,63 @@ impl AgentClient {
         AgentClient { http }
     }
 
-    /// The URL and body fields of one protocol, and whether the channel's payload goes with them.
-    fn request(agent: &pb::NodeAgent, inbound: &Inbound, caller: &Caller<'_>, channel: &str) -> (String, Value, bool) {
+    /// The URL and body fields of one protocol (serialized once, for the request and its
+    /// trace), and whether the channel's payload goes with them.
+    fn request(
+        agent: &pb::NodeAgent,
+        inbound: &Inbound,
+        caller: &Caller<'_>,
+        channel: &str,
+    ) -> (String, RawJson, bool) {
         let base = agent.url.trim_end_matches('/');
-        let user = json!({
-            "phone_number": if channel == "whatsapp" { format!("+{}", inbound.sender) } else { String::new() },
-            "email": Value::Null,
-            "display_name": inbound.sender_name,
-            "user_data": { "identity": inbound.sender, "channel": channel },
-        });
+        let user = || AgentUser {
+            phone_number: PhoneNumber((channel == "whatsapp").then_some(inbound.sender.as_str())),
+            email: None,
+            display_name: &inbound.sender_name,
+            user_data: UserData { identity: &inbound.sender, channel },
+        };
         match AgentProtocol::try_from(agent.protocol).unwrap_or(AgentProtocol::Omni) {
             AgentProtocol::Automagik => (
                 format!("{base}/api/v1/agent/{}/run", agent.agent_id),
-                json!({
-                    "message_content": inbound.text,
-                    "message_type": inbound.message_type,
-                    "user_id": caller.user_id,
-                    "user": user,
-                    "session_name": caller.session_name,
-                    "session_origin": channel,
-                    "media_contents": media_json(inbound),
-                    "message_limit": 100,
+                RawJson::new(&AutomagikFields {
+                    message_content: &inbound.text,
+                    message_type: &inbound.message_type,
+                    user_id: caller.user_id,
+                    user: user(),
+                    session_name: caller.session_name,
+                    session_origin: channel,
+                    media_contents: MediaList(&inbound.media),
+                    message_limit: 100,
                 }),
                 true,
             ),
             AgentProtocol::Openai => (
                 format!("{base}/v1/chat/completions"),
-                json!({
-                    "model": agent.agent_id,
-                    "messages": [{ "role": "user", "content": inbound.text }],
-                    "user": caller.user_id,
+                RawJson::new(&OpenaiFields {
+                    model: &agent.agent_id,
+                    messages: [OpenaiMessage { role: "user", content: &inbound.text }],
+                    user: caller.user_id,
                 }),
                 false,
             ),
             AgentProtocol::Omni | AgentProtocol::Unspecified => (
                 format!("{base}/api/agent/chat"),
-                json!({
-                    "user_id": caller.user_id,
-                    "session_id": caller.session_name,
-                    "session_name": caller.session_name,
-                    "message": inbound.text,
-                    "message_type": inbound.message_type,
-                    "session_origin": channel,
-                    "agent_id": agent.agent_id,
-                    "user": user,
-                    "context": {
-                        "instance": inbound.instance,
-                        "channel": channel,
-                        "conversation_id": inbound.conversation,
-                        "is_group": inbound.is_group,
+                RawJson::new(&OmniFields {
+                    user_id: caller.user_id,
+                    session_id: caller.session_name,
+                    session_name: caller.session_name,
+                    message: &inbound.text,
+                    message_type: &inbound.message_type,
+                    session_origin: channel,
+                    agent_id: &agent.agent_id,
+                    user: user(),
+                    context: OmniContext {
+                        instance: &inbound.instance,
+                        channel,
+                        conversation_id: &inbound.conversation,
+                        is_group: inbound.is_group,
                     },
-                    "media": media_json(inbound),
+                    media: MediaList(&inbound.media),
                 }),
                 true,
             ),
@@ -167,7 +267,6 @@ impl AgentClient {
     ) -> Result<AgentAnswer, AgentError> {
         let protocol = AgentProtocol::try_from(agent.protocol).unwrap_or(AgentProtocol::Omni);
         let (url, fields, with_payload) = Self::request(agent, inbound, caller, channel);
-        let fields = RawJson::new(&fields);
         let body = body(&fields, with_payload.then(|| inbound.raw.as_raw()));
         let budget = Duration::from_secs(u64::from(agent.timeout_seconds.max(1)));
         let deadline = Instant::now() + budget;
@@ -228,6 +327,94 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn each_protocol_sends_its_fields() {
+        let inbound = Inbound {
+            id: "t1".into(),
+            instance: "acme-wa".into(),
+            instance_id: "i1".into(),
+            external_id: "3EB0".into(),
+            conversation: "5511999999999@s.whatsapp.net".into(),
+            thread: String::new(),
+            sender: "5511999999999".into(),
+            sender_name: "Maria \"M\"".into(),
+            text: "hi".into(),
+            message_type: "imageMessage".into(),
+            media: vec![Media {
+                kind: "image".into(),
+                mime_type: "image/jpeg".into(),
+                url: "https://mmg.whatsapp.net/x".into(),
+                base64: None,
+                file_name: String::new(),
+                seconds: None,
+                voice_note: false,
+            }],
+            is_group: false,
+            sent_at: 1,
+            received_at: 2,
+            raw: RawJson::default(),
+        };
+        let caller = Caller { user_id: "u1", session_name: "acme-wa_5511999999999" };
+        let fields = |protocol: AgentProtocol, channel: &str| {
+            let agent = pb::NodeAgent {
+                url: "http://agent/".into(),
+                agent_id: "bot".into(),
+                protocol: protocol as i32,
+                ..Default::default()
+            };
+            let (url, fields, with_payload) = AgentClient::request(&agent, &inbound, &caller, channel);
+            (url, fields.to_value(), with_payload)
+        };
+        let media = json!([{
+            "type": "image", "mime_type": "image/jpeg", "url": "https://mmg.whatsapp.net/x", "data": null,
+            "file_name": "", "seconds": null, "voice_note": false,
+        }]);
+        let user = json!({
+            "phone_number": "+5511999999999", "email": null, "display_name": "Maria \"M\"",
+            "user_data": { "identity": "5511999999999", "channel": "whatsapp" },
+        });
+        assert_eq!(
+            fields(AgentProtocol::Omni, "whatsapp"),
+            (
+                "http://agent/api/agent/chat".into(),
+                json!({
+                    "user_id": "u1", "session_id": "acme-wa_5511999999999", "session_name": "acme-wa_5511999999999",
+                    "message": "hi", "message_type": "imageMessage", "session_origin": "whatsapp", "agent_id": "bot",
+                    "user": user,
+                    "context": {
+                        "instance": "acme-wa", "channel": "whatsapp",
+                        "conversation_id": "5511999999999@s.whatsapp.net", "is_group": false,
+                    },
+                    "media": media,
+                }),
+                true
+            )
+        );
+        assert_eq!(
+            fields(AgentProtocol::Automagik, "whatsapp"),
+            (
+                "http://agent/api/v1/agent/bot/run".into(),
+                json!({
+                    "message_content": "hi", "message_type": "imageMessage", "user_id": "u1", "user": user,
+                    "session_name": "acme-wa_5511999999999", "session_origin": "whatsapp",
+                    "media_contents": media, "message_limit": 100,
+                }),
+                true
+            )
+        );
+        assert_eq!(
+            fields(AgentProtocol::Openai, "whatsapp"),
+            (
+                "http://agent/v1/chat/completions".into(),
+                json!({ "model": "bot", "messages": [{ "role": "user", "content": "hi" }], "user": "u1" }),
+                false
+            )
+        );
+        let slack = fields(AgentProtocol::Omni, "slack").1;
+        assert_eq!(slack["user"]["phone_number"], "", "a phone number only on WhatsApp");
+    }
 
     #[test]
     fn the_body_is_the_fields_with_the_channel_payload_copied_in() {
