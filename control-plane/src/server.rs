@@ -280,12 +280,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     for service in services {
         health.set_service_status(service, ServingStatus::Serving).await;
     }
-    // Health checks (and watches) say NOT_SERVING from the stop on, while requests finish.
+    // From the stop on, health watches are told NOT_SERVING and then end (their streams would
+    // hold the stop open), and checks answer NOT_FOUND, while requests finish.
     let stop = stopping.clone();
+    let mut health = health;
     tokio::spawn(async move {
         stop.wait().await;
         for service in services {
             health.set_service_status(service, ServingStatus::NotServing).await;
+            health.clear_service_status(service).await;
         }
     });
     let reflection = tonic_reflection::server::Builder::configure()

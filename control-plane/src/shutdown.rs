@@ -1,7 +1,7 @@
 //! The control plane's stop signal. A graceful gRPC shutdown waits for every open stream, so
 //! the long-lived ones end themselves on it: trace tails at once, node config streams once the
-//! sends under way on them have reported ([`DRAIN`]). Whatever is still open after [`GRACE`]
-//! (a health watch, say) is cut off.
+//! sends under way on them have reported ([`DRAIN`]), health watches once told NOT_SERVING.
+//! Whatever is still open after [`GRACE`] is cut off.
 
 use std::time::Duration;
 use tokio::sync::watch;

@@ -146,9 +146,10 @@ async fn nodes_ride_out_a_control_plane_outage() {
     assert_eq!(node.metric("omni_node_config_snapshots_total").await, 0.0, "resumed from its revision");
 }
 
-/// SIGTERM stops a control plane cleanly with a node's config stream and a trace tail open: both
-/// are ended rather than waited for (a graceful stop used to wait for them forever), the tail
-/// says why, and the node reconnects once the control plane is back.
+/// SIGTERM stops a control plane cleanly with a node's config stream, a trace tail and a health
+/// watch open: each is ended rather than waited for (a graceful stop used to wait for them
+/// forever), the tail says why, the watch hears NOT_SERVING first, and the node reconnects once
+/// the control plane is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_stops_cleanly_with_streams_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,6 +161,12 @@ async fn a_control_plane_stops_cleanly_with_streams_open() {
     node.wait_for_revision(revision).await;
     let mut tail = omnictl_stream(&cp.url(), &key, &["trace", "tail"]);
     tail.next_line(Duration::from_secs(10)).await.expect("the tail's header");
+    let channel = tonic::transport::Endpoint::from_shared(cp.url()).unwrap().connect().await.unwrap();
+    let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(channel).watch(request).await.unwrap().into_inner();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    assert_eq!(health.message().await.unwrap().map(|m| m.status), Some(serving));
 
     let log_path = cp.log_path.clone();
     assert!(cp.terminate().await.success(), "SIGTERM is a clean stop");
@@ -167,6 +174,9 @@ async fn a_control_plane_stops_cleanly_with_streams_open() {
     assert!(!log.contains("cut off"), "the streams ended themselves, none waited out the grace period:\n{log}");
     let (code, stderr) = tail.exit().await;
     assert!(code != 0 && stderr.contains("the control plane is stopping"), "{code} {stderr}");
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    assert_eq!(health.message().await.unwrap().map(|m| m.status), Some(not_serving), "the watch is told");
+    assert!(matches!(health.message().await, Ok(None)), "and then ends");
     wait_for("the node to notice the stop", Duration::from_secs(10), || async {
         (node.ready().await.1["connected"] == false).then_some(())
     })
