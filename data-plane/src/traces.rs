@@ -73,18 +73,29 @@ impl<'a> Recorder<'a> {
         Recorder { inbound, channel: Some(channel), next: 0, secrets }
     }
 
-    fn header(&self) -> Option<pb::TraceHeader> {
-        let inbound = self.inbound;
-        self.channel.map(|channel| pb::TraceHeader {
-            channel: channel as i32,
-            external_id: inbound.external_id.clone(),
-            conversation_id: inbound.conversation.clone(),
-            sender: inbound.sender.clone(),
-            sender_name: inbound.sender_name.clone(),
-            message_type: inbound.message_type.clone(),
-            text: inbound.text.clone(),
-            received_unix_ms: inbound.received_at,
-        })
+    /// The `TraceHeader` of the message (field 11 of its first stage), encoded from it.
+    fn encode_header(&self, channel: pb::Channel, out: &mut Vec<u8>) {
+        use prost::encoding::{WireType, encode_key, encode_varint, int32, int64};
+        let m = self.inbound;
+        let strings = [
+            (2, &m.external_id),
+            (3, &m.conversation),
+            (4, &m.sender),
+            (5, &m.sender_name),
+            (6, &m.message_type),
+            (7, &m.text),
+        ];
+        let (channel, received) = (channel as i32, m.received_at);
+        let length = int32::encoded_len(1, &channel)
+            + strings.iter().map(|(tag, s)| string_len(*tag, s)).sum::<usize>()
+            + int64::encoded_len(8, &received);
+        encode_key(11, WireType::LengthDelimited, out);
+        encode_varint(length as u64, out);
+        int32::encode(1, &channel, out);
+        for (tag, s) in strings {
+            put_string(tag, s, out);
+        }
+        int64::encode(8, &received, out);
     }
 
     fn scrub(&self, text: String) -> String {
@@ -157,15 +168,39 @@ impl StageEvent<'_, '_> {
         self
     }
 
+    /// The stage as a `TraceEvent`. What comes from the message (its ids, and the header on
+    /// the first stage) is encoded from it after the stage's own fields, rather than copied
+    /// into the event first: protobuf fields may come in any order.
     pub fn encode(self) -> Vec<u8> {
+        let recorder = self.recorder;
         let mut event = self.event;
-        event.trace_id = self.recorder.inbound.id.clone();
-        event.instance_id = self.recorder.inbound.instance_id.clone();
-        event.detail = self.recorder.scrub(event.detail);
-        if event.seq == 0 {
-            event.header = self.recorder.header();
+        event.detail = recorder.scrub(event.detail);
+        let (id, instance_id) = (&recorder.inbound.id, &recorder.inbound.instance_id);
+        let mut out = Vec::with_capacity(event.encoded_len() + string_len(1, id) + string_len(3, instance_id) + 256);
+        event.encode_raw(&mut out);
+        put_string(1, id, &mut out);
+        put_string(3, instance_id, &mut out);
+        if let (0, Some(channel)) = (event.seq, recorder.channel) {
+            recorder.encode_header(channel, &mut out);
         }
-        event.encode_to_vec()
+        out
+    }
+}
+
+/// The encoded length of string field `tag` (nothing when empty, as prost writes it).
+fn string_len(tag: u32, value: &str) -> usize {
+    if value.is_empty() {
+        0
+    } else {
+        prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(value.len() as u64) + value.len()
+    }
+}
+
+fn put_string(tag: u32, value: &str, out: &mut Vec<u8>) {
+    if !value.is_empty() {
+        prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, out);
+        prost::encoding::encode_varint(value.len() as u64, out);
+        out.extend_from_slice(value.as_bytes());
     }
 }
 
@@ -313,7 +348,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(first.seq, 0);
-        assert_eq!(first.header.unwrap().sender, "5511");
+        assert_eq!(
+            (first.trace_id.as_str(), first.instance_id.as_str(), first.stage.as_str()),
+            ("t1", "i1", "received")
+        );
+        assert_eq!(
+            first.header.unwrap(),
+            pb::TraceHeader {
+                channel: pb::Channel::Whatsapp as i32,
+                external_id: "X".into(),
+                conversation_id: "5511@s.whatsapp.net".into(),
+                sender: "5511".into(),
+                sender_name: "Maria".into(),
+                message_type: "conversation".into(),
+                text: "hi".into(),
+                received_unix_ms: 1000,
+            }
+        );
         assert_eq!(first.payload, r#"{"k":"[redacted]","w":"short"}"#);
 
         let none = Secrets::default();
@@ -322,7 +373,7 @@ mod tests {
             processing.stage("access", pb::TraceStatus::Processing, 1001, "").encode().as_slice(),
         )
         .unwrap();
-        assert_eq!((next.seq, next.header.is_none()), (1, true));
+        assert_eq!((next.seq, next.header.is_none(), next.trace_id.as_str()), (1, true, "t1"));
         let mut resumed = Recorder::new(&message, 2, &none);
         let later =
             pb::TraceEvent::decode(resumed.stage("access", pb::TraceStatus::Processing, 1001, "").encode().as_slice())
