@@ -91,7 +91,11 @@ impl Client {
             Code::Unauthenticated => format!("not authenticated: {message} (check OMNI_API_KEY or --api-key)"),
             Code::PermissionDenied => format!("permission denied: {message}"),
             Code::Unavailable => format!("control plane at {} is unavailable: {message}", self.server),
-            Code::DeadlineExceeded => format!("control plane at {} did not answer in time", self.server),
+            // With a message the control plane answered, saying what ran out: a send whose
+            // outcome is unknown, which must not read as a request that never arrived.
+            Code::DeadlineExceeded if message.is_empty() => {
+                format!("control plane at {} did not answer in time", self.server)
+            }
             _ => message.to_owned(),
         })
     }

@@ -169,3 +169,27 @@ async fn a_send_under_way_at_a_stop_is_answered() {
     let log = std::fs::read_to_string(log_path).unwrap();
     assert!(!log.contains("cut off") && !log.contains("before the node reported"), "{log}");
 }
+
+/// A send the node has not reported when the control plane's drain runs out (8 s) is answered
+/// as of unknown outcome (it may have gone out), not cut off with the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_unreported_by_the_end_of_a_stop_is_of_unknown_outcome() {
+    let Hub { cp, node: _node, evolution, dir: _dir } = Hub::start().await;
+    evolution.delay_sends(Duration::from_secs(60));
+    let url = cp.url();
+    let send = tokio::spawn(async move {
+        omnictl(&url, ADMIN_KEY, &["send", "text", "acme-wa", "--to", "5511999999999", "--text", "Hi"]).await
+    });
+    wait_for("the send to reach Evolution", Duration::from_secs(10), || async {
+        (evolution.sends_arrived() == 1).then_some(())
+    })
+    .await;
+
+    let log_path = cp.log_path.clone();
+    assert!(cp.terminate().await.success(), "SIGTERM is a clean stop");
+    let refused = send.await.unwrap();
+    let why = "the control plane stopped before the node reported the outcome; the message may have been sent";
+    assert_eq!(refused.failed(), format!("error: {why}"), "{refused:?}");
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(!log.contains("cut off"), "answered within the grace period:\n{log}");
+}

@@ -112,6 +112,11 @@ impl Dispatcher {
         }
     }
 
+    /// Whether the caller of command `id` still waits for its result.
+    pub fn is_pending(&self, id: &str) -> bool {
+        self.pending.lock().expect("dispatcher lock").contains_key(id)
+    }
+
     /// A node's result for a command sent earlier.
     pub fn complete(&self, result: pb::SendResult) {
         if let Some(waiting) = self.pending.lock().expect("dispatcher lock").remove(&result.id) {

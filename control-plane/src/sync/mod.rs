@@ -332,17 +332,33 @@ impl Session {
         let drained = tokio::time::sleep(shutdown::DRAIN);
         tokio::pin!(drained);
         loop {
-            if draining && self.sends_in_flight.is_empty() && self.commands.is_empty() {
-                return Err(End::Stopping);
+            if draining {
+                self.forget_abandoned_sends();
+                if self.sends_in_flight.is_empty() && self.commands.is_empty() {
+                    return Err(End::Stopping);
+                }
             }
             tokio::select! {
                 _ = &mut stopped, if !draining => {
+                    // Closed as well as unregistered: a send that picked this node just before
+                    // fails (and says so) instead of waiting in a queue no one reads; those
+                    // queued already are still forwarded.
                     self.dispatcher.unregister(&self.node_id, &self.applied);
+                    self.commands.close();
                     drained.as_mut().reset(tokio::time::Instant::now() + shutdown::DRAIN);
                     draining = true;
                 }
                 _ = &mut drained, if draining => {
                     tracing::warn!(node_id = %self.node_id, sends = self.sends_in_flight.len(), "stopping before the node reported every send");
+                    for id in self.sends_in_flight.drain() {
+                        self.dispatcher.complete(pb::SendResult {
+                            id,
+                            ok: false,
+                            error: "the control plane stopped before the node reported the outcome; the message may have been sent".into(),
+                            outcome_unknown: true,
+                            message_ids: Vec::new(),
+                        });
+                    }
                     return Err(End::Stopping);
                 }
                 changed = revisions.changed() => {
@@ -352,6 +368,7 @@ impl Session {
                     self.forward_new(false).await?;
                 }
                 _ = progress.tick() => {
+                    self.forget_abandoned_sends();
                     if last_heard.elapsed() > self.settings.node_timeout {
                         return Err(End::Error(Status::deadline_exceeded("the node stopped sending heartbeats")));
                     }
@@ -381,6 +398,11 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Sends whose callers stopped waiting (they timed out) are no longer waited for here.
+    fn forget_abandoned_sends(&mut self) {
+        self.sends_in_flight.retain(|id| self.dispatcher.is_pending(id));
     }
 
     async fn handle(&mut self, message: pb::WatchRequest) -> Result<(), End> {
