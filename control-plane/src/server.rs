@@ -186,7 +186,7 @@ async fn load_keyring(config: &Config, backend: Backend) -> Result<Keyring, Star
 
 /// Runs the control plane until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
-    // One signal stops both the gRPC server and, in standalone mode, the embedded node.
+    // One signal stops the gRPC server and then, in standalone mode, the embedded node.
     let (stop, stopping) = Stopping::channel();
     tokio::spawn(async move {
         shutdown.await;
@@ -315,6 +315,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     tracing::info!(addr = %local, tls = config.tls.is_some(), "gRPC API listening");
     println!("omni-control-plane listening on {local}");
 
+    // The embedded node stops once the gRPC server has: its config stream, like any node's, is
+    // held open at a stop until the sends under way on it have been reported.
+    let (stopped_serving, server_done) = tokio::sync::oneshot::channel::<()>();
     let embedded = config.embedded_data_plane.map(|http_listen| {
         let loopback = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local.port());
         let control_plane = if local.ip().is_unspecified() { loopback } else { local };
@@ -339,7 +342,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             tenant_concurrency: omni_data_plane::node::NodeOptions::DEFAULT_TENANT_CONCURRENCY,
             channels: omni_data_plane::node::ChannelEndpoints::from_env(),
         };
-        tokio::spawn(omni_data_plane::node::run(options, stopping.clone().wait()))
+        tokio::spawn(omni_data_plane::node::run(options, async move {
+            let _ = server_done.await;
+        }))
     });
 
     let serving = server
@@ -368,6 +373,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         served = serving => served?,
         _ = cut_off => tracing::warn!(grace = ?shutdown::GRACE, "requests still open after the grace period were cut off"),
     }
+    drop(stopped_serving);
     if let Some(node) = embedded {
         match node.await {
             Ok(Err(e)) => tracing::error!(error = %e, "embedded data plane failed"),

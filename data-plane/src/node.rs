@@ -247,6 +247,7 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
     let (stop_cache, cache_stopped) = tokio::sync::watch::channel(false);
     let cache_task = tokio::spawn(write_behind(cache, config.clone(), cache_stopped));
 
+    let sync_status = status.clone();
     let state = Arc::new(NodeState {
         node_id: node_id.clone(),
         config,
@@ -274,6 +275,9 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         gateways.abort();
         let _ = gateways.await;
         tracing::warn!("gateways did not close in time: leases left to expire");
+    } else if !sync_status.connected.load(std::sync::atomic::Ordering::Relaxed) {
+        // No stream to hand them back on (the control plane may be stopping too).
+        tracing::info!("gateway leases not handed back (control plane unreachable); they will expire");
     } else if tokio::time::timeout(Duration::from_secs(2), release.release()).await.is_err() {
         tracing::info!("gateway leases not handed back (control plane unreachable); they will expire");
     }

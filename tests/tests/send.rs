@@ -16,6 +16,18 @@ struct Hub {
     dir: tempfile::TempDir,
 }
 
+/// The instance every test sends through: returns the revision that created it.
+async fn create_instance(cp: &ControlPlane, agent: &FakeAgent, evolution: &FakeEvolution) -> i64 {
+    evolution.instance("acme", "acme-evolution-key-0123");
+    #[rustfmt::skip]
+    let created = omnictl(&cp.url(), ADMIN_KEY, &[
+        "instance", "create", "acme-wa", "--channel", "whatsapp", "--agent-url", &agent.url,
+        "--evolution-url", &evolution.url, "--evolution-key", "acme-evolution-key-0123",
+        "--evolution-instance", "acme", "--split-limit", "40", "-o", "json",
+    ]).await.json();
+    created["instance"]["revision"].as_i64().unwrap()
+}
+
 impl Hub {
     async fn start() -> Hub {
         let dir = tempfile::tempdir().unwrap();
@@ -23,14 +35,7 @@ impl Hub {
         let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
         let node = DataPlane::start_for(&cp, &dir.path().join("node"), DataPlaneOptions::default()).await;
         let (agent, evolution) = (FakeAgent::start().await, FakeEvolution::start().await);
-        evolution.instance("acme", "acme-evolution-key-0123");
-        #[rustfmt::skip]
-        let created = omnictl(&cp.url(), ADMIN_KEY, &[
-            "instance", "create", "acme-wa", "--channel", "whatsapp", "--agent-url", &agent.url,
-            "--evolution-url", &evolution.url, "--evolution-key", "acme-evolution-key-0123",
-            "--evolution-instance", "acme", "--split-limit", "40", "-o", "json",
-        ]).await.json();
-        node.wait_for_revision(created["instance"]["revision"].as_i64().unwrap()).await;
+        node.wait_for_revision(create_instance(&cp, &agent, &evolution).await).await;
         Hub { cp, node, evolution, dir }
     }
 
@@ -192,4 +197,44 @@ async fn a_send_unreported_by_the_end_of_a_stop_is_of_unknown_outcome() {
     assert_eq!(refused.failed(), format!("error: {why}"), "{refused:?}");
     let log = std::fs::read_to_string(log_path).unwrap();
     assert!(!log.contains("cut off"), "answered within the grace period:\n{log}");
+}
+
+/// Standalone (the node embedded in the control plane's process): the node stops after the
+/// control plane's server, so a send under way at SIGTERM is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_hub_answers_a_send_under_way_at_a_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = format!("127.0.0.1:{}", omni_tests::free_port());
+    let options = ControlPlaneOptions {
+        bootstrap_api_key: Some(ADMIN_KEY.into()),
+        embedded_http_listen: Some(http.clone()),
+        ..Default::default()
+    };
+    let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
+    let (agent, evolution) = (FakeAgent::start().await, FakeEvolution::start().await);
+    let revision = create_instance(&cp, &agent, &evolution).await;
+    wait_for("the embedded node to apply the instance", Duration::from_secs(15), || async {
+        let (status, body) = omni_tests::process::http_get(&http, "/ready").await.ok()?;
+        let body: Value = serde_json::from_str(&body).ok()?;
+        (status == 200 && body["revision"] == revision).then_some(())
+    })
+    .await;
+    // Longer than the node's own stop takes (it waits up to 2 s to hand back gateway leases).
+    evolution.delay_sends(Duration::from_secs(3));
+    let url = cp.url();
+    let send = tokio::spawn(async move {
+        omnictl(&url, ADMIN_KEY, &["send", "text", "acme-wa", "--to", "5511999999999", "--text", "Hi", "-o", "json"])
+            .await
+    });
+    wait_for("the send to reach Evolution", Duration::from_secs(10), || async {
+        (evolution.sends_arrived() == 1).then_some(())
+    })
+    .await;
+
+    let log_path = cp.log_path.clone();
+    assert!(cp.terminate().await.success(), "SIGTERM is a clean stop");
+    let sent = send.await.unwrap().json();
+    assert_eq!(sent["message_ids"].as_array().map(Vec::len), Some(1), "{sent}");
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(!log.contains("cut off") && !log.contains("before the node reported"), "{log}");
 }

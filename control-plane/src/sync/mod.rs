@@ -340,10 +340,10 @@ impl Session {
             }
             tokio::select! {
                 _ = &mut stopped, if !draining => {
-                    // Closed as well as unregistered: a send that picked this node just before
-                    // fails (and says so) instead of waiting in a queue no one reads; those
-                    // queued already are still forwarded.
-                    self.dispatcher.unregister(&self.node_id, &self.applied);
+                    // No more sends: one that picks this node now fails (and says so) instead
+                    // of waiting in a queue no one reads; those queued already are forwarded.
+                    // The node stays registered, so that a release of its gateway leases (it
+                    // may be stopping too) is still answered.
                     self.commands.close();
                     drained.as_mut().reset(tokio::time::Instant::now() + shutdown::DRAIN);
                     draining = true;
