@@ -102,17 +102,46 @@ async fn changes_reach_every_node() {
     .await;
 }
 
+/// A control plane on a fixed address (to come back on after a restart) with one node that
+/// has applied an instance, `acme-wa`.
+struct Restartable {
+    options: ControlPlaneOptions,
+    cp: ControlPlane,
+    key: String,
+    node: DataPlane,
+    revision: i64,
+}
+
+impl Restartable {
+    async fn start(dir: &Path) -> Restartable {
+        let options = ControlPlaneOptions { listen: Some(free_port()), ..Default::default() };
+        let cp = ControlPlane::start(&dir.join("cp"), &options).await;
+        let key = admin_key(&cp);
+        let node = start_node(dir, "n1", &cp).await;
+        let revision = create(&cp, &key, "acme-wa").await;
+        node.wait_for_revision(revision).await;
+        Restartable { options, cp, key, node, revision }
+    }
+}
+
+/// Starts the control plane again, waits for `node` to reconnect, and has it apply a change.
+async fn restart_and_resync(dir: &Path, options: &ControlPlaneOptions, key: &str, node: &DataPlane) -> ControlPlane {
+    let cp = ControlPlane::start(&dir.join("cp"), options).await;
+    wait_for("the node to reconnect", Duration::from_secs(30), || async {
+        (node.ready().await.1["connected"] == true).then_some(())
+    })
+    .await;
+    let updated = update_timeout(&cp, key, "acme-wa", 20).await;
+    node.wait_for_revision(updated).await;
+    cp
+}
+
 /// Nodes serve their last config while the control plane is down, a node restarted meanwhile
 /// starts from its cache, and everyone catches up by changes (not a snapshot) afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_ride_out_a_control_plane_outage() {
     let dir = tempfile::tempdir().unwrap();
-    let options = ControlPlaneOptions { listen: Some(free_port()), ..Default::default() };
-    let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
-    let key = admin_key(&cp);
-    let node = start_node(dir.path(), "n1", &cp).await;
-    let revision = create(&cp, &key, "acme-wa").await;
-    node.wait_for_revision(revision).await;
+    let Restartable { options, cp, key, node, revision } = Restartable::start(dir.path()).await;
     let token = cp.node_token();
     let cp_url = cp.url();
 
@@ -136,13 +165,7 @@ async fn nodes_ride_out_a_control_plane_outage() {
     let (status, body) = node.ready().await;
     assert_eq!((status, body["revision"].as_i64(), body["connected"].as_bool()), (200, Some(revision), Some(false)));
 
-    let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
-    wait_for("the node to reconnect", Duration::from_secs(30), || async {
-        (node.ready().await.1["connected"] == true).then_some(())
-    })
-    .await;
-    let updated = update_timeout(&cp, &key, "acme-wa", 20).await;
-    node.wait_for_revision(updated).await;
+    let _cp = restart_and_resync(dir.path(), &options, &key, &node).await;
     assert_eq!(node.metric("omni_node_config_snapshots_total").await, 0.0, "resumed from its revision");
 }
 
@@ -153,12 +176,7 @@ async fn nodes_ride_out_a_control_plane_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_stops_cleanly_with_streams_open() {
     let dir = tempfile::tempdir().unwrap();
-    let options = ControlPlaneOptions { listen: Some(free_port()), ..Default::default() };
-    let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
-    let key = admin_key(&cp);
-    let node = start_node(dir.path(), "n1", &cp).await;
-    let revision = create(&cp, &key, "acme-wa").await;
-    node.wait_for_revision(revision).await;
+    let Restartable { options, cp, key, node, .. } = Restartable::start(dir.path()).await;
     let mut tail = omnictl_stream(&cp.url(), &key, &["trace", "tail"]);
     tail.next_line(Duration::from_secs(10)).await.expect("the tail's header");
     let channel = tonic::transport::Endpoint::from_shared(cp.url()).unwrap().connect().await.unwrap();
@@ -182,13 +200,7 @@ async fn a_control_plane_stops_cleanly_with_streams_open() {
     })
     .await;
 
-    let cp = ControlPlane::start(&dir.path().join("cp"), &options).await;
-    wait_for("the node to reconnect", Duration::from_secs(30), || async {
-        (node.ready().await.1["connected"] == true).then_some(())
-    })
-    .await;
-    let updated = update_timeout(&cp, &key, "acme-wa", 20).await;
-    node.wait_for_revision(updated).await;
+    restart_and_resync(dir.path(), &options, &key, &node).await;
 }
 
 /// A node whose revision was compacted out of the change log gets a snapshot.

@@ -149,13 +149,11 @@ async fn refused_scoped_and_undeliverable_sends_say_why() {
     assert_ne!(down.code, 0);
 }
 
-/// A send under way when the control plane is stopped is answered, not cut off: the node's
-/// config stream stays open until the node reports the outcome, and only then does the control
-/// plane exit (cleanly, with nothing cut off).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_under_way_at_a_stop_is_answered() {
-    let Hub { cp, node: _node, evolution, dir: _dir } = Hub::start().await;
-    evolution.delay_sends(Duration::from_secs(1));
+/// Holds Evolution's answers to sends for `hold`, sends a text, and stops the control plane
+/// (SIGTERM, which must be a clean stop) once the send has reached Evolution: what omnictl said,
+/// and the control plane's log.
+async fn stop_with_a_send_under_way(cp: ControlPlane, evolution: &FakeEvolution, hold: Duration) -> (Outcome, String) {
+    evolution.delay_sends(hold);
     let url = cp.url();
     let send = tokio::spawn(async move {
         omnictl(&url, ADMIN_KEY, &["send", "text", "acme-wa", "--to", "5511999999999", "--text", "Hi", "-o", "json"])
@@ -165,13 +163,20 @@ async fn a_send_under_way_at_a_stop_is_answered() {
         (evolution.sends_arrived() == 1).then_some(())
     })
     .await;
-
     let log_path = cp.log_path.clone();
     assert!(cp.terminate().await.success(), "SIGTERM is a clean stop");
-    let sent = send.await.unwrap().json();
-    assert_eq!(sent["message_ids"].as_array().map(Vec::len), Some(1), "{sent}");
+    (send.await.unwrap(), std::fs::read_to_string(log_path).unwrap())
+}
+
+/// A send under way when the control plane is stopped is answered, not cut off: the node's
+/// config stream stays open until the node reports the outcome, and only then does the control
+/// plane exit (cleanly, with nothing cut off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_under_way_at_a_stop_is_answered() {
+    let Hub { cp, node: _node, evolution, dir: _dir } = Hub::start().await;
+    let (sent, log) = stop_with_a_send_under_way(cp, &evolution, Duration::from_secs(1)).await;
+    assert_eq!(sent.json()["message_ids"].as_array().map(Vec::len), Some(1), "{sent:?}");
     assert_eq!(evolution.texts().len(), 1);
-    let log = std::fs::read_to_string(log_path).unwrap();
     assert!(!log.contains("cut off") && !log.contains("before the node reported"), "{log}");
 }
 
@@ -180,22 +185,9 @@ async fn a_send_under_way_at_a_stop_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_unreported_by_the_end_of_a_stop_is_of_unknown_outcome() {
     let Hub { cp, node: _node, evolution, dir: _dir } = Hub::start().await;
-    evolution.delay_sends(Duration::from_secs(60));
-    let url = cp.url();
-    let send = tokio::spawn(async move {
-        omnictl(&url, ADMIN_KEY, &["send", "text", "acme-wa", "--to", "5511999999999", "--text", "Hi"]).await
-    });
-    wait_for("the send to reach Evolution", Duration::from_secs(10), || async {
-        (evolution.sends_arrived() == 1).then_some(())
-    })
-    .await;
-
-    let log_path = cp.log_path.clone();
-    assert!(cp.terminate().await.success(), "SIGTERM is a clean stop");
-    let refused = send.await.unwrap();
+    let (refused, log) = stop_with_a_send_under_way(cp, &evolution, Duration::from_secs(60)).await;
     let why = "the control plane stopped before the node reported the outcome; the message may have been sent";
     assert_eq!(refused.failed(), format!("error: {why}"), "{refused:?}");
-    let log = std::fs::read_to_string(log_path).unwrap();
     assert!(!log.contains("cut off"), "answered within the grace period:\n{log}");
 }
 
@@ -220,21 +212,7 @@ async fn a_standalone_hub_answers_a_send_under_way_at_a_stop() {
     })
     .await;
     // Longer than the node's own stop takes (it waits up to 2 s to hand back gateway leases).
-    evolution.delay_sends(Duration::from_secs(3));
-    let url = cp.url();
-    let send = tokio::spawn(async move {
-        omnictl(&url, ADMIN_KEY, &["send", "text", "acme-wa", "--to", "5511999999999", "--text", "Hi", "-o", "json"])
-            .await
-    });
-    wait_for("the send to reach Evolution", Duration::from_secs(10), || async {
-        (evolution.sends_arrived() == 1).then_some(())
-    })
-    .await;
-
-    let log_path = cp.log_path.clone();
-    assert!(cp.terminate().await.success(), "SIGTERM is a clean stop");
-    let sent = send.await.unwrap().json();
-    assert_eq!(sent["message_ids"].as_array().map(Vec::len), Some(1), "{sent}");
-    let log = std::fs::read_to_string(log_path).unwrap();
+    let (sent, log) = stop_with_a_send_under_way(cp, &evolution, Duration::from_secs(3)).await;
+    assert_eq!(sent.json()["message_ids"].as_array().map(Vec::len), Some(1), "{sent:?}");
     assert!(!log.contains("cut off") && !log.contains("before the node reported"), "{log}");
 }
