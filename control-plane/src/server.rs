@@ -266,7 +266,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         http: crate::evolution::client(),
         stopping: stopping.clone(),
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (mut health, health_service) = tonic_health::server::health_reporter();
     let services = [
         "",
         <InstanceServiceServer<InstanceApi> as NamedService>::NAME,
@@ -283,7 +283,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     // From the stop on, health watches are told NOT_SERVING and then end (their streams would
     // hold the stop open), and checks answer NOT_FOUND, while requests finish.
     let stop = stopping.clone();
-    let mut health = health;
     tokio::spawn(async move {
         stop.wait().await;
         for service in services {

@@ -75,7 +75,7 @@ impl<'a> Recorder<'a> {
 
     /// The `TraceHeader` of the message (field 11 of its first stage), encoded from it.
     fn encode_header(&self, channel: pb::Channel, out: &mut Vec<u8>) {
-        use prost::encoding::{WireType, encode_key, encode_varint, int32, int64};
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, int32, int64, string};
         let m = self.inbound;
         let strings = [
             (2, &m.external_id),
@@ -87,13 +87,14 @@ impl<'a> Recorder<'a> {
         ];
         let (channel, received) = (channel as i32, m.received_at);
         let length = int32::encoded_len(1, &channel)
-            + strings.iter().map(|(tag, s)| string_len(*tag, s)).sum::<usize>()
+            + strings.iter().map(|(tag, s)| string::encoded_len(*tag, s)).sum::<usize>()
             + int64::encoded_len(8, &received);
+        out.reserve(prost::encoding::key_len(11) + encoded_len_varint(length as u64) + length);
         encode_key(11, WireType::LengthDelimited, out);
         encode_varint(length as u64, out);
         int32::encode(1, &channel, out);
         for (tag, s) in strings {
-            put_string(tag, s, out);
+            string::encode(tag, s, out);
         }
         int64::encode(8, &received, out);
     }
@@ -175,32 +176,17 @@ impl StageEvent<'_, '_> {
         let recorder = self.recorder;
         let mut event = self.event;
         event.detail = recorder.scrub(event.detail);
+        use prost::encoding::string;
         let (id, instance_id) = (&recorder.inbound.id, &recorder.inbound.instance_id);
-        let mut out = Vec::with_capacity(event.encoded_len() + string_len(1, id) + string_len(3, instance_id) + 256);
+        let mut out =
+            Vec::with_capacity(event.encoded_len() + string::encoded_len(1, id) + string::encoded_len(3, instance_id));
         event.encode_raw(&mut out);
-        put_string(1, id, &mut out);
-        put_string(3, instance_id, &mut out);
+        string::encode(1, id, &mut out);
+        string::encode(3, instance_id, &mut out);
         if let (0, Some(channel)) = (event.seq, recorder.channel) {
             recorder.encode_header(channel, &mut out);
         }
         out
-    }
-}
-
-/// The encoded length of string field `tag` (nothing when empty, as prost writes it).
-fn string_len(tag: u32, value: &str) -> usize {
-    if value.is_empty() {
-        0
-    } else {
-        prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(value.len() as u64) + value.len()
-    }
-}
-
-fn put_string(tag: u32, value: &str, out: &mut Vec<u8>) {
-    if !value.is_empty() {
-        prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, out);
-        prost::encoding::encode_varint(value.len() as u64, out);
-        out.extend_from_slice(value.as_bytes());
     }
 }
 
