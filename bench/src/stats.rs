@@ -33,3 +33,14 @@ pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some(std::time::Duration::from_millis(ticks * 10))
 }
+
+/// CPU time used so far by every process named `name` (the `comm` of /proc), such as a database
+/// server's postmaster and its backends.
+pub fn cpu_time_of_processes(name: &str) -> std::time::Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return std::time::Duration::ZERO };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim_end() == name))
+        .filter_map(cpu_time)
+        .sum()
+}

@@ -1,7 +1,7 @@
 //! The WhatsApp pipeline under load: webhook ingest against a bare axum server, then messages
 //! end to end at a fixed rate, with the hub's CPU and memory.
 
-use crate::stats::{cpu_time, mib, ms, percentile, rss_bytes};
+use crate::stats::{cpu_time, cpu_time_of_processes, mib, ms, percentile, rss_bytes};
 use omni_tests::fakes::{FakeAgent, FakeEvolution};
 use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, omnictl};
 use serde_json::json;
@@ -15,6 +15,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 const ADMIN_KEY: &str = "omni_bench_0123456789abcdef0123456789abcdef";
 /// The fake Evolution server's key for the benchmark's instances.
 pub const EVOLUTION_KEY: &str = "bench-evolution-key";
+/// The master key of a Postgres-backed control plane (base64 of 32 bytes).
+const BENCH_MASTER_KEY: &str = "YmVuY2gtbWFzdGVyLWtleS0wMTIzNDU2Nzg5YWJjZGU=";
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -40,6 +42,71 @@ pub struct Options {
     /// Run the control plane under this command, as `--node-wrapper` does the node.
     #[arg(long)]
     control_plane_wrapper: Option<String>,
+    /// Keep the control plane's data (its SQLite database) in a new directory under this one
+    /// instead of beside the node's, e.g. on another disk, as when the control plane runs on a
+    /// machine of its own: its database's flushes then do not queue ahead of the node's.
+    #[arg(long)]
+    control_plane_dir: Option<std::path::PathBuf>,
+    /// The control plane's database (an empty Postgres database, as for `omni-bench sync`)
+    /// instead of SQLite in its data dir. The CPU of the Postgres server's processes on this
+    /// machine is counted with the hub's.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+/// CPU used so far by the hub: the control plane, the node, and the database server's processes
+/// when traces go to Postgres (SQLite works inside the control plane's process).
+struct HubCpu {
+    pids: [u32; 2],
+    postgres: bool,
+}
+
+#[derive(Clone, Copy)]
+struct HubCpuSample {
+    cp: Duration,
+    node: Duration,
+    database: Option<Duration>,
+}
+
+/// CPU per message in µs, by process.
+struct CpuPerMessage {
+    cp: f64,
+    node: f64,
+    database: Option<f64>,
+}
+
+impl HubCpu {
+    fn now(&self) -> HubCpuSample {
+        let [cp, node] = self.pids.map(|pid| cpu_time(pid).unwrap_or_default());
+        HubCpuSample { cp, node, database: self.postgres.then(|| cpu_time_of_processes("postgres")) }
+    }
+}
+
+impl HubCpuSample {
+    fn per_message_since(&self, before: &HubCpuSample, messages: usize) -> CpuPerMessage {
+        let per = |after: Duration, before: Duration| (after - before).as_secs_f64() * 1e6 / messages as f64;
+        CpuPerMessage {
+            cp: per(self.cp, before.cp),
+            node: per(self.node, before.node),
+            database: self.database.zip(before.database).map(|(after, before)| per(after, before)),
+        }
+    }
+}
+
+impl CpuPerMessage {
+    fn total(&self) -> f64 {
+        self.cp + self.node + self.database.unwrap_or(0.0)
+    }
+}
+
+impl std::fmt::Display for CpuPerMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "control plane {:.0} µs + node {:.0} µs", self.cp, self.node)?;
+        match self.database {
+            Some(database) => write!(f, " + Postgres {database:.0} µs"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A wrapper command given as one string, split into words.
@@ -274,11 +341,18 @@ async fn instance(
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir()?;
+    let cp_dir = match &options.control_plane_dir {
+        Some(parent) => tempfile::tempdir_in(parent)?,
+        None => tempfile::tempdir_in(dir.path())?,
+    };
     let cp = ControlPlane::start(
-        &dir.path().join("cp"),
+        &cp_dir.path().join("cp"),
         &ControlPlaneOptions {
             bootstrap_api_key: Some(ADMIN_KEY.into()),
             wrapper: words(options.control_plane_wrapper.as_deref()),
+            database_url: options.database_url.clone(),
+            // A Postgres-backed control plane is given its key; on SQLite it makes its own.
+            master_key: options.database_url.as_ref().map(|_| BENCH_MASTER_KEY.into()),
             ..Default::default()
         },
     )
@@ -297,14 +371,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (hold_token, revision) = instance(&cp, "hold-wa", &holding, &evolution).await?;
     node.wait_for_revision(revision).await;
     println!("whatsapp benchmark: 1 node, {} connections", options.connections);
+    if let Some(parent) = &options.control_plane_dir {
+        println!(
+            "  control plane's database under {}, the node's spool under {}",
+            parent.display(),
+            dir.path().display()
+        );
+    }
+    let postgres = options.database_url.is_some();
+    if postgres {
+        println!("  traces stored in Postgres; the CPU of this machine's postgres processes counts as the hub's");
+    }
+    let hub = HubCpu { pids: [cp.pid().unwrap_or(0), node.pid().unwrap_or(0)], postgres };
 
     // End to end at a fixed rate: webhook in → reply at Evolution, the agent answering at once.
     let total = (options.rate * options.seconds) as usize;
     let bodies: Vec<Vec<u8>> = (0..total).map(|i| webhook(i, "e")).collect();
     let url = format!("http://{}/webhook/evolution/bench-wa", node.addr);
-    let pids = [cp.pid().unwrap_or(0), node.pid().unwrap_or(0)];
-    let cpu_start: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
-    let cpu_before: Duration = cpu_start.iter().sum();
+    let cpu_before = hub.now();
     let commits_before = histogram(&node, SPOOL_COMMITS).await;
     let checkpoints_before = histogram(&node, SPOOL_CHECKPOINTS).await;
     let started = Instant::now();
@@ -313,8 +397,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     replies(&evolution, "echo: e", total, Duration::from_secs(120)).await?;
     let elapsed = started.elapsed();
     drain_traces(&node).await;
-    let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
-    let cpu: Duration = cpu_after.iter().sum::<Duration>() - cpu_before;
+    let cpu = hub.now().per_message_since(&cpu_before, total);
     let mut latencies = latencies(&evolution, &sent_at);
     let agent_calls: Vec<_> = instant.requests();
     // Where the time goes: up to the agent (ingest, spool, queue), then after it (the send
@@ -351,12 +434,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ms(percentile(&mut after_agent, 50.0)),
         ms(percentile(&mut after_agent, 99.0))
     );
-    println!(
-        "  CPU per message, control plane + node (traces stored): {:.0} µs",
-        cpu.as_secs_f64() * 1e6 / total as f64
-    );
-    let per_message = |i: usize| (cpu_after[i] - cpu_start[i]).as_secs_f64() * 1e6 / total as f64;
-    println!("    of which control plane {:.0} µs, node {:.0} µs", per_message(0), per_message(1));
+    println!("  CPU per message, the whole hub (traces stored): {:.0} µs = {cpu}", cpu.total());
     let (commits, commit_seconds) = histogram(&node, SPOOL_COMMITS).await;
     let (commits, commit_seconds) = (commits - commits_before.0, commit_seconds - commits_before.1);
     println!(
@@ -379,15 +457,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // End to end as fast as the hub goes: every webhook posted at once over the connections,
     // timed until the last reply reached Evolution; the CPU counted until its traces are stored.
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "t")).collect());
-    let cpu_before: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
+    let cpu_before = hub.now();
     let commits_before = histogram(&node, SPOOL_COMMITS).await;
     let started = Instant::now();
     load(url.clone(), &token, bodies, options.connections).await?;
     replies(&evolution, "echo: t", options.ingest_messages, Duration::from_secs(300)).await?;
     let elapsed = started.elapsed();
     drain_traces(&node).await;
-    let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
-    let per_message = |i: usize| (cpu_after[i] - cpu_before[i]).as_secs_f64() * 1e6 / options.ingest_messages as f64;
+    let cpu = hub.now().per_message_since(&cpu_before, options.ingest_messages);
     let (commits, _) = histogram(&node, SPOOL_COMMITS).await;
     println!(
         "  end to end at full speed: {} answered in {:.2} s = {:.0} messages/s",
@@ -396,10 +473,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.ingest_messages as f64 / elapsed.as_secs_f64()
     );
     println!(
-        "    CPU per message (traces stored): {:.0} µs = control plane {:.0} µs + node {:.0} µs; {:.2} spool transactions per message",
-        per_message(0) + per_message(1),
-        per_message(0),
-        per_message(1),
+        "    CPU per message (traces stored): {:.0} µs = {}; {:.2} spool transactions per message",
+        cpu.total(),
+        cpu,
         (commits - commits_before.0) / options.ingest_messages as f64
     );
     floor(&options, &instant, &evolution, dir.path()).await?;
@@ -410,19 +486,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let bare = load(format!("http://{baseline_addr}/"), "", plain, options.connections).await?;
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..options.ingest_messages).map(|i| webhook(i, "h")).collect());
     let url = format!("http://{}/webhook/evolution/hold-wa", node.addr);
-    let cpu_before: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
+    let cpu_before = hub.now();
     let ingest = load(url, &hold_token, bodies, options.connections).await?;
-    let cpu_after: Vec<Duration> = pids.iter().map(|p| cpu_time(*p).unwrap_or_default()).collect();
-    let per_webhook = |i: usize| (cpu_after[i] - cpu_before[i]).as_secs_f64() * 1e6 / options.ingest_messages as f64;
+    let cpu = hub.now().per_message_since(&cpu_before, options.ingest_messages);
     println!("  bare axum 200 OK:                    {bare:>8.0} requests/s");
     println!(
         "  webhook accepted (durable, deduped): {ingest:>8.0} messages/s  ({:.0}% of bare axum)",
         100.0 * ingest / bare
     );
+    let database = cpu.database.map(|database| format!(", Postgres {database:.0} µs")).unwrap_or_default();
     println!(
-        "    CPU per accepted webhook: node {:.0} µs, control plane {:.0} µs (storing its trace meanwhile)",
-        per_webhook(1),
-        per_webhook(0)
+        "    CPU per accepted webhook: node {:.0} µs, control plane {:.0} µs{database} (storing its trace meanwhile)",
+        cpu.node, cpu.cp
     );
     if let Some(wrapper) = &options.node_wrapper {
         let status = node.terminate().await;
