@@ -198,7 +198,11 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .map_err(|e| NodeError::HttpClient(e.to_string()))?;
-    let per_message = HttpClient::with_tls(tls);
+    let proxies = crate::http_client::Proxies::from_env().map_err(|e| NodeError::HttpClient(e.to_string()))?;
+    if let Some(proxies) = proxies.describe() {
+        tracing::info!(%proxies, "agent and Evolution calls go through a proxy");
+    }
+    let per_message = HttpClient::with_tls(tls, proxies);
     let spool = Spool::open(&dir.join("spool.redb"))?;
     let discord = DiscordClients::new(&options.channels.discord_api_url);
     let pipeline = Arc::new(Pipeline::new(

@@ -499,3 +499,81 @@ async fn connect(State(state): State<EvolutionState>, Path(name): Path<String>, 
         .into_response()
     })
 }
+
+/// An egress proxy for plain HTTP, as operators put between a node and the Internet: takes
+/// requests in absolute form (`POST http://host:port/path`), passes each on to its server
+/// without its `Proxy-Authorization`, and keeps what it was asked.
+#[derive(Clone)]
+pub struct FakeHttpProxy {
+    pub url: String,
+    asked: Arc<Mutex<Vec<ProxyRequest>>>,
+}
+
+/// A request as the proxy took it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyRequest {
+    /// `METHOD absolute-target`.
+    pub line: String,
+    /// Its `Proxy-Authorization` header, or "".
+    pub credentials: String,
+}
+
+impl FakeHttpProxy {
+    pub async fn start() -> FakeHttpProxy {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let router = Router::new().fallback(forward).with_state(asked.clone());
+        FakeHttpProxy { url: serve(router).await, asked }
+    }
+
+    /// Every request forwarded, in arrival order.
+    pub fn requests(&self) -> Vec<ProxyRequest> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+async fn forward(State(asked): State<Arc<Mutex<Vec<ProxyRequest>>>>, request: axum::extract::Request) -> Response {
+    use axum::http::header;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (parts, body) = request.into_parts();
+    let credentials = parts.headers.get(header::PROXY_AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let line = format!("{} {}", parts.method, parts.uri);
+    asked.lock().unwrap().push(ProxyRequest { line, credentials: credentials.to_owned() });
+    let (Some(authority), Some(path)) = (parts.uri.authority(), parts.uri.path_and_query()) else {
+        return (StatusCode::BAD_REQUEST, "a proxy takes requests in absolute form").into_response();
+    };
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    // One request per upstream connection, read to its end: no framing to follow.
+    let mut head = format!("{} {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n", parts.method);
+    let hop_by_hop = [header::HOST, header::CONNECTION, header::PROXY_AUTHORIZATION, header::TRANSFER_ENCODING];
+    for (name, value) in parts.headers.iter().filter(|(name, _)| !hop_by_hop.contains(name)) {
+        head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap_or_default()));
+    }
+    head.push_str("\r\n");
+    let Ok(mut server) = tokio::net::TcpStream::connect(authority.as_str()).await else {
+        return (StatusCode::BAD_GATEWAY, "the server is unreachable").into_response();
+    };
+    let mut answer = Vec::new();
+    let relayed = async {
+        server.write_all(head.as_bytes()).await?;
+        server.write_all(&body).await?;
+        server.read_to_end(&mut answer).await
+    };
+    if relayed.await.is_err() {
+        return (StatusCode::BAD_GATEWAY, "the server did not answer").into_response();
+    }
+    let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return (StatusCode::BAD_GATEWAY, "the server's answer is cut short").into_response();
+    };
+    let answer_head = String::from_utf8_lossy(&answer[..end]).into_owned();
+    let mut lines = answer_head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(502);
+    let mut response = Response::builder().status(status);
+    for (name, value) in lines.filter_map(|l| l.split_once(':')) {
+        if !["connection", "content-length", "transfer-encoding"].contains(&name.to_ascii_lowercase().as_str()) {
+            response = response.header(name, value.trim());
+        }
+    }
+    response.body(axum::body::Body::from(answer[end + 4..].to_vec())).unwrap()
+}

@@ -94,6 +94,14 @@ pub struct ControlPlaneOptions {
     pub wrapper: Vec<String>,
 }
 
+/// Calls to the loopback fakes go direct, whatever proxy the tests' own environment names (a
+/// test that wants one sets it).
+fn without_proxies(command: &mut Command) {
+    for name in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        command.env_remove(name);
+    }
+}
+
 /// `binary`, or `wrapper` with `binary` as its last argument.
 fn wrapped(wrapper: &[String], binary: PathBuf) -> Command {
     match wrapper.split_first() {
@@ -130,6 +138,7 @@ impl ControlPlane {
             .env_remove("OMNI_BOOTSTRAP_API_KEY")
             .env_remove("OMNI_NODE_TOKEN")
             .env("RUST_LOG", "info");
+        without_proxies(&mut command);
         if let Some(url) = &options.database_url {
             command.arg("--database-url").arg(url);
         }
@@ -233,6 +242,7 @@ impl DataPlane {
             .arg(data_dir)
             .env_remove("OMNI_NODE_CACHE_KEY")
             .env("RUST_LOG", "info");
+        without_proxies(&mut command);
         if let Some(ca) = &options.ca_cert {
             command.arg("--ca-cert").arg(ca);
         }

@@ -2,7 +2,7 @@
 //! agent → reply through the tenant's Evolution server, with traces in the control plane.
 
 use omni_tests::evolution::{fixture, text};
-use omni_tests::fakes::{FakeAgent, FakeEvolution};
+use omni_tests::fakes::{FakeAgent, FakeEvolution, FakeHttpProxy, ProxyRequest};
 use omni_tests::process::{ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, http_post, omnictl};
 use omni_tests::wait_for;
 use serde_json::{Value, json};
@@ -511,4 +511,39 @@ async fn messages_are_answered_while_the_control_plane_is_down() {
         (hub.node.metric("omni_node_trace_outbox_depth").await == 0.0).then_some(())
     })
     .await;
+}
+
+/// A node behind an egress proxy (`HTTP_PROXY` in its environment, with the proxy's
+/// credentials): its agent and Evolution calls go through the proxy, and the message is
+/// answered; the credentials are for the proxy alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_and_evolution_calls_go_through_the_environments_proxy() {
+    let proxy = FakeHttpProxy::start().await;
+    let env = vec![("HTTP_PROXY".to_owned(), proxy.url.replace("http://", "http://egress:pass%21word@"))];
+    let hub = Hub::start_with(DataPlaneOptions { env, ..Default::default() }).await;
+    let (agent, evolution) = (FakeAgent::start().await, FakeEvolution::start().await);
+    let no_typing = ["--typing-indicator", "false"];
+    let token = hub.instance("proxied-wa", &agent, &evolution, "proxied", "proxied-evolution-key", &no_typing).await;
+
+    let (status, answer) = hub.webhook("proxied-wa", &token, &fixture("text_dm.json")).await;
+    assert_eq!((status, &answer["accepted"]), (200, &json!(1)), "{answer}");
+    let replies = wait_for("the reply at Evolution", Duration::from_secs(10), || async {
+        let replies = evolution.replies();
+        (!replies.is_empty()).then_some(replies)
+    })
+    .await;
+    assert_eq!(replies.len(), 1);
+    // base64("egress:pass!word"): the URL's credentials, percent-decoded.
+    let credentials = "Basic ZWdyZXNzOnBhc3Mhd29yZA==".to_owned();
+    assert_eq!(
+        proxy.requests(),
+        [
+            ProxyRequest { line: format!("POST {}/api/agent/chat", agent.url), credentials: credentials.clone() },
+            ProxyRequest { line: format!("POST {}/message/sendText/proxied", evolution.url), credentials },
+        ]
+    );
+    assert!(!agent.requests()[0].headers.contains_key("proxy-authorization"));
+    assert!(!evolution.texts()[0].headers.contains_key("proxy-authorization"));
+    assert!(hub.node.log().contains("agent and Evolution calls go through a proxy"), "{}", hub.node.log());
+    assert!(!hub.node.log().contains("pass"), "the proxy's password is never logged");
 }

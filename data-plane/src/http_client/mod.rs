@@ -6,7 +6,12 @@
 //! need neither (a POST is not to be redirected or resent behind the caller's back: the callers
 //! decide what is retried).
 //! HTTP/1.1 only: a stream an HTTP/2 server refuses would otherwise look like a request that may
-//! have been delivered, and a reply chunk in that state is never sent again.
+//! have been delivered, and a reply chunk in that state is never sent again. Through the
+//! environment's proxy, if it names one ([`proxy`]).
+
+mod proxy;
+
+pub use proxy::Proxies;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Uri, header};
@@ -81,8 +86,9 @@ impl Answer {
 
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<Bounded<HttpsConnector<HttpConnector>>, Full<Bytes>>,
+    client: Client<Bounded<HttpsConnector<proxy::ProxyConnector>>, Full<Bytes>>,
     uris: Arc<RwLock<HashMap<String, Uri>>>,
+    proxies: Proxies,
 }
 
 #[derive(Debug, Error)]
@@ -90,12 +96,12 @@ pub struct HttpClient {
 pub struct ClientError(String);
 
 impl HttpClient {
-    /// Trusts what the platform trusts (see [`platform_tls`]).
+    /// Trusts what the platform trusts (see [`platform_tls`]); through the environment's proxy.
     pub fn new() -> Result<HttpClient, ClientError> {
-        Ok(HttpClient::with_tls(platform_tls()?))
+        Ok(HttpClient::with_tls(platform_tls()?, Proxies::from_env()?))
     }
 
-    pub fn with_tls(tls: rustls::ClientConfig) -> HttpClient {
+    pub fn with_tls(tls: rustls::ClientConfig, proxies: Proxies) -> HttpClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -107,12 +113,12 @@ impl HttpClient {
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(proxy::ProxyConnector { direct: http, proxies: proxies.clone() });
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
             .build(Bounded(connector));
-        HttpClient { client, uris: Arc::default() }
+        HttpClient { client, uris: Arc::default(), proxies }
     }
 
     /// POSTs `body` as JSON to `url` with `headers`, and reads the answer, all within `timeout`.
@@ -125,8 +131,16 @@ impl HttpClient {
     ) -> Result<Answer, CallError> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.uri(url)?;
+        let uri = self.uri(url)?;
+        // A proxy that forwards plain HTTP reads its credentials from each request; one that
+        // tunnels HTTPS was given them with the CONNECT.
+        let proxy_credentials =
+            if uri.scheme_str() == Some("http") { self.proxies.route(&uri).and_then(|r| r.credentials) } else { None };
+        *request.uri_mut() = uri;
         let fields = request.headers_mut();
+        if let Some(credentials) = proxy_credentials {
+            fields.insert(header::PROXY_AUTHORIZATION, credentials);
+        }
         fields.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         fields.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         for (name, value) in headers {
@@ -190,7 +204,7 @@ pub fn platform_tls() -> Result<rustls::ClientConfig, ClientError> {
 #[derive(Clone)]
 struct Bounded<C>(C);
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<C> Service<Uri> for Bounded<C>
 where
@@ -358,10 +372,103 @@ mod tests {
         // Trusted: the request goes through TLS.
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert).unwrap();
-        let trusting =
-            HttpClient::with_tls(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+        let trusting = HttpClient::with_tls(
+            rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
+            Proxies::default(),
+        );
         let answer = trusting.post_json(&url, &[], body(), Duration::from_secs(10)).await.unwrap();
         assert_eq!((answer.status, answer.text().as_ref()), (200, "ok"));
+    }
+
+    /// A proxy that tunnels `CONNECT` requests (only), handing over each request's line and
+    /// `Proxy-Authorization`.
+    async fn tunnelling_proxy() -> (String, tokio::sync::mpsc::UnboundedReceiver<(String, String)>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let line = head.lines().next().unwrap_or_default().to_owned();
+                    let credentials = head
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("proxy-authorization: ").or(l.strip_prefix("Proxy-Authorization: "))
+                        })
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send((line.clone(), credentials));
+                    let target = line.strip_prefix("CONNECT ").and_then(|rest| rest.split(' ').next());
+                    let Some(mut server) = (match target {
+                        Some(target) => tokio::net::TcpStream::connect(target).await.ok(),
+                        None => None,
+                    }) else {
+                        let _ = client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n").await;
+                        return;
+                    };
+                    let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        (url, rx)
+    }
+
+    #[tokio::test]
+    async fn https_calls_go_through_a_tunnel_of_the_proxy_with_its_credentials() {
+        let (url, cert) = https_server().await;
+        let (proxy, mut seen) = tunnelling_proxy().await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let tls = || rustls::ClientConfig::builder().with_root_certificates(roots.clone()).with_no_client_auth();
+        let with_credentials = proxy.replace("http://", "http://omni:s%40cret@");
+        let proxied = HttpClient::with_tls(tls(), Proxies::of("", &with_credentials, "").unwrap());
+        let answer = proxied.post_json(&url, &[], Bytes::from_static(b"{}"), Duration::from_secs(10)).await.unwrap();
+        assert_eq!((answer.status, answer.text().as_ref()), (200, "ok"), "TLS to the server, through the tunnel");
+        let port = url.trim_start_matches("https://localhost:").split('/').next().unwrap().to_owned();
+        // Told before the proxy connected onwards, so known by the time the answer came.
+        let (line, credentials) = seen.try_recv().expect("the call went through the proxy");
+        assert_eq!(line, format!("CONNECT localhost:{port} HTTP/1.1"));
+        // base64("omni:s@cret"): the URL's credentials, percent-decoded.
+        assert_eq!(credentials, "Basic b21uaTpzQGNyZXQ=");
+        // A host NO_PROXY names is called directly: the call is done, and the proxy saw nothing.
+        let bypassing = HttpClient::with_tls(tls(), Proxies::of("", &proxy, "localhost").unwrap());
+        bypassing.post_json(&url, &[], Bytes::from_static(b"{}"), Duration::from_secs(10)).await.unwrap();
+        assert!(seen.try_recv().is_err(), "NO_PROXY's host went through the proxy");
+        // A proxy that refuses the tunnel: the server never saw the request.
+        let (refusing, _) =
+            server("HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n", Duration::ZERO).await;
+        let refused = HttpClient::with_tls(tls(), Proxies::of("", &refusing.replace("/hook", ""), "").unwrap());
+        let error = refused.post_json(&url, &[], Bytes::from_static(b"{}"), Duration::from_secs(10)).await.unwrap_err();
+        assert!(matches!(error, CallError::Connect(_)) && error.never_sent(), "{error:?}");
+        assert!(error.to_string().to_lowercase().contains("auth"), "the proxy's refusal is named: {error}");
+    }
+
+    #[test]
+    fn only_http_proxies_are_taken() {
+        for taken in ["http://proxy.internal:3128", "proxy.internal:3128", "http://user:pass@10.0.0.1:8080"] {
+            assert!(Proxies::of(taken, taken, "").is_ok(), "{taken}");
+        }
+        for (refused, why) in [
+            ("socks5://proxy.internal:1080", "socks5:// proxies are not supported"),
+            ("https://proxy.internal:3128", "https:// proxies are not supported"),
+            ("http://", "not a proxy URL"),
+        ] {
+            let error = Proxies::of(refused, "", "").err().unwrap_or_else(|| panic!("{refused} taken"));
+            assert!(error.to_string().contains(why), "{refused}: {error}");
+        }
+        let shown = Proxies::of("http://u:secret@proxy.internal:3128", "", "").unwrap().describe().unwrap();
+        assert_eq!(shown, "http:// servers via http://proxy.internal:3128", "credentials are never shown");
     }
 
     #[tokio::test]
