@@ -279,11 +279,15 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         gateways.abort();
         let _ = gateways.await;
         tracing::warn!("gateways did not close in time: leases left to expire");
-    } else if !sync_status.connected.load(std::sync::atomic::Ordering::Relaxed)
+    } else if !sync_status.connected.load(std::sync::atomic::Ordering::Relaxed) {
         // Without a stream (the control plane may be stopping too) there is no one to ask.
-        || tokio::time::timeout(Duration::from_secs(2), release.release()).await.is_err()
-    {
-        tracing::info!("gateway leases not handed back (control plane unreachable); they will expire");
+        tracing::info!("gateway leases not handed back (no config stream); they will expire");
+    } else {
+        match tokio::time::timeout(Duration::from_secs(2), release.release()).await {
+            Ok(true) => {}
+            Ok(false) => tracing::info!("gateway leases not handed back (control plane unreachable); they will expire"),
+            Err(_) => tracing::info!("gateway leases not handed back (no answer in time); they will expire"),
+        }
     }
     sync_task.abort();
     for task in background {

@@ -103,21 +103,25 @@ pub struct Sends {
 /// so that other nodes take the bots at once.
 pub struct LeaseRelease {
     requested: watch::Sender<bool>,
-    done: tokio::sync::Notify,
+    /// `Some(true)` once the control plane took the leases back; `Some(false)` once there is no
+    /// control plane to ask (connecting failed while the release waited).
+    outcome: watch::Sender<Option<bool>>,
 }
 
 impl Default for LeaseRelease {
     fn default() -> Self {
-        LeaseRelease { requested: watch::channel(false).0, done: tokio::sync::Notify::new() }
+        LeaseRelease { requested: watch::channel(false).0, outcome: watch::channel(None).0 }
     }
 }
 
 impl LeaseRelease {
-    /// Returns once the control plane has taken the leases back (a stream must be open).
-    pub async fn release(&self) {
-        let done = self.done.notified();
+    /// Whether the control plane took the leases back. Waits for a config stream (a node whose
+    /// control plane stopped reconnects, perhaps to another replica), but not for one that
+    /// cannot be opened.
+    pub async fn release(&self) -> bool {
+        let mut outcome = self.outcome.subscribe();
         self.requested.send_replace(true);
-        done.await
+        outcome.wait_for(Option::is_some).await.is_ok_and(|taken| *taken == Some(true))
     }
 }
 
@@ -141,7 +145,15 @@ impl SyncClient {
                     tracing::info!("control plane closed the config stream");
                     backoff = self.settings.backoff_initial;
                 }
-                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "config stream down"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "config stream down");
+                    if let (SessionError::Connect(_), Some(release)) = (&e, &self.release)
+                        && *release.requested.borrow()
+                    {
+                        // Leaving, and no control plane to hand the leases to: they expire.
+                        release.outcome.send_replace(Some(false));
+                    }
+                }
             }
             self.status.connected.store(false, Ordering::Relaxed);
             self.status.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -239,7 +251,7 @@ impl SyncClient {
     fn release_answered(&self, leases: &pb::GatewayLeases, sequence: u64) {
         let confirmed = leases.heartbeat_sequence == sequence && leases.ttl_ms == 0 && leases.instance_ids.is_empty();
         if let (true, Some(release)) = (confirmed, &self.release) {
-            release.done.notify_one();
+            release.outcome.send_replace(Some(true));
         }
     }
 
@@ -397,6 +409,34 @@ async fn send(outbound: &mpsc::Sender<pb::WatchRequest>, kind: watch_request::Ki
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stopping node whose control plane is gone (a standalone hub's own, say) learns at once
+    /// that its leases cannot be handed back, instead of waiting out the hand-back's time limit.
+    #[tokio::test]
+    async fn a_release_with_no_control_plane_to_reach_gives_up() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let release = Arc::new(LeaseRelease::default());
+        let client = SyncClient {
+            endpoint: omni_proto::client::endpoint(&format!("http://{closed}"), None).unwrap(),
+            token: NodeToken("Bearer node-token".parse().unwrap()),
+            node_id: "node-a".into(),
+            address: "test".into(),
+            config: Arc::new(ConfigHandle::new()),
+            limits: Limits::default(),
+            status: Arc::new(SyncStatus::default()),
+            settings: SyncSettings::default(),
+            sends: None,
+            leases: None,
+            release: Some(release.clone()),
+            beats: Default::default(),
+        };
+        let running = tokio::spawn(client.run());
+        // The guard only keeps a regression from hanging the suite: the answer comes with the
+        // next failed connection, well within a second.
+        let taken = tokio::time::timeout(Duration::from_secs(60), release.release()).await;
+        assert_eq!(taken.ok(), Some(false), "no control plane took the leases, and the release said so");
+        running.abort();
+    }
 
     #[test]
     fn jitter_stays_within_half_to_full() {
