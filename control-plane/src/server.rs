@@ -97,6 +97,8 @@ pub enum StartError {
     NodeToken(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("embedded data plane: {0}")]
+    EmbeddedNode(String),
 }
 
 /// Send requests carry media of up to MAX_MEDIA_BYTES, and so do the commands to nodes.
@@ -368,9 +370,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         stopping.wait().await;
         tokio::time::sleep(shutdown::GRACE).await;
     };
+    // The embedded node runs until the server has stopped: one that ends before failed to start
+    // (its port taken, say), and a standalone hub without its node is not to run on.
+    let mut embedded = embedded;
+    let node_failed = async {
+        match embedded.as_mut() {
+            Some(node) => match node.await {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(())) => "stopped on its own".to_owned(),
+                Err(e) => format!("panicked: {e}"),
+            },
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         served = serving => served?,
         _ = cut_off => tracing::warn!(grace = ?shutdown::GRACE, "requests still open after the grace period were cut off"),
+        failed = node_failed => return Err(StartError::EmbeddedNode(failed)),
     }
     drop(stopped_serving);
     if let Some(node) = embedded {

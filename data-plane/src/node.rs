@@ -99,6 +99,8 @@ pub enum NodeError {
     Spool(#[from] crate::spool::SpoolError),
     #[error("HTTP client: {0}")]
     HttpClient(String),
+    #[error(transparent)]
+    Client(#[from] crate::http_client::ClientError),
 }
 
 fn data_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
@@ -184,12 +186,11 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         release: Some(release.clone()),
         beats: Default::default(),
     };
-    let sync_task = tokio::spawn(client.run());
 
     // rustls needs one process-wide crypto provider; tonic's TLS uses ring too.
     let _ = rustls::crypto::ring::default_provider().install_default();
     // One read of the platform's CA store for both clients.
-    let tls = crate::http_client::platform_tls().map_err(|e| NodeError::HttpClient(e.to_string()))?;
+    let tls = crate::http_client::platform_tls()?;
     let mut slack_tls = tls.clone();
     slack_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let http = reqwest::Client::builder()
@@ -198,12 +199,15 @@ pub async fn run(options: NodeOptions, shutdown: impl Future<Output = ()> + Send
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .map_err(|e| NodeError::HttpClient(e.to_string()))?;
-    let proxies = crate::http_client::Proxies::from_env().map_err(|e| NodeError::HttpClient(e.to_string()))?;
+    let proxies = crate::http_client::Proxies::from_env()?;
     if let Some(proxies) = proxies.describe() {
         tracing::info!(%proxies, "agent and Evolution calls go through a proxy");
     }
     let per_message = HttpClient::with_tls(tls, proxies);
     let spool = Spool::open(&dir.join("spool.redb"))?;
+    // Only now that nothing can fail any more: a node that does not start must not be left
+    // connected to its control plane.
+    let sync_task = tokio::spawn(client.run());
     let discord = DiscordClients::new(&options.channels.discord_api_url);
     let pipeline = Arc::new(Pipeline::new(
         spool.clone(),

@@ -204,6 +204,15 @@ impl ControlPlane {
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         terminate(&mut self.child, "omni-control-plane").await
     }
+
+    /// Waits (30 s at most) for the process to exit on its own: its status and its log.
+    pub async fn exit_unasked(mut self) -> (std::process::ExitStatus, String) {
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("omni-control-plane did not exit within 30s")
+            .expect("waiting for omni-control-plane");
+        (status, self.log())
+    }
 }
 
 /// A running `omni-data-plane`, killed when dropped.

@@ -357,6 +357,26 @@ async fn standalone_mode_runs_an_embedded_node() {
     assert_eq!(node_list(&cp, &key).await["nodes"].as_array().unwrap().len(), 1);
 }
 
+/// A standalone hub whose node cannot start (its HTTP port taken) does not run on without it: it
+/// exits, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_hub_whose_node_cannot_start_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = taken.local_addr().unwrap().to_string();
+    let options = ControlPlaneOptions { embedded_http_listen: Some(http.clone()), ..Default::default() };
+    // The gRPC port is announced before the node starts; the exit may come before or after.
+    let log = match ControlPlane::try_start(&dir.path().join("cp"), &options).await {
+        Err(log) => log,
+        Ok(cp) => {
+            let (status, log) = cp.exit_unasked().await;
+            assert!(!status.success(), "{status}: {log}");
+            log
+        }
+    };
+    assert!(log.contains(&format!("embedded data plane: cannot listen on {http}")), "{log}");
+}
+
 /// Two control planes on one Postgres: a change made through either reaches nodes connected
 /// to the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,7 +74,7 @@ impl Proxies {
 /// `value` of proxy variable `name` is an http:// proxy (a bare `host:port` means one).
 fn check(name: &str, value: &str) -> Result<(), ClientError> {
     let refused = |why: &str| ClientError(format!("{name}: {why}"));
-    let uri: Uri = value.trim().parse().map_err(|_| refused("not a proxy URL"))?;
+    let uri: Uri = value.parse().map_err(|_| refused("not a proxy URL"))?;
     match uri.scheme_str() {
         None | Some("http") if uri.host().is_some() => Ok(()),
         None | Some("http") => Err(refused("not a proxy URL")),
