@@ -446,7 +446,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (checkpoints, checkpoint_seconds) =
         (checkpoints - checkpoints_before.0, checkpoint_seconds - checkpoints_before.1);
     println!(
-        "    of which {checkpoints:.0} checkpoints, {:.2} ms each on average",
+        "    and {checkpoints:.0} checkpoints beside them, {:.2} ms each on average",
         checkpoint_seconds * 1e3 / checkpoints.max(1.0)
     );
     println!(

@@ -203,7 +203,7 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
     page.family(
         "omni_node_spool_checkpoint_seconds",
         "histogram",
-        "Spool checkpoints (redb's durable commit, after which the log starts over).",
+        "Spool checkpoints, from the start to redb's durable commit (commits go on meanwhile).",
     )
     .histogram("omni_node_spool_checkpoint_seconds", &[], &state.spool.checkpoints);
     let out = page.finish();

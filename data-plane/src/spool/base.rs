@@ -1,7 +1,7 @@
 //! The spool's base: its tables in redb, as of the last checkpoint. Written only by a checkpoint
 //! (the overlay's changes, in one durable transaction) and by the redo of the log at open.
 
-use super::log::Change;
+use super::log::{Change, Round};
 use super::overlay::Overlay;
 use super::{SpoolError, storage};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, TableDefinition};
@@ -18,10 +18,12 @@ pub const SENDS: TableDefinition<&str, u8> = TableDefinition::new("sends");
 pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// How often an unfinished message was resumed: inbox seq → attempts.
 pub const ATTEMPTS: TableDefinition<u64, u32> = TableDefinition::new("attempts");
-/// Where the tables stand in the write-ahead log: the last group they hold, the round's salt.
+/// Where the tables stand in the write-ahead log: the last group they hold, then the file and
+/// salt of the round after it.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-pub const LOG_GROUP: &str = "log";
-pub const LOG_SALT: &str = "log_salt";
+const LOG_GROUP: &str = "log";
+const LOG_SALT: &str = "log_salt";
+const LOG_FILE: &str = "log_file";
 
 /// The tables, open in one write transaction.
 pub struct Tables<'t> {
@@ -47,8 +49,26 @@ impl<'t> Tables<'t> {
         })
     }
 
-    pub fn meta(&self, key: &str) -> Result<u64, SpoolError> {
+    fn meta(&self, key: &str) -> Result<u64, SpoolError> {
         self.meta.get(key).map(|v| v.map_or(0, |v| v.value())).map_err(storage)
+    }
+
+    /// Where the log goes on after what the tables hold (group 0 in the first file for a new
+    /// spool, and for one written before the log had two files).
+    pub fn round(&self) -> Result<Round, SpoolError> {
+        let file = match self.meta(LOG_FILE)? {
+            file @ (0 | 1) => file as usize,
+            other => return Err(SpoolError::Storage(format!("the spool's base names log file {other}"))),
+        };
+        Ok(Round { group: self.meta(LOG_GROUP)?, file, salt: self.meta(LOG_SALT)? })
+    }
+
+    /// Records where the log goes on after what the tables hold.
+    pub fn record_round(&mut self, round: Round) -> Result<(), SpoolError> {
+        self.meta.insert(LOG_GROUP, round.group).map_err(storage)?;
+        self.meta.insert(LOG_FILE, round.file as u64).map_err(storage)?;
+        self.meta.insert(LOG_SALT, round.salt).map_err(storage)?;
+        Ok(())
     }
 
     /// Redoes one change the log recorded.

@@ -1,14 +1,17 @@
 //! The spool's write-ahead log: what a group of operations changed, appended as one checksummed
 //! frame and flushed before anyone is told it is durable.
 //!
-//! The tables are written only by a checkpoint, in one durable transaction, after which the log
-//! starts over at its beginning. Frames carry consecutive group numbers and
-//! a checksum salted per round of the log; the tables record the last group they hold and the
-//! round's salt, so after a crash exactly the frames after the checkpoint are redone: a stale
-//! frame from an earlier round (even one quoted inside a newer frame's payload), or a torn one,
-//! ends the replay.
+//! The tables are written only by a checkpoint, in one durable transaction. A checkpoint runs
+//! beside new commits, so the log has two files used in turn: when a checkpoint starts, the
+//! frames it will hold stay in the current file and new frames go to the start of the other one.
+//! Frames carry consecutive group numbers and a checksum salted per round (one file's run of
+//! frames); a round's salt follows from the previous round's and the group it ended at. The
+//! tables record the last group they hold, the file after it and that round's salt, so after a
+//! crash exactly the frames after the checkpoint are redone: that file's, then (when a later
+//! checkpoint never committed) the other file's. A stale frame from an earlier round (even one
+//! quoted inside a newer frame's payload), or a torn one, ends a file's replay.
 //!
-//! The file is written in place, zero-filled up front: a flush then writes data only, without
+//! Each file is written in place, zero-filled up front: a flush then writes data only, without
 //! the file-size metadata an append also has to flush (which doubled the flush's cost). Where
 //! the file system allows it, frames are written with `O_DIRECT | O_DSYNC`, whole 4 KiB blocks
 //! at a time, which makes them durable in one system call: on this project's test machines that
@@ -24,23 +27,51 @@ use std::path::Path;
 const MAGIC: u32 = 0x4f4d_5731; // "OMW1"
 /// magic, payload length, group, checksum.
 const HEADER: usize = 4 + 4 + 8 + 4;
-/// A checkpoint is due once the log holds this much; the file is zero-filled to it at creation.
+/// A checkpoint is due once a round holds this much; each file is zero-filled to it at creation.
 pub const CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
 const CASTAGNOLI: crc::Crc<u32, crc::Table<16>> = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 
 pub struct Log {
-    writer: Writer,
-    /// Where the next frame goes: the bytes written since the last checkpoint.
+    files: [Writer; 2],
+    /// The file this round's frames go to.
+    pub file: usize,
+    /// Where the next frame goes: the bytes written in this round.
     pub offset: u64,
     /// The group number of the last frame (or of the checkpoint, right after one).
     pub group: u64,
     /// This round's checksum salt.
     salt: u64,
+    /// The last append failed: its frame may be on disk, or part of it, where the next frame
+    /// goes. Only that next frame, written over it, makes a new round safe to start.
+    unsettled: bool,
+}
+
+/// Where a round of the log starts, as the tables record it: after group `group`, in file
+/// `file`, salted `salt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    pub group: u64,
+    pub file: usize,
+    pub salt: u64,
 }
 
 /// A fresh salt for a new round of the log.
 pub fn new_salt() -> u64 {
     u64::from_le_bytes(omni_core::crypto::random_bytes())
+}
+
+/// The salt of the round that follows one salted `salt` ending at group `group`: known to a
+/// replay that reaches that group, unlike any earlier round's (splitmix64's finalizer).
+fn next_salt(salt: u64, group: u64) -> u64 {
+    let mut z = salt ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The log's two files beside the spool's base at `base`: `<name>.log` and `<name>.log.1`.
+pub fn paths(base: &Path) -> [std::path::PathBuf; 2] {
+    [base.with_extension("log"), base.with_extension("log.1")]
 }
 
 /// A frame being built: room for its header, then the encoded changes, so that appending it
@@ -76,49 +107,21 @@ fn checksum(salt: u64, group: u64, payload: &[u8]) -> u32 {
 }
 
 impl Log {
-    /// Opens (creating) the log and returns, in order, the payloads of the frames written after
-    /// group `checkpointed` in the round salted `salt`; the caller redoes them, then checkpoints
-    /// and [`Log::restart`]s before appending.
-    pub fn open(path: &Path, checkpointed: u64, salt: u64) -> io::Result<(Log, Vec<Vec<u8>>)> {
-        // Owner-only, like the node's other files: it holds message contents.
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
-        let len = file.metadata()?.len();
-        let (mut redo, mut at, mut group) = (Vec::new(), 0, checkpointed);
-        let mut header = [0; HEADER];
-        // Frame by frame: the log is mostly zeros or stale frames, not worth holding whole.
-        while at + HEADER as u64 <= len {
-            file.read_exact_at(&mut header, at)?;
-            let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
-            let (magic, length, crc) = (word(0), word(4) as u64, word(16));
-            let number = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-            let end = at + HEADER as u64 + length;
-            if magic != MAGIC || number != group + 1 || end > len {
-                break;
-            }
-            let mut payload = vec![0; length as usize];
-            file.read_exact_at(&mut payload, at + HEADER as u64)?;
-            if crc != checksum(salt, number, &payload) {
-                break;
-            }
-            redo.push(payload);
-            group = number;
-            at = end;
-        }
-        if len < CHECKPOINT_BYTES {
-            let zeros = [0; 64 * 1024];
-            let mut offset = len;
-            while offset < CHECKPOINT_BYTES {
-                let n = zeros.len().min((CHECKPOINT_BYTES - offset) as usize);
-                file.write_all_at(&zeros[..n], offset)?;
-                offset += n as u64;
-            }
-            file.sync_all()?;
-            // A new file's name must survive a crash along with the frames in it.
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
-        }
-        Ok((Log { writer: Writer::open(path, file), offset: 0, group, salt }, redo))
+    /// Opens (creating) the log's files beside the base at `base` and returns, in order, the
+    /// payloads of the frames written after the checkpoint's `round`: that file's, then the
+    /// other file's if a round followed there. The caller redoes them, then checkpoints and
+    /// [`Log::restart`]s before appending.
+    pub fn open(base: &Path, round: Round) -> io::Result<(Log, Vec<Vec<u8>>)> {
+        let paths = paths(base);
+        let files = [open_file(&paths[0])?, open_file(&paths[1])?];
+        let mut redo = Vec::new();
+        let after = replay(&files[round.file], round.group, round.salt, &mut redo)?;
+        // The round after it, if a checkpoint started one there and never committed.
+        let other = 1 - round.file;
+        let group = replay(&files[other], after, next_salt(round.salt, after), &mut redo)?;
+        let [first, second] = files;
+        let files = [Writer::open(&paths[0], first), Writer::open(&paths[1], second)];
+        Ok((Log { files, file: round.file, offset: 0, group, salt: round.salt, unsettled: false }, redo))
     }
 
     /// Appends `frame` as the next group's and flushes it.
@@ -132,18 +135,84 @@ impl Log {
         header[4..8].copy_from_slice(&length.to_le_bytes());
         header[8..16].copy_from_slice(&group.to_le_bytes());
         header[16..20].copy_from_slice(&crc.to_le_bytes());
-        self.writer.write_durably(&frame.0, self.offset)?;
+        self.unsettled = true;
+        self.files[self.file].write_durably(&frame.0, self.offset)?;
+        self.unsettled = false;
         self.offset += frame.0.len() as u64;
         self.group = group;
         Ok(())
     }
 
-    /// After a checkpoint that recorded `salt`: the tables hold everything, the next frame goes
-    /// first, and what the file holds from before is stale.
-    pub fn restart(&mut self, salt: u64) {
+    /// Starts the next round in the other file, for a checkpoint that will hold everything up
+    /// to now; returns the round for it to record. The file's earlier frames (from two rounds
+    /// ago, which the last checkpoint holds) are stale from here on. `None` after a failed
+    /// append: a replay could take its frame as the current round's last, and then miss the
+    /// next round, which follows the one before it.
+    pub fn next_round(&mut self) -> Option<Round> {
+        if self.unsettled {
+            return None;
+        }
+        self.salt = next_salt(self.salt, self.group);
+        self.file = 1 - self.file;
         self.offset = 0;
-        self.salt = salt;
+        Some(Round { group: self.group, file: self.file, salt: self.salt })
     }
+
+    /// After a checkpoint (at open) that recorded `round`: the tables hold everything, the next
+    /// frame goes first in its file, and what the files hold from before is stale.
+    pub fn restart(&mut self, round: Round) {
+        (self.file, self.offset, self.salt, self.unsettled) = (round.file, 0, round.salt, false);
+    }
+}
+
+/// Opens (creating) one of the log's files, zero-filled to [`CHECKPOINT_BYTES`].
+fn open_file(path: &Path) -> io::Result<File> {
+    // Owner-only, like the node's other files: it holds message contents.
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    let len = file.metadata()?.len();
+    if len < CHECKPOINT_BYTES {
+        let zeros = [0; 64 * 1024];
+        let mut offset = len;
+        while offset < CHECKPOINT_BYTES {
+            let n = zeros.len().min((CHECKPOINT_BYTES - offset) as usize);
+            file.write_all_at(&zeros[..n], offset)?;
+            offset += n as u64;
+        }
+        file.sync_all()?;
+        // A new file's name must survive a crash along with the frames in it.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+    }
+    Ok(file)
+}
+
+/// Appends to `redo` the payloads of the frames at the start of `file` that follow group `after`
+/// in the round salted `salt`; returns the last group read (`after` for none).
+fn replay(file: &File, after: u64, salt: u64, redo: &mut Vec<Vec<u8>>) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    let (mut at, mut group) = (0, after);
+    let mut header = [0; HEADER];
+    // Frame by frame: the file is mostly zeros or stale frames, not worth holding whole.
+    while at + HEADER as u64 <= len {
+        file.read_exact_at(&mut header, at)?;
+        let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+        let (magic, length, crc) = (word(0), word(4) as u64, word(16));
+        let number = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        let end = at + HEADER as u64 + length;
+        if magic != MAGIC || number != group + 1 || end > len {
+            break;
+        }
+        let mut payload = vec![0; length as usize];
+        file.read_exact_at(&mut payload, at + HEADER as u64)?;
+        if crc != checksum(salt, number, &payload) {
+            break;
+        }
+        redo.push(payload);
+        group = number;
+        at = end;
+    }
+    Ok(group)
 }
 
 /// The block size direct writes are aligned to (a multiple of any disk's logical block).
@@ -391,33 +460,84 @@ mod tests {
         frame
     }
 
+    fn round(group: u64, file: usize, salt: u64) -> Round {
+        Round { group, file, salt }
+    }
+
+    fn append_all(log: &mut Log, payloads: &[&str]) {
+        for payload in payloads {
+            log.append(&mut frame(payload.as_bytes())).unwrap();
+        }
+    }
+
+    fn strings(redo: Vec<Vec<u8>>) -> Vec<String> {
+        redo.into_iter().map(|p| String::from_utf8(p).unwrap()).collect()
+    }
+
     #[test]
     fn replay_stops_at_stale_or_torn_frames() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool.log");
+        let base = dir.path().join("spool.redb");
         {
-            let (mut log, redo) = Log::open(&path, 0, 7).unwrap();
+            let (mut log, redo) = Log::open(&base, round(0, 0, 7)).unwrap();
             assert!(redo.is_empty());
-            for payload in [b"one".as_slice(), b"two", b"three"] {
-                log.append(&mut frame(payload)).unwrap();
-            }
+            append_all(&mut log, &["one", "two", "three"]);
             assert_eq!(log.group, 3);
         }
-        let (_, redo) = Log::open(&path, 0, 7).unwrap();
-        assert_eq!(redo, [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
-        assert!(Log::open(&path, 0, 8).unwrap().1.is_empty(), "frames of another round are not redone");
+        let (_, redo) = Log::open(&base, round(0, 0, 7)).unwrap();
+        assert_eq!(strings(redo), ["one", "two", "three"]);
+        assert!(Log::open(&base, round(0, 0, 8)).unwrap().1.is_empty(), "frames of another round are not redone");
         // A checkpoint at group 3 started a new round: the old frames are stale, and so is what
         // follows a new, shorter first frame.
-        let (mut log, redo) = Log::open(&path, 3, 9).unwrap();
+        let (mut log, redo) = Log::open(&base, round(3, 0, 9)).unwrap();
         assert!(redo.is_empty());
-        log.append(&mut frame(b"four")).unwrap();
-        let (_, redo) = Log::open(&path, 3, 9).unwrap();
-        assert_eq!(redo, [b"four".to_vec()]);
+        log.restart(round(3, 0, 9));
+        append_all(&mut log, &["four"]);
+        let (_, redo) = Log::open(&base, round(3, 0, 9)).unwrap();
+        assert_eq!(strings(redo), ["four"]);
         // A torn frame (its checksum fails) ends the replay too.
-        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let file = OpenOptions::new().write(true).open(&paths(&base)[0]).unwrap();
         file.write_all_at(b"X", HEADER as u64).unwrap();
-        let (_, redo) = Log::open(&path, 3, 9).unwrap();
+        let (_, redo) = Log::open(&base, round(3, 0, 9)).unwrap();
         assert!(redo.is_empty());
+    }
+
+    /// Rounds alternate between the two files. A replay from the checkpoint's round goes on
+    /// into the round after it (a checkpoint that never committed), and no further.
+    #[test]
+    fn replay_follows_the_rounds_a_checkpoint_left_unrecorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("spool.redb");
+        let (mut log, _) = Log::open(&base, round(0, 0, 7)).unwrap();
+        log.restart(round(0, 0, 7));
+        append_all(&mut log, &["a1", "a2"]);
+        // A checkpoint starts: its round (recorded only once it commits) goes to the other file.
+        let second = log.next_round().unwrap();
+        assert_eq!((second.group, second.file), (2, 1));
+        append_all(&mut log, &["b3", "b4"]);
+        let (_, redo) = Log::open(&base, round(0, 0, 7)).unwrap();
+        assert_eq!(strings(redo), ["a1", "a2", "b3", "b4"], "the checkpoint never committed: both rounds");
+        let (_, redo) = Log::open(&base, second).unwrap();
+        assert_eq!(strings(redo), ["b3", "b4"], "it committed: the rounds after it");
+
+        // The next checkpoint starts a round in the first file again, over the stale frames.
+        let third = log.next_round().unwrap();
+        assert_eq!((third.group, third.file), (4, 0));
+        append_all(&mut log, &["c5"]);
+        let (_, redo) = Log::open(&base, second).unwrap();
+        assert_eq!(strings(redo), ["b3", "b4", "c5"]);
+        let (_, redo) = Log::open(&base, third).unwrap();
+        assert_eq!(strings(redo), ["c5"]);
+        // A round with no frames: the replay still looks for the one after it.
+        let fourth = log.next_round().unwrap();
+        let fifth = log.next_round().unwrap();
+        assert_eq!((fourth.group, fifth.group, fifth.file), (5, 5, 0));
+        append_all(&mut log, &["e6"]);
+        let (_, redo) = Log::open(&base, fourth).unwrap();
+        assert_eq!(strings(redo), ["e6"]);
+        // The first round is two checkpoints old: what its salt would chain to is stale.
+        let (_, redo) = Log::open(&base, round(0, 0, 7)).unwrap();
+        assert_eq!(strings(redo), Vec::<String>::new());
     }
 
     /// Frames written at offsets and lengths that start and end mid-block, a frame's place given

@@ -9,8 +9,10 @@
 //!
 //! A commit is made durable by its changes, appended to a write-ahead log ([`log`]) and flushed;
 //! then they are applied to the [`overlay`], in memory. The tables in redb (the [`base`]) are
-//! written only by a checkpoint ([`CHECKPOINT_EVERY`], or when the log fills): what the overlay
-//! holds then goes to the base in one durable transaction, and the log starts a new round. A
+//! written only by a checkpoint ([`CHECKPOINT_EVERY`], or when the log fills): the overlay is
+//! frozen, the log starts a new round, and what the frozen overlay holds goes to the base in one
+//! durable transaction on a thread of its own, while commits go on into a new overlay above it
+//! (a checkpoint's flush took as long as several commits', and every request waited for it). A
 //! restart redoes the log's frames after the last checkpoint. Most of what a message writes
 //! (itself, its answer, its chunks' states, its trace stages) is deleted again before the next
 //! checkpoint and never reaches redb, whose commits cost more than the rest of the node's work
@@ -30,11 +32,11 @@ mod log;
 mod overlay;
 mod writer;
 
-use base::{LOG_GROUP, LOG_SALT, Tables};
+use base::Tables;
 use bytes::Bytes;
-use log::{Change, Log};
+use log::{Change, Log, Round};
 use omni_core::metrics::Histogram;
-use overlay::Overlay;
+use overlay::{Layers, Overlay};
 use redb::{Database, ReadableDatabase};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -42,7 +44,7 @@ use std::sync::{Arc, OnceLock, RwLock, mpsc};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{Notify, oneshot};
-use writer::{Request, Timings, Writer};
+use writer::{Message, Request, Timings, Writer};
 
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -52,7 +54,7 @@ const SPOOL_COMMIT_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0
 /// Deferred operations are committed at most this long after the first of them.
 pub const DEFER_AT_MOST: Duration = Duration::from_millis(5);
 
-/// The overlay is checkpointed (and the log started over) at most this long after a change.
+/// A checkpoint starts at most this long after a change.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
@@ -138,11 +140,27 @@ pub enum Outcome {
     Done,
 }
 
+/// The way to the writer thread, shared by the spool's handles; the last one dropped tells the
+/// writer to finish.
+struct Requests(mpsc::Sender<Message>);
+
+impl Requests {
+    fn send(&self, request: Request) -> Result<(), SpoolError> {
+        self.0.send(Message::Request(request)).map_err(|_| SpoolError::Stopped)
+    }
+}
+
+impl Drop for Requests {
+    fn drop(&mut self) {
+        let _ = self.0.send(Message::Close);
+    }
+}
+
 #[derive(Clone)]
 pub struct Spool {
     db: Arc<Database>,
-    overlay: Arc<RwLock<Overlay>>,
-    requests: mpsc::Sender<Request>,
+    layers: Arc<RwLock<Layers>>,
+    requests: Arc<Requests>,
     /// Why the writer refuses every commit, once it does (see [`Spool::failed`]).
     failed: Arc<OnceLock<String>>,
     /// Messages numbered up to this one were accepted before this run: the ones to resume.
@@ -151,7 +169,7 @@ pub struct Spool {
     traces_added: Arc<Notify>,
     /// How long each commit took (flush included).
     pub commits: Arc<Histogram>,
-    /// How long each checkpoint took (also counted in `commits`): requests arriving meanwhile wait.
+    /// How long each checkpoint took, from its start to its commit (commits go on meanwhile).
     pub checkpoints: Arc<Histogram>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
@@ -177,11 +195,9 @@ impl Spool {
         let db = Arc::new(db);
         let txn = db.begin_write().map_err(storage)?;
         // Redone and checkpointed in one transaction, which starts a new round of the log.
-        let salt = log::new_salt();
-        let (mut log, overlay) = {
+        let (mut log, overlay, round) = {
             let mut tables = Tables::open(&txn)?;
-            let (checkpointed, round) = (tables.meta(LOG_GROUP)?, tables.meta(LOG_SALT)?);
-            let (log, frames) = Log::open(&path.with_extension("log"), checkpointed, round).map_err(storage)?;
+            let (log, frames) = Log::open(path, tables.round()?).map_err(storage)?;
             for frame in &frames {
                 let changes = Change::decode_all(frame)
                     .ok_or_else(|| SpoolError::Storage("unreadable change in the spool log".into()))?;
@@ -192,21 +208,21 @@ impl Spool {
             if !frames.is_empty() {
                 tracing::info!(groups = frames.len(), "spool: redid what the log held after the last checkpoint");
             }
-            tables.meta.insert(LOG_GROUP, log.group).map_err(storage)?;
-            tables.meta.insert(LOG_SALT, salt).map_err(storage)?;
+            let round = Round { group: log.group, file: 0, salt: log::new_salt() };
+            tables.record_round(round)?;
             let (base_inbox_last, base_outbox_last) = tables.last_keys()?;
             let (messages, stages) = tables.lens()?;
-            (log, Overlay { base_inbox_last, base_outbox_last, messages, stages, ..Overlay::default() })
+            (log, Overlay { base_inbox_last, base_outbox_last, messages, stages, ..Overlay::default() }, round)
         };
         txn.commit().map_err(storage)?;
-        log.restart(salt);
+        log.restart(round);
         let resumable_through = overlay.base_inbox_last;
         let (next_inbox, next_outbox) = (overlay.base_inbox_last + 1, overlay.base_outbox_last + 1);
-        let overlay = Arc::new(RwLock::new(overlay));
+        let layers = Arc::new(RwLock::new(Layers { live: overlay, frozen: None }));
         let failed = Arc::new(OnceLock::new());
         // Unbounded: callers of `commit` wait for their reply, and deferred operations follow
         // committed ones (a finish follows an accept), so what waits is bounded by the work.
-        let (requests, rx) = mpsc::channel();
+        let (messages, rx) = mpsc::channel();
         let traces_added = Arc::new(Notify::new());
         let timings = Timings {
             commits: Arc::new(Histogram::new(SPOOL_COMMIT_BUCKETS)),
@@ -215,7 +231,7 @@ impl Spool {
         let writer = Writer {
             db: db.clone(),
             log,
-            overlay: overlay.clone(),
+            layers: layers.clone(),
             base: None,
             failed: failed.clone(),
             deferred_failures: 0,
@@ -223,13 +239,16 @@ impl Spool {
             next_outbox,
             traces_added: traces_added.clone(),
             timings: timings.clone(),
+            messages: messages.clone(),
+            checkpoint: None,
+            asked: Vec::new(),
         };
         let handle =
             std::thread::Builder::new().name("omni-spool".into()).spawn(move || writer.run(rx)).map_err(storage)?;
         Ok(Spool {
             db,
-            overlay,
-            requests,
+            layers,
+            requests: Arc::new(Requests(messages)),
             failed,
             resumable_through,
             traces_added,
@@ -254,7 +273,7 @@ impl Spool {
     /// are on disk.
     pub async fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, SpoolError> {
         let (reply, done) = oneshot::channel();
-        self.requests.send(Request { ops, reply: Some(reply), checkpoint: false }).map_err(|_| SpoolError::Stopped)?;
+        self.requests.send(Request { ops, reply: Some(reply), checkpoint: false })?;
         done.await.map_err(|_| SpoolError::Stopped)?
     }
 
@@ -267,14 +286,14 @@ impl Spool {
     pub async fn checkpoint(&self) -> Result<(), SpoolError> {
         let (reply, done) = oneshot::channel();
         let request = Request { ops: Vec::new(), reply: Some(reply), checkpoint: true };
-        self.requests.send(request).map_err(|_| SpoolError::Stopped)?;
+        self.requests.send(request)?;
         done.await.map_err(|_| SpoolError::Stopped)?.map(drop)
     }
 
     /// Hands `ops` over to be committed with the next commit, or within [`DEFER_AT_MOST`]; for
     /// what may be lost in a crash without harm. Not readable before that.
     pub fn defer(&self, ops: Vec<Op>) -> Result<(), SpoolError> {
-        self.requests.send(Request { ops, reply: None, checkpoint: false }).map_err(|_| SpoolError::Stopped)
+        self.requests.send(Request { ops, reply: None, checkpoint: false })
     }
 
     /// Why the spool accepts nothing any more, if it does not: a checkpoint whose commit failed
@@ -284,26 +303,25 @@ impl Spool {
         self.failed.get().map(String::as_str)
     }
 
-    /// The overlay, read. Only the writer thread changes it, briefly.
-    fn overlay(&self) -> std::sync::RwLockReadGuard<'_, Overlay> {
-        self.overlay.read().expect("spool overlay poisoned")
+    /// The overlays, read. Only the writer thread changes them, briefly.
+    fn layers(&self) -> std::sync::RwLockReadGuard<'_, Layers> {
+        self.layers.read().expect("spool overlay poisoned")
     }
 
     /// Reads the base (redb) off the async threads.
     async fn read_base<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database, &RwLock<Overlay>) -> Result<T, SpoolError> + Send + 'static,
+        f: impl FnOnce(&Database, &RwLock<Layers>) -> Result<T, SpoolError> + Send + 'static,
     ) -> Result<T, SpoolError> {
-        let (db, overlay) = (self.db.clone(), self.overlay.clone());
-        tokio::task::spawn_blocking(move || f(&db, &overlay)).await.map_err(storage)?
+        let (db, layers) = (self.db.clone(), self.layers.clone());
+        tokio::task::spawn_blocking(move || f(&db, &layers)).await.map_err(storage)?
     }
 
     /// The messages accepted before this run and not finished, oldest first.
     pub async fn unfinished(&self) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
         let through = self.resumable_through;
         // They are in the base since the open, and only leave it (once resumed and finished).
-        let finished: std::collections::HashSet<u64> =
-            self.overlay().inbox.iter().filter(|(_, m)| m.is_none()).map(|(s, _)| *s).collect();
+        let finished: std::collections::HashSet<u64> = self.layers().deleted_messages().collect();
         self.read_base(move |db, _| {
             let txn = db.begin_read().map_err(storage)?;
             let table = txn.open_table(base::INBOX).map_err(storage)?;
@@ -320,8 +338,8 @@ impl Spool {
     }
 
     pub async fn answer(&self, id: &str) -> Result<Option<String>, SpoolError> {
-        if let Some(kept) = self.overlay().answers.get(id) {
-            return Ok(kept.clone());
+        if let Some(kept) = self.layers().find(|o| &o.answers, id) {
+            return Ok(kept.cloned());
         }
         let id = id.to_owned();
         self.read_base(move |db, _| {
@@ -333,8 +351,8 @@ impl Spool {
 
     pub async fn send_state(&self, id: &str, chunk: u32) -> Result<Option<SendState>, SpoolError> {
         let key = chunk_key(id, chunk);
-        if let Some(state) = self.overlay().sends.get(&key) {
-            return Ok(state.and_then(SendState::from_u8));
+        if let Some(state) = self.layers().find(|o| &o.sends, key.as_str()) {
+            return Ok(state.and_then(|s| SendState::from_u8(*s)));
         }
         self.read_base(move |db, _| {
             let table = db.begin_read().map_err(storage)?.open_table(base::SENDS).map_err(storage)?;
@@ -346,20 +364,22 @@ impl Spool {
     /// Up to `limit` trace stages after stage `after`, oldest first.
     pub async fn outbox(&self, after: u64, limit: usize) -> Result<Vec<(u64, Bytes)>, SpoolError> {
         {
-            let overlay = self.overlay();
-            if !overlay.base_has_stages_after(after) {
-                return Ok(overlay.stages_after(after, limit));
+            let layers = self.layers();
+            if !layers.below_has_stages_after(after) {
+                return Ok(layers.live.stages_after(after, limit));
             }
         }
-        // Stages a checkpoint found unshipped (or an earlier run left), then the overlay's, which
-        // are all numbered above them. The base's snapshot is taken with the overlay's, so that
-        // no checkpoint can move stages from the one to the other unseen: the snapshot may
-        // already hold stages the overlay still has (a checkpoint committed, the overlay not yet
-        // cleared), which are taken once.
-        self.read_base(move |db, overlay| {
-            let (txn, shipped_through, newer) = {
-                let overlay = overlay.read().expect("spool overlay poisoned");
-                (db.begin_read().map_err(storage)?, overlay.shipped_through, overlay.stages_after(after, limit))
+        // Stages a checkpoint found unshipped (or an earlier run left), then the frozen overlay's,
+        // then the live one's, each numbered above the one before. The base's snapshot is taken
+        // with the overlays', so that no checkpoint can move stages from the one to the other
+        // unseen: the snapshot may already hold the frozen overlay's stages (its checkpoint
+        // committed, the overlay not yet dropped), which are taken once.
+        self.read_base(move |db, layers| {
+            let (txn, shipped_through, frozen, live) = {
+                let layers = layers.read().expect("spool overlay poisoned");
+                let txn = db.begin_read().map_err(storage)?;
+                let live = layers.live.stages_after(after, limit);
+                (txn, layers.base_shipped_through(), layers.frozen_stages_after(after, limit), live)
             };
             let table = txn.open_table(base::OUTBOX).map_err(storage)?;
             let mut out = Vec::with_capacity(limit);
@@ -367,9 +387,14 @@ impl Spool {
                 let (seq, event) = entry.map_err(storage)?;
                 out.push((seq.value(), Bytes::copy_from_slice(event.value())));
             }
-            let last = out.last().map_or(after, |(seq, _)| *seq);
-            let room = limit - out.len();
-            out.extend(newer.into_iter().filter(|(seq, _)| *seq > last).take(room));
+            for (seq, event) in frozen.into_iter().chain(live) {
+                if out.len() == limit {
+                    break;
+                }
+                if out.last().is_none_or(|(last, _)| seq > *last) {
+                    out.push((seq, event));
+                }
+            }
             Ok(out)
         })
         .await
@@ -377,8 +402,8 @@ impl Spool {
 
     /// (unfinished messages, trace stages waiting), for metrics.
     pub async fn depths(&self) -> Result<(u64, u64), SpoolError> {
-        let overlay = self.overlay();
-        Ok((overlay.messages, overlay.stages))
+        let layers = self.layers();
+        Ok((layers.live.messages, layers.live.stages))
     }
 }
 
@@ -441,7 +466,13 @@ mod tests {
     fn crash_copy(from: &Path, to: &Path, with_log: bool) {
         std::fs::copy(from.join("spool.redb"), to.join("spool.redb")).unwrap();
         if with_log {
-            std::fs::copy(from.join("spool.log"), to.join("spool.log")).unwrap();
+            copy_log(from, to);
+        }
+    }
+
+    fn copy_log(from: &Path, to: &Path) {
+        for file in ["spool.log", "spool.log.1"] {
+            std::fs::copy(from.join(file), to.join(file)).unwrap();
         }
     }
 
@@ -579,6 +610,148 @@ mod tests {
             ));
             spool.close().await;
         }
+    }
+
+    /// Holds whoever passes it while closed, and tells when someone waits there.
+    #[derive(Debug, Default)]
+    struct Gate {
+        /// (closed, someone held)
+        state: std::sync::Mutex<(bool, bool)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl Gate {
+        fn close(&self) {
+            self.state.lock().unwrap().0 = true;
+        }
+
+        fn open(&self) {
+            self.state.lock().unwrap().0 = false;
+            self.changed.notify_all();
+        }
+
+        fn pass(&self) {
+            let mut state = self.state.lock().unwrap();
+            while state.0 {
+                state.1 = true;
+                self.changed.notify_all();
+                state = self.changed.wait(state).unwrap();
+            }
+            state.1 = false;
+        }
+
+        fn wait_until_held(&self, within: Duration) -> bool {
+            let state = self.state.lock().unwrap();
+            self.changed.wait_timeout_while(state, within, |state| !state.1).unwrap().0.1
+        }
+    }
+
+    /// redb's file, with syncs that wait at a gate: a checkpoint's commit held half done.
+    #[derive(Debug)]
+    struct GatedSyncs {
+        file: redb::backends::FileBackend,
+        gate: Arc<Gate>,
+    }
+
+    impl redb::StorageBackend for GatedSyncs {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.gate.pass();
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.file.write(offset, data)
+        }
+        fn close(&self) -> Result<(), std::io::Error> {
+            self.file.close()
+        }
+    }
+
+    fn stage_numbers(stages: Vec<(u64, Bytes)>) -> Vec<u64> {
+        stages.into_iter().map(|(seq, _)| seq).collect()
+    }
+
+    /// A checkpoint writes while commits go on: they dedupe, read and delete across the overlay
+    /// it writes. A crash meanwhile, before its commit reached the file or after, loses nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_go_on_while_a_checkpoint_writes_and_a_crash_meanwhile_loses_nothing() {
+        let (dir, before_commit, after_commit) =
+            (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let path = dir.path().join("spool.redb");
+        let gate = Arc::new(Gate::default());
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
+        let backend = GatedSyncs { file: redb::backends::FileBackend::new(file).unwrap(), gate: gate.clone() };
+        let spool = Spool::start(&path, redb::Builder::new().create_with_backend(backend).unwrap()).unwrap();
+        spool.commit(vec![accept("k1", "m1"), accept("k2", "m2")]).await.unwrap();
+        spool.commit(vec![Op::Answer { id: "t1".into(), text: "hi".into() }]).await.unwrap();
+        spool.commit(vec![Op::Send { id: "t1".into(), chunk: 0, state: SendState::Intent }]).await.unwrap();
+        // The base as a crash finds it while the checkpoint below has not committed.
+        std::fs::copy(&path, before_commit.path().join("spool.redb")).unwrap();
+
+        gate.close();
+        let checkpoint = tokio::spawn({
+            let spool = spool.clone();
+            async move { spool.checkpoint().await }
+        });
+        let held = tokio::task::spawn_blocking({
+            let gate = gate.clone();
+            move || gate.wait_until_held(Duration::from_secs(10))
+        });
+        assert!(held.await.unwrap(), "the checkpoint reached its commit's flush");
+
+        let within = Duration::from_secs(10);
+        let outcomes = tokio::time::timeout(within, spool.commit(vec![accept("k1", "again"), accept("k3", "m3")]))
+            .await
+            .expect("a commit does not wait for the checkpoint")
+            .unwrap();
+        assert_eq!(outcomes, [Outcome::Duplicate, Outcome::Accepted { seq: 3 }]);
+        assert_eq!(spool.answer("t1").await.unwrap().as_deref(), Some("hi"));
+        assert_eq!(spool.send_state("t1", 0).await.unwrap(), Some(SendState::Intent));
+        spool.commit(vec![Op::Send { id: "t1".into(), chunk: 0, state: SendState::Sent }]).await.unwrap();
+        spool.commit(vec![Op::Finish { seq: 1, id: "t1".into(), chunks: 1 }]).await.unwrap();
+        assert_eq!(spool.answer("t1").await.unwrap(), None);
+        assert_eq!(spool.send_state("t1", 0).await.unwrap(), None);
+        assert_eq!(stage_numbers(spool.outbox(0, 10).await.unwrap()), [1, 2, 3]);
+        spool.commit(vec![Op::Shipped { through: 1 }]).await.unwrap();
+        assert_eq!(stage_numbers(spool.outbox(0, 10).await.unwrap()), [2, 3]);
+        assert_eq!(stage_numbers(spool.outbox(0, 1).await.unwrap()), [2], "the limit holds across the layers");
+        assert_eq!(spool.depths().await.unwrap(), (2, 2));
+        assert!(!checkpoint.is_finished(), "the checkpoint is still held");
+        copy_log(dir.path(), before_commit.path());
+        // The base with the checkpoint's commit written, not yet flushed.
+        crash_copy(dir.path(), after_commit.path(), true);
+
+        gate.open();
+        tokio::time::timeout(within, checkpoint).await.expect("the checkpoint ends").unwrap().unwrap();
+        // The same after the frozen overlay was dropped for the base.
+        assert_eq!(spool.depths().await.unwrap(), (2, 2));
+        assert_eq!(spool.answer("t1").await.unwrap(), None);
+        assert_eq!(stage_numbers(spool.outbox(0, 10).await.unwrap()), [2, 3]);
+        assert_eq!(spool.commit(vec![accept("k2", "again")]).await.unwrap(), [Outcome::Duplicate]);
+        assert_eq!(spool.commit(vec![accept("k4", "m4")]).await.unwrap(), [Outcome::Accepted { seq: 4 }]);
+        spool.close().await;
+
+        for crashed in [before_commit.path(), after_commit.path()] {
+            let spool = Spool::open(&crashed.join("spool.redb")).unwrap();
+            assert_eq!(spool.unfinished().await.unwrap(), [(2, b"m2".to_vec()), (3, b"m3".to_vec())], "{crashed:?}");
+            assert_eq!(spool.answer("t1").await.unwrap(), None);
+            assert_eq!(spool.send_state("t1", 0).await.unwrap(), None);
+            assert_eq!(stage_numbers(spool.outbox(0, 10).await.unwrap()), [2, 3]);
+            assert_eq!(spool.depths().await.unwrap(), (2, 2));
+            assert_eq!(spool.commit(vec![accept("k3", "again")]).await.unwrap(), [Outcome::Duplicate]);
+            spool.close().await;
+        }
+        let spool = Spool::open(&path).unwrap();
+        let unfinished: Vec<u64> = spool.unfinished().await.unwrap().into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(unfinished, [2, 3, 4]);
     }
 
     /// redb's file, with syncs that fail on demand.

@@ -1,12 +1,102 @@
 //! What changed since the last checkpoint, in memory. Most of it never reaches redb: a message
 //! accepted, answered and finished between two checkpoints, with its stages shipped, leaves no
-//! trace here but its idempotency key. What is left at a checkpoint is written to the base in one
-//! transaction, and the overlay starts over.
+//! trace here but its idempotency key. When a checkpoint starts, the overlay is frozen and a new
+//! one starts above it; the frozen one is written to the base in one transaction while commits
+//! go on, and is read below the new one until that transaction has committed.
 
 use bytes::Bytes;
+use std::borrow::Borrow;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
+use std::sync::Arc;
+
+/// The overlays, newest first: the base is below them.
+#[derive(Default)]
+pub struct Layers {
+    /// Every commit changes this one.
+    pub live: Overlay,
+    /// The one a checkpoint is writing to the base, until that has committed.
+    pub frozen: Option<Arc<Overlay>>,
+}
+
+impl Layers {
+    /// What the overlays say of `key` in one table: `Some(None)` if deleted, `None` if the base
+    /// is to tell.
+    pub fn find<'a, K, Q, V>(
+        &'a self,
+        table: impl Fn(&'a Overlay) -> &'a HashMap<K, Option<V>>,
+        key: &Q,
+    ) -> Option<Option<&'a V>>
+    where
+        K: Borrow<Q> + Hash + Eq + 'a,
+        Q: Hash + Eq + ?Sized,
+        V: 'a,
+    {
+        let layers = std::iter::once(&self.live).chain(self.frozen.as_deref());
+        layers.into_iter().find_map(|layer| table(layer).get(key).map(Option::as_ref))
+    }
+
+    /// Starts a new live overlay above the current one, frozen for a checkpoint to write; the
+    /// numbers given are the last message and stage numbers used so far.
+    pub fn freeze(&mut self, (inbox_last, outbox_last): (u64, u64)) -> Arc<Overlay> {
+        let live = &self.live;
+        let next = Overlay {
+            // Everything numbered up to here is below the new overlay, in one layer or another.
+            base_inbox_last: inbox_last,
+            base_outbox_last: outbox_last,
+            // The frozen overlay's own stages include none shipped: those it deleted as shipped
+            // were the base's, up to here.
+            shipped_through: live.shipped_through,
+            messages: live.messages,
+            stages: live.stages,
+            ..Overlay::default()
+        };
+        let frozen = Arc::new(std::mem::replace(&mut self.live, next));
+        self.frozen = Some(frozen.clone());
+        frozen
+    }
+
+    /// After the frozen overlay's checkpoint committed, with the base's last message and stage
+    /// numbers: the base holds what it held.
+    pub fn checkpointed(&mut self, (inbox_last, outbox_last): (u64, u64)) {
+        self.frozen = None;
+        let live = &mut self.live;
+        // Numbers above the base's last were used by what was since deleted: nothing to find.
+        live.base_inbox_last = live.base_inbox_last.min(inbox_last);
+        live.base_outbox_last = live.base_outbox_last.min(outbox_last);
+        live.shipped_through = live.shipped_through.min(live.base_outbox_last);
+    }
+
+    /// The messages deleted in the overlays (the base may still hold them).
+    pub fn deleted_messages(&self) -> impl Iterator<Item = u64> + '_ {
+        let layers = std::iter::once(&self.live).chain(self.frozen.as_deref());
+        layers.flat_map(|layer| layer.inbox.iter().filter(|(_, m)| m.is_none()).map(|(seq, _)| *seq))
+    }
+
+    /// Whether the layers below the live overlay may hold stages after `after` that are not
+    /// shipped.
+    pub fn below_has_stages_after(&self, after: u64) -> bool {
+        self.live.base_outbox_last > after.max(self.live.shipped_through)
+    }
+
+    /// The frozen overlay's stages after `after` not yet shipped, up to `limit`.
+    pub fn frozen_stages_after(&self, after: u64, limit: usize) -> Vec<(u64, Bytes)> {
+        let after = after.max(self.live.shipped_through);
+        self.frozen.as_ref().map_or_else(Vec::new, |frozen| frozen.stages_after(after, limit))
+    }
+
+    /// Where the base's stages not yet shipped start: the overlays' shipped marks, both.
+    pub fn base_shipped_through(&self) -> u64 {
+        self.live.shipped_through.max(self.frozen.as_ref().map_or(0, |f| f.shipped_through))
+    }
+
+    /// The idempotency keys older than this are forgotten, wherever they are below the live overlay.
+    pub fn prune_seen_before(&self) -> Option<i64> {
+        let frozen = self.frozen.as_ref().and_then(|f| f.prune_seen_before);
+        self.live.prune_seen_before.max(frozen)
+    }
+}
 
 /// Each table's changes: a value put, or `None` for a key the base holds that was deleted.
 #[derive(Default)]
@@ -33,17 +123,6 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// After a checkpoint wrote everything to the base.
-    pub fn checkpointed(&mut self, base_inbox_last: u64, base_outbox_last: u64) {
-        let (messages, stages) = (self.messages, self.stages);
-        *self = Overlay { base_inbox_last, base_outbox_last, messages, stages, ..Overlay::default() };
-    }
-
-    /// Whether the base may hold stages after `after` that are not shipped.
-    pub fn base_has_stages_after(&self, after: u64) -> bool {
-        self.base_outbox_last > after.max(self.shipped_through)
-    }
-
     /// Up to `limit` of the overlay's stages after `after`.
     pub fn stages_after(&self, after: u64, limit: usize) -> Vec<(u64, Bytes)> {
         self.outbox.range(after.saturating_add(1)..).take(limit).map(|(seq, event)| (*seq, event.clone())).collect()

@@ -1,16 +1,20 @@
 //! The writer thread, the spool's only writer. For each group of requests that arrived together
-//! it plans their operations against the overlay and the base (dedupe, numbering), makes the
-//! planned changes durable in one log frame, applies them to the overlay and answers. From time
-//! to time it checkpoints: the overlay is written to the base in one durable transaction and the
-//! log starts a new round.
+//! it plans their operations against the overlays and the base (dedupe, numbering), makes the
+//! planned changes durable in one log frame, applies them to the live overlay and answers. From
+//! time to time it starts a checkpoint: the live overlay is frozen, the log goes on in a new
+//! round, and a thread of the checkpoint's own writes the frozen overlay to the base in one
+//! durable transaction while commits go on. It reports back here, and the frozen overlay is
+//! dropped. Only one checkpoint runs at a time.
 
-use super::base::{Base, LOG_GROUP, LOG_SALT, Tables};
-use super::log::{self, Change, Frame, Log};
-use super::overlay::Overlay;
+use super::base::{Base, Tables};
+use super::log::{self, Change, Frame, Log, Round};
+use super::overlay::{Layers, Overlay};
 use super::{CHECKPOINT_EVERY, DEFER_AT_MOST, Op, Outcome, SpoolError, chunk_key, storage};
 use omni_core::metrics::Histogram;
 use redb::{Database, ReadableDatabase};
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::sync::{Arc, OnceLock, RwLock, mpsc};
 use std::time::Instant;
 use tokio::sync::{Notify, oneshot};
@@ -18,12 +22,23 @@ use tokio::sync::{Notify, oneshot};
 /// Operations committed per group at most; more wait for the next one.
 const MAX_GROUP: usize = 1024;
 
+pub type Reply = oneshot::Sender<Result<Vec<Outcome>, SpoolError>>;
+
 pub struct Request {
     pub ops: Vec<Op>,
     /// `None` for deferred operations: nobody waits for them.
-    pub reply: Option<oneshot::Sender<Result<Vec<Outcome>, SpoolError>>>,
-    /// Answered only once a checkpoint after the commit wrote everything to the base.
+    pub reply: Option<Reply>,
+    /// Answered only once a checkpoint started after the commit wrote everything to the base.
     pub checkpoint: bool,
+}
+
+/// What reaches the writer thread.
+pub enum Message {
+    Request(Request),
+    /// A checkpoint's outcome: the base's last message and stage numbers once it committed.
+    Checkpointed(Result<(u64, u64), SpoolError>),
+    /// Every handle of the spool is gone: the writer finishes and stops.
+    Close,
 }
 
 /// What the writer times.
@@ -36,9 +51,9 @@ pub struct Timings {
 pub struct Writer {
     pub db: Arc<Database>,
     pub log: Log,
-    /// Only this thread changes it; others read it.
-    pub overlay: Arc<RwLock<Overlay>>,
-    /// The base as of the last checkpoint (dropped while one writes).
+    /// Only this thread changes them; others read them.
+    pub layers: Arc<RwLock<Layers>>,
+    /// A snapshot of the base, below the overlays (taken again after each checkpoint).
     pub base: Option<Base>,
     /// Set when a checkpoint's commit failed: every later commit is refused.
     pub failed: Arc<OnceLock<String>>,
@@ -50,24 +65,49 @@ pub struct Writer {
     pub next_outbox: u64,
     pub traces_added: Arc<Notify>,
     pub timings: Timings,
+    /// For checkpoints to report back on.
+    pub messages: mpsc::Sender<Message>,
+    /// The checkpoint of the frozen overlay, from its start until it committed.
+    pub checkpoint: Option<Checkpoint>,
+    /// Callers waiting for a checkpoint that starts after their request.
+    pub asked: Vec<Reply>,
+}
+
+/// A checkpoint: the frozen overlay, to be written to the base with the log's round after it.
+pub struct Checkpoint {
+    layer: Arc<Overlay>,
+    round: Round,
+    /// Callers waiting for it.
+    asked: Vec<Reply>,
+    started: Instant,
+    /// Being written now; else its last try failed, and it is tried again later.
+    running: bool,
 }
 
 /// When the writer must act without being asked: deferred operations due, a checkpoint due.
 #[derive(Default)]
 struct Due {
     deferred_since: Option<Instant>,
-    /// The first change not yet made durable by a checkpoint.
+    /// The first change not yet frozen for a checkpoint.
     unchecked_since: Option<Instant>,
-    /// The last checkpoint that failed: a full log does not make the next one due before
-    /// [`CHECKPOINT_EVERY`] has passed.
-    checkpoint_failed: Option<Instant>,
+    /// After a checkpoint failed (or could not start): when it is tried again.
+    retry_at: Option<Instant>,
 }
 
 impl Due {
-    fn next(&self) -> Option<Instant> {
+    /// `checkpoint`: whether one was started and has not committed; none other starts meanwhile.
+    fn next(&self, checkpoint: Option<&Checkpoint>) -> Option<Instant> {
         let deferred = self.deferred_since.map(|t| t + DEFER_AT_MOST);
-        let checkpoint = self.unchecked_since.map(|t| t + CHECKPOINT_EVERY);
+        let checkpoint = match checkpoint {
+            None => self.unchecked_since.map(|t| (t + CHECKPOINT_EVERY).max(self.retry_at.unwrap_or(t))),
+            Some(c) if !c.running => self.retry_at,
+            Some(_) => None,
+        };
         deferred.into_iter().chain(checkpoint).min()
+    }
+
+    fn retry_allowed(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|at| now >= at)
     }
 }
 
@@ -82,7 +122,8 @@ enum Planned {
         first: u64,
     },
     Attempt(u32),
-    /// For a message accepted before the last checkpoint, which of its keys the base holds.
+    /// For a message accepted before the last checkpoint started, which of its keys are below the
+    /// live overlay.
     Finish(Option<FinishInBase>),
     /// How many of the shipped stages the base holds.
     Shipped {
@@ -118,20 +159,20 @@ struct Plan {
     frame: Option<Frame>,
 }
 
-/// Plans one group. The overlay and the base are read, never written.
+/// Plans one group. The overlays and the base are read, never written.
 fn plan(
-    overlay: &Overlay,
+    layers: &Layers,
     base: &Base,
     (next_inbox, next_outbox): (u64, u64),
     deferred: &[Op],
     group: &[Request],
 ) -> Result<Plan, SpoolError> {
     let mut planner = Planner {
-        overlay,
+        layers,
         base,
         next_inbox,
         next_outbox,
-        shipped_through: overlay.shipped_through,
+        shipped_through: layers.live.shipped_through,
         seen: HashSet::new(),
         attempts: HashMap::new(),
         frame: (!group.is_empty()).then(Frame::default),
@@ -142,7 +183,7 @@ fn plan(
 }
 
 struct Planner<'a> {
-    overlay: &'a Overlay,
+    layers: &'a Layers,
     base: &'a Base,
     next_inbox: u64,
     next_outbox: u64,
@@ -171,11 +212,44 @@ impl<'a> Planner<'a> {
     }
 
     fn seen(&self, key: &str) -> Result<bool, SpoolError> {
-        if self.seen.contains(key) || self.overlay.seen.contains_key(key) {
+        if self.seen.contains(key) || self.layers.live.seen.contains_key(key) {
             return Ok(true);
         }
-        let pruned = |at: i64| self.overlay.prune_seen_before.is_some_and(|before| at < before);
+        // Below the live overlay, a key may be older than a prune not applied to it yet.
+        let pruned = |at: i64| self.layers.prune_seen_before().is_some_and(|before| at < before);
+        if let Some(at) = self.layers.frozen.as_ref().and_then(|frozen| frozen.seen.get(key)) {
+            return Ok(!pruned(*at));
+        }
         Ok(self.base.seen(key)?.is_some_and(|at| !pruned(at)))
+    }
+
+    /// Whether the layers below the live overlay hold `key` in one table: the frozen overlay,
+    /// if it tells, else the base.
+    fn below<K, Q, V>(
+        &self,
+        table: impl Fn(&Overlay) -> &HashMap<K, Option<V>>,
+        key: &Q,
+        in_base: impl FnOnce(&Base) -> Result<bool, SpoolError>,
+    ) -> Result<bool, SpoolError>
+    where
+        K: Borrow<Q> + Hash + Eq,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.layers.frozen.as_deref().and_then(|frozen| table(frozen).get(key)) {
+            Some(value) => Ok(value.is_some()),
+            None => in_base(self.base),
+        }
+    }
+
+    /// How many stages not yet shipped the layers below the live overlay hold in
+    /// `after+1 ..= through`.
+    fn stages_below(&self, after: u64, through: u64) -> Result<u64, SpoolError> {
+        let Some(frozen) = self.layers.frozen.as_deref() else {
+            return self.base.stages_in(after, through);
+        };
+        let frozen_stages = if through > after { frozen.outbox.range(after + 1..=through).count() as u64 } else { 0 };
+        let base_after = after.max(frozen.shipped_through);
+        Ok(frozen_stages + self.base.stages_in(base_after, through.min(frozen.base_outbox_last))?)
     }
 
     fn plan(&mut self, op: &'a Op) -> Result<Planned, SpoolError> {
@@ -201,9 +275,9 @@ impl<'a> Planner<'a> {
                 Planned::Done
             }
             Op::Resume { seq } => {
-                let before = match (self.attempts.get(seq), self.overlay.attempts.get(seq)) {
+                let before = match (self.attempts.get(seq), self.layers.find(|o| &o.attempts, seq)) {
                     (Some(n), _) => *n,
-                    (None, Some(n)) => n.unwrap_or(0),
+                    (None, Some(n)) => n.copied().unwrap_or(0),
                     (None, None) => self.base.attempts(*seq)?.unwrap_or(0),
                 };
                 self.attempts.insert(*seq, before + 1);
@@ -217,22 +291,25 @@ impl<'a> Planner<'a> {
                 for chunk in 0..*chunks {
                     self.record(Change::SendDelete(&chunk_key(id, chunk)));
                 }
-                // Accepted since the checkpoint, nothing of the message is in the base.
-                if *seq > self.overlay.base_inbox_last {
+                // Accepted since the last checkpoint started, nothing of the message is below.
+                if *seq > self.layers.live.base_inbox_last {
                     return Ok(Planned::Finish(None));
                 }
-                let base = self.base;
+                let sends = (0..*chunks).map(|c| {
+                    let key = chunk_key(id, c);
+                    self.below(|o| &o.sends, key.as_str(), |base| base.has_send(&key))
+                });
                 Planned::Finish(Some(FinishInBase {
-                    message: base.has_message(*seq)?,
-                    attempts: base.attempts(*seq)?.is_some(),
-                    answer: base.has_answer(id)?,
-                    sends: (0..*chunks).map(|c| base.has_send(&chunk_key(id, c))).collect::<Result<_, _>>()?,
+                    message: self.below(|o| &o.inbox, seq, |base| base.has_message(*seq))?,
+                    attempts: self.below(|o| &o.attempts, seq, |base| Ok(base.attempts(*seq)?.is_some()))?,
+                    answer: self.below(|o| &o.answers, id.as_str(), |base| base.has_answer(id))?,
+                    sends: sends.collect::<Result<_, _>>()?,
                 }))
             }
             Op::Shipped { through } => {
                 self.record(Change::OutboxDeleteThrough(*through));
-                let upto = (*through).min(self.overlay.base_outbox_last);
-                let base_stages = self.base.stages_in(self.shipped_through, upto)?;
+                let upto = (*through).min(self.layers.live.base_outbox_last);
+                let base_stages = self.stages_below(self.shipped_through, upto)?;
                 self.shipped_through = self.shipped_through.max(upto);
                 Planned::Shipped { base_stages }
             }
@@ -295,27 +372,27 @@ fn apply(overlay: &mut Overlay, op: Op, planned: Planned) {
 
 impl Writer {
     /// Takes whatever requests are waiting and commits them as one group after the deferred
-    /// operations; deferred operations alone wait up to [`DEFER_AT_MOST`] for company.
-    pub fn run(mut self, rx: mpsc::Receiver<Request>) {
+    /// operations; deferred operations alone wait up to [`DEFER_AT_MOST`] for company. Starts
+    /// checkpoints when due, and drops the frozen overlay when one reports it committed.
+    pub fn run(mut self, rx: mpsc::Receiver<Message>) {
         let mut deferred: Vec<Op> = Vec::new();
         let mut due = Due::default();
-        loop {
-            let received = match due.next() {
+        let mut closing = false;
+        while !closing {
+            let received = match due.next(self.checkpoint.as_ref()) {
                 Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
                 None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
             };
-            let mut group = match received {
-                Ok(first) => vec![first],
-                Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let mut ops = deferred.len() + group.iter().map(|r| r.ops.len()).sum::<usize>();
-            while ops < MAX_GROUP {
+            let mut group = Vec::new();
+            let mut ops = deferred.len();
+            match received {
+                Ok(message) => closing = self.receive(message, &mut group, &mut ops, &mut due),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => closing = true,
+            }
+            while ops < MAX_GROUP && !closing {
                 match rx.try_recv() {
-                    Ok(next) => {
-                        ops += next.ops.len();
-                        group.push(next);
-                    }
+                    Ok(message) => closing = self.receive(message, &mut group, &mut ops, &mut due),
                     Err(_) => break,
                 }
             }
@@ -327,7 +404,8 @@ impl Writer {
                 due.deferred_since.get_or_insert_with(Instant::now);
                 false
             });
-            let asked: Vec<_> = group.iter_mut().filter(|r| r.checkpoint).filter_map(|r| r.reply.take()).collect();
+            let asked = group.iter_mut().filter(|r| r.checkpoint).filter_map(|r| r.reply.take());
+            self.asked.extend(asked);
             let now = Instant::now();
             let deferred_due = due.deferred_since.is_some_and(|since| now >= since + DEFER_AT_MOST);
             if !group.is_empty() || deferred_due {
@@ -342,37 +420,145 @@ impl Writer {
                 }
                 self.timings.commits.observe(started.elapsed());
             }
-            let retry_allowed = due.checkpoint_failed.is_none_or(|at| now >= at + CHECKPOINT_EVERY);
-            let checkpoint_due = (self.log.offset >= log::CHECKPOINT_BYTES && retry_allowed)
-                || due.unchecked_since.is_some_and(|since| now >= since + CHECKPOINT_EVERY);
-            if !asked.is_empty() || (checkpoint_due && due.unchecked_since.is_some()) {
-                let started = Instant::now();
-                let checkpointed = self.checkpoint();
-                match &checkpointed {
-                    Ok(()) => (due.unchecked_since, due.checkpoint_failed) = (None, None),
-                    // Stopped for good (see `Writer::failed`): nothing more to checkpoint.
-                    Err(e) if self.failed.get().is_some() => {
-                        tracing::error!(error = %e, "spool stopped");
-                        (due.unchecked_since, due.checkpoint_failed) = (None, None);
+            self.checkpoint_if_due(&mut due);
+        }
+        self.close(&rx, &mut deferred, &mut due);
+    }
+
+    /// Handles one message; returns whether the spool is closing.
+    fn receive(&mut self, message: Message, group: &mut Vec<Request>, ops: &mut usize, due: &mut Due) -> bool {
+        match message {
+            Message::Request(request) => {
+                *ops += request.ops.len();
+                group.push(request);
+            }
+            Message::Checkpointed(result) => self.checkpointed(result, due),
+            Message::Close => return true,
+        }
+        false
+    }
+
+    /// Starts a checkpoint if one is due or asked for and none is running; tries a failed one
+    /// again once it may.
+    fn checkpoint_if_due(&mut self, due: &mut Due) {
+        let now = Instant::now();
+        if let Some(failed) = self.failed.get() {
+            // Stopped for good (see `Writer::failed`): nothing more is checkpointed.
+            reply_to(std::mem::take(&mut self.asked), || Err(SpoolError::Storage(failed.clone())));
+            due.unchecked_since = None;
+            return;
+        }
+        match &self.checkpoint {
+            Some(checkpoint) if !checkpoint.running && due.retry_allowed(now) => self.run_checkpoint(due),
+            Some(_) => {}
+            None => {
+                let full = self.log.offset >= log::CHECKPOINT_BYTES;
+                let old = due.unchecked_since.is_some_and(|since| now >= since + CHECKPOINT_EVERY);
+                let changed = due.unchecked_since.is_some() && due.retry_allowed(now);
+                if !self.asked.is_empty() || (changed && (full || old)) {
+                    if self.freeze() {
+                        due.unchecked_since = None;
+                        self.run_checkpoint(due);
+                    } else {
+                        due.retry_at = Some(now + CHECKPOINT_EVERY);
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "spool checkpoint failed");
-                        // Not again at once: redb may refuse every transaction until reopened.
-                        due.unchecked_since = Some(Instant::now());
-                        due.checkpoint_failed = Some(Instant::now());
-                    }
-                }
-                self.timings.commits.observe(started.elapsed());
-                self.timings.checkpoints.observe(started.elapsed());
-                for reply in asked {
-                    let _ = reply.send(checkpointed.as_ref().map(|()| Vec::new()).map_err(storage));
                 }
             }
         }
-        // Closing: whatever is deferred, and a last checkpoint, so the next start has nothing to redo.
-        self.commit(&mut deferred, Vec::new());
-        if let Err(e) = self.checkpoint() {
-            tracing::error!(error = %e, "spool checkpoint failed at close");
+    }
+
+    /// Freezes the live overlay for a checkpoint and starts the log's next round, for what
+    /// follows; the callers waiting for a checkpoint wait for this one. Refused (the callers
+    /// answered) while the log's last write failed: the failed frame might be on disk, and a
+    /// round after it would not be found.
+    fn freeze(&mut self) -> bool {
+        let Some(round) = self.log.next_round() else {
+            let refused = || Err(SpoolError::Storage("the spool log's last write failed".into()));
+            reply_to(std::mem::take(&mut self.asked), refused);
+            return false;
+        };
+        let numbers = (self.next_inbox - 1, self.next_outbox - 1);
+        let layer = self.layers.write().expect("spool overlay poisoned").freeze(numbers);
+        let asked = std::mem::take(&mut self.asked);
+        self.checkpoint = Some(Checkpoint { layer, round, asked, started: Instant::now(), running: false });
+        true
+    }
+
+    /// Writes the frozen overlay to the base on a thread of its own, which reports back.
+    fn run_checkpoint(&mut self, due: &mut Due) {
+        let checkpoint = self.checkpoint.as_mut().expect("a checkpoint to run");
+        checkpoint.running = true;
+        let (db, layer, round) = (self.db.clone(), checkpoint.layer.clone(), checkpoint.round);
+        let (failed, messages) = (self.failed.clone(), self.messages.clone());
+        let spawned = std::thread::Builder::new().name("omni-spool-checkpoint".into()).spawn(move || {
+            let _ = messages.send(Message::Checkpointed(write_checkpoint(&db, &layer, round, &failed)));
+        });
+        if let Err(e) = spawned {
+            self.checkpointed(Err(storage(format!("could not start a checkpoint thread: {e}"))), due);
+        }
+    }
+
+    /// A checkpoint's outcome: once committed, the base holds the frozen overlay, which is
+    /// dropped; else it stays below the live one and is written again later.
+    fn checkpointed(&mut self, result: Result<(u64, u64), SpoolError>, due: &mut Due) {
+        let Some(mut checkpoint) = self.checkpoint.take() else { return };
+        self.timings.checkpoints.observe(checkpoint.started.elapsed());
+        match result {
+            Ok(last_keys) => {
+                self.layers.write().expect("spool overlay poisoned").checkpointed(last_keys);
+                // The planner's snapshot is of the base before it, and holds its pages.
+                self.base = None;
+                due.retry_at = None;
+                reply_to(checkpoint.asked, || Ok(Vec::new()));
+            }
+            Err(e) => {
+                if self.failed.get().is_some() {
+                    tracing::error!(error = %e, "spool stopped");
+                } else {
+                    tracing::error!(error = %e, "spool checkpoint failed");
+                }
+                // Not again at once: redb may refuse every transaction until reopened.
+                let now = Instant::now();
+                due.retry_at = Some(now + CHECKPOINT_EVERY);
+                let waiting = std::mem::take(&mut checkpoint.asked).into_iter().chain(std::mem::take(&mut self.asked));
+                reply_to(waiting, || Err(storage(&e)));
+                (checkpoint.running, checkpoint.started) = (false, now);
+                self.checkpoint = Some(checkpoint);
+            }
+        }
+    }
+
+    /// Closing: whatever is deferred, the running checkpoint's end, then the rest written to the
+    /// base here, so the next start has nothing to redo.
+    fn close(&mut self, rx: &mpsc::Receiver<Message>, deferred: &mut Vec<Op>, due: &mut Due) {
+        self.commit(deferred, Vec::new());
+        while self.checkpoint.as_ref().is_some_and(|c| c.running) {
+            match rx.recv() {
+                Ok(Message::Checkpointed(result)) => self.checkpointed(result, due),
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        // One left by a failed checkpoint first, then the live overlay.
+        for _ in 0..2 {
+            if self.failed.get().is_some() {
+                return;
+            }
+            let live = self.checkpoint.is_none();
+            if live && !self.freeze() {
+                tracing::error!("spool checkpoint failed at close: the log's last write failed");
+                return;
+            }
+            let checkpoint = self.checkpoint.as_ref().expect("frozen");
+            let result = write_checkpoint(&self.db, &checkpoint.layer, checkpoint.round, &self.failed);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "spool checkpoint failed at close");
+                return;
+            }
+            self.checkpointed(result, due);
+            if live {
+                return;
+            }
         }
     }
 
@@ -396,12 +582,12 @@ impl Writer {
             reply_all(group, || Ok(Vec::new()));
             return false;
         }
-        let overlay = self.overlay.clone();
+        let layers = self.layers.clone();
         let numbers = (self.next_inbox, self.next_outbox);
         let mut deferred_failed = None;
         let planned = match self.base() {
             Ok(base) => {
-                let view = overlay.read().expect("spool overlay poisoned");
+                let view = layers.read().expect("spool overlay poisoned");
                 match plan(&view, base, numbers, deferred, &group) {
                     // The waiting requests are not to fail for operations nobody waits for.
                     Err(e) if !deferred.is_empty() => {
@@ -460,16 +646,17 @@ impl Writer {
         let mut planned = plan.planned.into_iter();
         let mut answers = Vec::with_capacity(group.len());
         {
-            let mut overlay = overlay.write().expect("spool overlay poisoned");
+            let mut layers = layers.write().expect("spool overlay poisoned");
+            let overlay = &mut layers.live;
             for op in deferred {
-                apply(&mut overlay, op, planned.next().expect("one plan per operation"));
+                apply(overlay, op, planned.next().expect("one plan per operation"));
             }
             for request in group {
                 let mut outcomes = Vec::with_capacity(request.ops.len());
                 for op in request.ops {
                     let planned = planned.next().expect("one plan per operation");
                     outcomes.push(planned.outcome());
-                    apply(&mut overlay, op, planned);
+                    apply(overlay, op, planned);
                 }
                 answers.push((request.reply, outcomes));
             }
@@ -483,40 +670,38 @@ impl Writer {
         }
         changed
     }
+}
 
-    /// Writes the overlay to the base in one durable transaction that also starts a new round
-    /// of the log; the overlay starts over.
-    pub fn checkpoint(&mut self) -> Result<(), SpoolError> {
-        if let Some(failed) = self.failed.get() {
-            return Err(SpoolError::Storage(failed.clone()));
-        }
-        // A read snapshot held open would keep the transaction from reusing pages.
-        self.base = None;
-        let salt = log::new_salt();
-        let overlay = self.overlay.clone();
-        let (inbox_last, outbox_last) = {
-            // Read-locked only: nothing else changes the overlay, and readers go on meanwhile.
-            let view = overlay.read().expect("spool overlay poisoned");
-            let txn = self.db.begin_write().map_err(storage)?;
-            let last_keys = {
-                let mut tables = Tables::open(&txn)?;
-                tables.write(&view)?;
-                tables.meta.insert(LOG_GROUP, self.log.group).map_err(storage)?;
-                tables.meta.insert(LOG_SALT, salt).map_err(storage)?;
-                tables.last_keys()?
-            };
-            if let Err(e) = txn.commit() {
-                // It may have reached the disk, with the new round's salt: frames appended under
-                // the old one would then not be redone after a crash. Nothing more is accepted.
-                let failed = format!("a spool checkpoint failed to commit ({e}); the node must be restarted");
-                let _ = self.failed.set(failed.clone());
-                return Err(SpoolError::Storage(failed));
-            }
-            last_keys
-        };
-        overlay.write().expect("spool overlay poisoned").checkpointed(inbox_last, outbox_last);
-        self.log.restart(salt);
-        Ok(())
+/// Writes a frozen overlay to the base in one durable transaction that records the log's round
+/// after it; returns the base's last message and stage numbers.
+fn write_checkpoint(
+    db: &Database,
+    layer: &Overlay,
+    round: Round,
+    failed: &OnceLock<String>,
+) -> Result<(u64, u64), SpoolError> {
+    let txn = db.begin_write().map_err(storage)?;
+    let last_keys = {
+        let mut tables = Tables::open(&txn)?;
+        tables.write(layer)?;
+        tables.record_round(round)?;
+        tables.last_keys()?
+    };
+    if let Err(e) = txn.commit() {
+        // It may have reached the disk: the next start would then redo the log from the round
+        // it recorded, and the frames appended meanwhile are in that round. But redb may not
+        // take another transaction, and whether this one holds is unknown: nothing more is
+        // accepted until a restart finds out.
+        let stopped = format!("a spool checkpoint failed to commit ({e}); the node must be restarted");
+        let _ = failed.set(stopped.clone());
+        return Err(SpoolError::Storage(stopped));
+    }
+    Ok(last_keys)
+}
+
+fn reply_to(replies: impl IntoIterator<Item = Reply>, answer: impl Fn() -> Result<Vec<Outcome>, SpoolError>) {
+    for reply in replies {
+        let _ = reply.send(answer());
     }
 }
 
