@@ -145,17 +145,17 @@ impl Log {
 
     /// Starts the next round in the other file, for a checkpoint that will hold everything up
     /// to now; returns the round for it to record. The file's earlier frames (from two rounds
-    /// ago, which the last checkpoint holds) are stale from here on. `None` after a failed
-    /// append: a replay could take its frame as the current round's last, and then miss the
-    /// next round, which follows the one before it.
-    pub fn next_round(&mut self) -> Option<Round> {
+    /// ago, which the last checkpoint holds) are stale from here on. After a failed append, an
+    /// empty frame is written in its place first: a replay could otherwise take the failed frame
+    /// as this round's last, and then miss the next round, which follows the one before it.
+    pub fn next_round(&mut self) -> io::Result<Round> {
         if self.unsettled {
-            return None;
+            self.append(&mut Frame::default())?;
         }
         self.salt = next_salt(self.salt, self.group);
         self.file = 1 - self.file;
         self.offset = 0;
-        Some(Round { group: self.group, file: self.file, salt: self.salt })
+        Ok(Round { group: self.group, file: self.file, salt: self.salt })
     }
 
     /// After a checkpoint (at open) that recorded `round`: the tables hold everything, the next
@@ -538,6 +538,27 @@ mod tests {
         // The first round is two checkpoints old: what its salt would chain to is stale.
         let (_, redo) = Log::open(&base, round(0, 0, 7)).unwrap();
         assert_eq!(strings(redo), Vec::<String>::new());
+    }
+
+    /// A failed append may have left its frame on disk. The next round starts after an empty
+    /// frame written over it, so a replay goes on into that round instead of stopping at the
+    /// failed frame's group.
+    #[test]
+    fn a_round_after_a_failed_append_still_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("spool.redb");
+        let (mut log, _) = Log::open(&base, round(0, 0, 7)).unwrap();
+        log.restart(round(0, 0, 7));
+        append_all(&mut log, &["a1"]);
+        // As if "a2" reached the disk but its write reported a failure.
+        let (offset, group) = (log.offset, log.group);
+        append_all(&mut log, &["a2"]);
+        (log.offset, log.group, log.unsettled) = (offset, group, true);
+        let next = log.next_round().unwrap();
+        assert_eq!((next.group, next.file), (2, 1), "the empty frame took group 2");
+        append_all(&mut log, &["b3"]);
+        let (_, redo) = Log::open(&base, round(0, 0, 7)).unwrap();
+        assert_eq!(strings(redo), ["a1", "", "b3"]);
     }
 
     /// Frames written at offsets and lengths that start and end mid-block, a frame's place given

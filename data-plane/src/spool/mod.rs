@@ -690,6 +690,8 @@ mod tests {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
         let backend = GatedSyncs { file: redb::backends::FileBackend::new(file).unwrap(), gate: gate.clone() };
         let spool = Spool::start(&path, redb::Builder::new().create_with_backend(backend).unwrap()).unwrap();
+        // Keys are pruned before they are taken, as after the clock stepped back: they are kept.
+        spool.commit(vec![Op::PruneSeen { before_ms: 2000 }]).await.unwrap();
         spool.commit(vec![accept("k1", "m1"), accept("k2", "m2")]).await.unwrap();
         spool.commit(vec![Op::Answer { id: "t1".into(), text: "hi".into() }]).await.unwrap();
         spool.commit(vec![Op::Send { id: "t1".into(), chunk: 0, state: SendState::Intent }]).await.unwrap();
@@ -754,11 +756,12 @@ mod tests {
         assert_eq!(unfinished, [2, 3, 4]);
     }
 
-    /// redb's file, with syncs that fail on demand.
+    /// redb's file, with syncs that fail on demand (or panic, with `panic` set too).
     #[derive(Debug)]
     struct FailingSyncs {
         file: redb::backends::FileBackend,
         fail: Arc<std::sync::atomic::AtomicBool>,
+        panic: bool,
     }
 
     impl redb::StorageBackend for FailingSyncs {
@@ -773,6 +776,7 @@ mod tests {
         }
         fn sync_data(&self) -> Result<(), std::io::Error> {
             if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                assert!(!self.panic, "injected sync panic");
                 return Err(std::io::Error::other("injected sync failure"));
             }
             self.file.sync_data()
@@ -785,15 +789,40 @@ mod tests {
         }
     }
 
+    fn spool_with_failing_syncs(path: &Path, panic: bool) -> (Spool, Arc<std::sync::atomic::AtomicBool>) {
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap();
+        let backend = FailingSyncs { file: redb::backends::FileBackend::new(file).unwrap(), fail: fail.clone(), panic };
+        let db = redb::Builder::new().create_with_backend(backend).unwrap();
+        (Spool::start(path, db).unwrap(), fail)
+    }
+
+    /// A checkpoint's thread that panics stops the spool as a failed commit does: whoever waits
+    /// is answered, closing returns, and a restart finds everything.
+    #[tokio::test]
+    async fn a_checkpoint_that_panics_stops_the_spool_and_closing_still_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        let (spool, fail) = spool_with_failing_syncs(&path, true);
+        spool.commit(vec![accept("k1", "m1")]).await.unwrap();
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let within = Duration::from_secs(10);
+        let checkpointed = tokio::time::timeout(within, spool.checkpoint()).await.expect("answered");
+        assert!(checkpointed.is_err());
+        assert!(spool.failed().is_some_and(|why| why.contains("panicked")), "{:?}", spool.failed());
+        assert!(matches!(spool.commit(vec![accept("k2", "m2")]).await, Err(SpoolError::Storage(_))));
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::timeout(within, spool.close()).await.expect("closing returns");
+
+        let spool = Spool::open(&path).unwrap();
+        assert_eq!(spool.unfinished().await.unwrap(), [(1, b"m1".to_vec())]);
+    }
+
     #[tokio::test]
     async fn a_checkpoint_that_fails_to_commit_stops_the_spool_until_it_is_reopened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.redb");
-        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
-        let backend = FailingSyncs { file: redb::backends::FileBackend::new(file).unwrap(), fail: fail.clone() };
-        let db = redb::Builder::new().create_with_backend(backend).unwrap();
-        let spool = Spool::start(&path, db).unwrap();
+        let (spool, fail) = spool_with_failing_syncs(&path, false);
         spool.commit(vec![accept("k1", "m1")]).await.unwrap();
         assert!(spool.failed().is_none());
 

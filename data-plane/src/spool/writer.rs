@@ -15,6 +15,7 @@ use redb::{Database, ReadableDatabase};
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock, RwLock, mpsc};
 use std::time::Instant;
 use tokio::sync::{Notify, oneshot};
@@ -215,12 +216,14 @@ impl<'a> Planner<'a> {
         if self.seen.contains(key) || self.layers.live.seen.contains_key(key) {
             return Ok(true);
         }
-        // Below the live overlay, a key may be older than a prune not applied to it yet.
-        let pruned = |at: i64| self.layers.prune_seen_before().is_some_and(|before| at < before);
+        // Below the live overlay, a key may be older than a prune not applied to it yet: the
+        // live overlay's, for the frozen one's keys (its own prunes came before them); either
+        // overlay's, for the base's.
+        let older = |at: i64, before: Option<i64>| before.is_some_and(|before| at < before);
         if let Some(at) = self.layers.frozen.as_ref().and_then(|frozen| frozen.seen.get(key)) {
-            return Ok(!pruned(*at));
+            return Ok(!older(*at, self.layers.live.prune_seen_before));
         }
-        Ok(self.base.seen(key)?.is_some_and(|at| !pruned(at)))
+        Ok(self.base.seen(key)?.is_some_and(|at| !older(at, self.layers.prune_seen_before())))
     }
 
     /// Whether the layers below the live overlay hold `key` in one table: the frozen overlay,
@@ -443,9 +446,9 @@ impl Writer {
     fn checkpoint_if_due(&mut self, due: &mut Due) {
         let now = Instant::now();
         if let Some(failed) = self.failed.get() {
-            // Stopped for good (see `Writer::failed`): nothing more is checkpointed.
+            // Stopped for good (see `Writer::failed`): nothing more is checkpointed, or retried.
             reply_to(std::mem::take(&mut self.asked), || Err(SpoolError::Storage(failed.clone())));
-            due.unchecked_since = None;
+            (due.unchecked_since, due.retry_at) = (None, None);
             return;
         }
         match &self.checkpoint {
@@ -469,13 +472,16 @@ impl Writer {
 
     /// Freezes the live overlay for a checkpoint and starts the log's next round, for what
     /// follows; the callers waiting for a checkpoint wait for this one. Refused (the callers
-    /// answered) while the log's last write failed: the failed frame might be on disk, and a
-    /// round after it would not be found.
+    /// answered) if the log cannot be written.
     fn freeze(&mut self) -> bool {
-        let Some(round) = self.log.next_round() else {
-            let refused = || Err(SpoolError::Storage("the spool log's last write failed".into()));
-            reply_to(std::mem::take(&mut self.asked), refused);
-            return false;
+        let round = match self.log.next_round() {
+            Ok(round) => round,
+            Err(e) => {
+                tracing::error!(error = %e, "spool checkpoint not started: the log cannot be written");
+                let refused = || Err(storage(format!("the spool log cannot be written: {e}")));
+                reply_to(std::mem::take(&mut self.asked), refused);
+                return false;
+            }
         };
         let numbers = (self.next_inbox - 1, self.next_outbox - 1);
         let layer = self.layers.write().expect("spool overlay poisoned").freeze(numbers);
@@ -491,7 +497,16 @@ impl Writer {
         let (db, layer, round) = (self.db.clone(), checkpoint.layer.clone(), checkpoint.round);
         let (failed, messages) = (self.failed.clone(), self.messages.clone());
         let spawned = std::thread::Builder::new().name("omni-spool-checkpoint".into()).spawn(move || {
-            let _ = messages.send(Message::Checkpointed(write_checkpoint(&db, &layer, round, &failed)));
+            let written = std::panic::catch_unwind(AssertUnwindSafe(|| write_checkpoint(&db, &layer, round, &failed)));
+            // Released before reporting: once the writer hears of it, closing may release the file.
+            drop((db, layer));
+            let result = written.unwrap_or_else(|_| {
+                // Whether its commit reached the disk is unknown, as when one fails.
+                let stopped = "a spool checkpoint panicked; the node must be restarted".to_owned();
+                let _ = failed.set(stopped.clone());
+                Err(SpoolError::Storage(stopped))
+            });
+            let _ = messages.send(Message::Checkpointed(result));
         });
         if let Err(e) = spawned {
             self.checkpointed(Err(storage(format!("could not start a checkpoint thread: {e}"))), due);
@@ -546,7 +561,6 @@ impl Writer {
             }
             let live = self.checkpoint.is_none();
             if live && !self.freeze() {
-                tracing::error!("spool checkpoint failed at close: the log's last write failed");
                 return;
             }
             let checkpoint = self.checkpoint.as_ref().expect("frozen");
