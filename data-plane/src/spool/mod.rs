@@ -646,35 +646,6 @@ mod tests {
         }
     }
 
-    /// redb's file, with syncs that wait at a gate: a checkpoint's commit held half done.
-    #[derive(Debug)]
-    struct GatedSyncs {
-        file: redb::backends::FileBackend,
-        gate: Arc<Gate>,
-    }
-
-    impl redb::StorageBackend for GatedSyncs {
-        fn len(&self) -> Result<u64, std::io::Error> {
-            self.file.len()
-        }
-        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-            self.file.read(offset, out)
-        }
-        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-            self.file.set_len(len)
-        }
-        fn sync_data(&self) -> Result<(), std::io::Error> {
-            self.gate.pass();
-            self.file.sync_data()
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-            self.file.write(offset, data)
-        }
-        fn close(&self) -> Result<(), std::io::Error> {
-            self.file.close()
-        }
-    }
-
     fn stage_numbers(stages: Vec<(u64, Bytes)>) -> Vec<u64> {
         stages.into_iter().map(|(seq, _)| seq).collect()
     }
@@ -687,9 +658,12 @@ mod tests {
             (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let path = dir.path().join("spool.redb");
         let gate = Arc::new(Gate::default());
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
-        let backend = GatedSyncs { file: redb::backends::FileBackend::new(file).unwrap(), gate: gate.clone() };
-        let spool = Spool::start(&path, redb::Builder::new().create_with_backend(backend).unwrap()).unwrap();
+        let held = gate.clone();
+        // A checkpoint's commit held half done, at its flush.
+        let spool = spool_with_hooked_syncs(&path, move || {
+            held.pass();
+            Ok(())
+        });
         // Keys are pruned before they are taken, as after the clock stepped back: they are kept.
         spool.commit(vec![Op::PruneSeen { before_ms: 2000 }]).await.unwrap();
         spool.commit(vec![accept("k1", "m1"), accept("k2", "m2")]).await.unwrap();
@@ -756,15 +730,19 @@ mod tests {
         assert_eq!(unfinished, [2, 3, 4]);
     }
 
-    /// redb's file, with syncs that fail on demand (or panic, with `panic` set too).
-    #[derive(Debug)]
-    struct FailingSyncs {
+    /// redb's file, with a hook run before each sync: to fail it, hold it or panic in it.
+    struct HookedSyncs {
         file: redb::backends::FileBackend,
-        fail: Arc<std::sync::atomic::AtomicBool>,
-        panic: bool,
+        before_sync: Box<dyn Fn() -> std::io::Result<()> + Send + Sync>,
     }
 
-    impl redb::StorageBackend for FailingSyncs {
+    impl std::fmt::Debug for HookedSyncs {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("HookedSyncs").finish_non_exhaustive()
+        }
+    }
+
+    impl redb::StorageBackend for HookedSyncs {
         fn len(&self) -> Result<u64, std::io::Error> {
             self.file.len()
         }
@@ -775,10 +753,7 @@ mod tests {
             self.file.set_len(len)
         }
         fn sync_data(&self) -> Result<(), std::io::Error> {
-            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-                assert!(!self.panic, "injected sync panic");
-                return Err(std::io::Error::other("injected sync failure"));
-            }
+            (self.before_sync)()?;
             self.file.sync_data()
         }
         fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
@@ -789,12 +764,29 @@ mod tests {
         }
     }
 
+    /// A spool on redb's file with `before_sync` run before each of its syncs.
+    fn spool_with_hooked_syncs(
+        path: &Path,
+        before_sync: impl Fn() -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Spool {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap();
+        let backend =
+            HookedSyncs { file: redb::backends::FileBackend::new(file).unwrap(), before_sync: Box::new(before_sync) };
+        Spool::start(path, redb::Builder::new().create_with_backend(backend).unwrap()).unwrap()
+    }
+
+    /// A spool whose syncs fail while the flag returned is set, by an error or (with `panic`) a panic.
     fn spool_with_failing_syncs(path: &Path, panic: bool) -> (Spool, Arc<std::sync::atomic::AtomicBool>) {
         let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap();
-        let backend = FailingSyncs { file: redb::backends::FileBackend::new(file).unwrap(), fail: fail.clone(), panic };
-        let db = redb::Builder::new().create_with_backend(backend).unwrap();
-        (Spool::start(path, db).unwrap(), fail)
+        let failing = fail.clone();
+        let spool = spool_with_hooked_syncs(path, move || {
+            if !failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
+            assert!(!panic, "injected sync panic");
+            Err(std::io::Error::other("injected sync failure"))
+        });
+        (spool, fail)
     }
 
     /// A checkpoint's thread that panics stops the spool as a failed commit does: whoever waits
