@@ -503,6 +503,26 @@ mod tests {
         assert_eq!(spool.unfinished().await.unwrap(), [(1, b"m1".to_vec()), (2, b"m3".to_vec())]);
     }
 
+    /// A spool written before the log had two files names none in its base (no `log_file`):
+    /// what its one log, `spool.log`, holds is redone.
+    #[tokio::test]
+    async fn a_spool_from_before_the_second_log_file_is_redone_from_its_log() {
+        let (dir, earlier) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        spool.commit(vec![accept("k1", "m1")]).await.unwrap();
+        std::fs::copy(dir.path().join("spool.redb"), earlier.path().join("spool.redb")).unwrap();
+        std::fs::copy(dir.path().join("spool.log"), earlier.path().join("spool.log")).unwrap();
+        {
+            let db = redb::Database::open(earlier.path().join("spool.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            assert!(txn.open_table(base::META).unwrap().remove("log_file").unwrap().is_some());
+            txn.commit().unwrap();
+        }
+        let spool = Spool::open(&earlier.path().join("spool.redb")).unwrap();
+        assert_eq!(spool.unfinished().await.unwrap(), [(1, b"m1".to_vec())]);
+        assert_eq!(spool.commit(vec![accept("k1", "again")]).await.unwrap(), [Outcome::Duplicate]);
+    }
+
     #[tokio::test]
     async fn deferred_operations_join_the_next_commit_or_are_committed_soon() {
         let dir = tempfile::tempdir().unwrap();
