@@ -387,8 +387,9 @@ async fn a_hanging_agent_does_not_delay_another_tenant() {
     assert_eq!(slow.requests().len(), 2, "the slow tenant is held to its cap of 2");
 }
 
-/// kill -9 of the node while messages are in flight; after a restart every accepted message
-/// is answered, and none twice.
+/// kill -9 of the node while messages are in flight, after its spool's first checkpoint (so
+/// that what it redoes spans a checkpoint and both log files); after a restart every accepted
+/// message is answered, and none twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_node_answers_every_accepted_message_once() {
     let hub = Hub::start_with(DataPlaneOptions { tenant_concurrency: Some(4), ..Default::default() }).await;
@@ -401,15 +402,17 @@ async fn a_crashed_node_answers_every_accepted_message_once() {
         )
     });
     let token = hub.instance("acme-wa", &agent, &evolution, "acme", "k1", &[]).await;
-    const MESSAGES: usize = 24;
+    // At 4 at a time and 150 ms each, these take longer than the second before a checkpoint.
+    const MESSAGES: usize = 48;
     for i in 0..MESSAGES {
         let (status, _) = hub
             .webhook("acme-wa", &token, &text(&format!("55119{:04}", i % 6), &format!("M{i}"), &format!("m{i}")))
             .await;
         assert_eq!(status, 200);
     }
-    wait_for("some replies before the crash", Duration::from_secs(10), || async {
-        (evolution.replies().len() >= 4).then_some(())
+    wait_for("some replies and a spool checkpoint before the crash", Duration::from_secs(10), || async {
+        let checkpoints = hub.node.metric("omni_node_spool_checkpoint_seconds_count").await;
+        (evolution.replies().len() >= 4 && checkpoints >= 1.0).then_some(())
     })
     .await;
     let Hub { cp, node, admin, dir } = hub;
