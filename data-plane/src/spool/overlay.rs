@@ -33,8 +33,11 @@ impl Layers {
         Q: Hash + Eq + ?Sized,
         V: 'a,
     {
-        let layers = std::iter::once(&self.live).chain(self.frozen.as_deref());
-        layers.into_iter().find_map(|layer| table(layer).get(key).map(Option::as_ref))
+        self.newest_first().find_map(|layer| table(layer).get(key).map(Option::as_ref))
+    }
+
+    fn newest_first(&self) -> impl Iterator<Item = &Overlay> {
+        std::iter::once(&self.live).chain(self.frozen.as_deref())
     }
 
     /// Starts a new live overlay above the current one, frozen for a checkpoint to write; the
@@ -70,8 +73,7 @@ impl Layers {
 
     /// The messages deleted in the overlays (the base may still hold them).
     pub fn deleted_messages(&self) -> impl Iterator<Item = u64> + '_ {
-        let layers = std::iter::once(&self.live).chain(self.frozen.as_deref());
-        layers.flat_map(|layer| layer.inbox.iter().filter(|(_, m)| m.is_none()).map(|(seq, _)| *seq))
+        self.newest_first().flat_map(|layer| layer.inbox.iter().filter(|(_, m)| m.is_none()).map(|(seq, _)| *seq))
     }
 
     /// Whether the layers below the live overlay may hold stages after `after` that are not
@@ -98,23 +100,25 @@ impl Layers {
     }
 }
 
-/// Each table's changes: a value put, or `None` for a key the base holds that was deleted.
+/// Each table's changes: a value put, or `None` for a key held below (in the base, or in a
+/// frozen overlay under this one) that was deleted.
 #[derive(Default)]
 pub struct Overlay {
     pub inbox: HashMap<u64, Option<Vec<u8>>>,
     /// Idempotency keys seen (the base forgets them only by pruning).
     pub seen: HashMap<String, i64>,
-    /// The base's keys older than this are pruned at the next checkpoint.
+    /// The keys held below older than this are pruned when this overlay is checkpointed.
     pub prune_seen_before: Option<i64>,
     pub answers: HashMap<String, Option<String>>,
     pub sends: HashMap<String, Option<u8>>,
     pub attempts: HashMap<u64, Option<u32>>,
-    /// Stages added, all numbered above the base's.
+    /// Stages added, all numbered above those held below.
     pub outbox: BTreeMap<u64, Bytes>,
-    /// The base's stages up to this one are shipped: deleted at the next checkpoint.
+    /// The stages held below up to this one are shipped: deleted when this overlay is
+    /// checkpointed.
     pub shipped_through: u64,
-    /// The last message and stage numbers the base holds (0 for none): a message numbered above
-    /// it was accepted since the checkpoint, so nothing of it is in the base.
+    /// The last message and stage numbers held below (0 for none): a message numbered above it
+    /// was accepted since this overlay started, so nothing of it is below.
     pub base_inbox_last: u64,
     pub base_outbox_last: u64,
     /// Unfinished messages and stages waiting, base and overlay together.

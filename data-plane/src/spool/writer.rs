@@ -555,25 +555,24 @@ impl Writer {
             }
         }
         // One left by a failed checkpoint first, then the live overlay.
-        for _ in 0..2 {
-            if self.failed.get().is_some() {
-                return;
-            }
-            let live = self.checkpoint.is_none();
-            if live && !self.freeze() {
-                return;
-            }
-            let checkpoint = self.checkpoint.as_ref().expect("frozen");
-            let result = write_checkpoint(&self.db, &checkpoint.layer, checkpoint.round, &self.failed);
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "spool checkpoint failed at close");
-                return;
-            }
-            self.checkpointed(result, due);
-            if live {
-                return;
-            }
+        if self.checkpoint.is_some() && !self.checkpoint_here(due) {
+            return;
         }
+        if self.failed.get().is_none() && self.freeze() {
+            self.checkpoint_here(due);
+        }
+    }
+
+    /// Writes the frozen overlay to the base on this thread; returns whether it committed.
+    fn checkpoint_here(&mut self, due: &mut Due) -> bool {
+        let checkpoint = self.checkpoint.as_ref().expect("a frozen overlay");
+        if self.failed.get().is_some() {
+            return false;
+        }
+        let result = write_checkpoint(&self.db, &checkpoint.layer, checkpoint.round, &self.failed);
+        let committed = result.is_ok();
+        self.checkpointed(result, due);
+        committed
     }
 
     fn base(&mut self) -> Result<&Base, SpoolError> {
